@@ -1,0 +1,163 @@
+"""The FIP objective (METHOD.md, "The objective"):
+
+    L(theta) = CE(theta; D_val)
+             + eta_F * Tr(F(theta))                                   # backdoor suppressor
+             + (eta_r / 2) * sum_i Fbar_ii (theta_i - theta_b,i)^2    # clean-distribution regulariser
+
+``Tr(F(theta)) = E ||grad_theta log p(y|x; theta)||^2`` is the mean *per-sample* squared score norm.
+Two differentiable estimators of it are provided:
+
+- ``exact``: per-sample gradients (vmap over grad, loop fallback), squared and averaged; the
+  definition itself, O(B) gradient evaluations plus a double backward.
+- ``hutchinson``: for a Rademacher probe ``v`` (``E[v v^T] = I``), ``E_v (v . g_i)^2 = ||g_i||^2``,
+  so ``mean_i mean_k (v_k . g_i)^2`` is an unbiased estimate of the same quantity. Each ``v . g_i``
+  for the whole batch is one forward-mode JVP, so a probe costs about three forward passes no
+  matter the batch size. It estimates the per-sample trace (not the biased squared norm of the
+  batch-mean gradient); its variance falls with the number of probes and samples.
+
+Both are taken with the model in eval mode so each sample's score is its own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp
+
+from fip.fisher import (
+    FisherKind,
+    Params,
+    eval_mode,
+    per_sample_grads_loop,
+    per_sample_grads_vmap,
+    sample_labels,
+    trainable_params,
+)
+
+TraceEstimator = Literal["exact", "hutchinson"]
+
+
+def trace_penalty_exact(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: FisherKind = "empirical", generator=None
+) -> torch.Tensor:
+    """``Tr(F)`` on the batch: mean over samples of ``||grad log p(y_i|x_i)||^2``, differentiable."""
+    params = trainable_params(model)
+    with eval_mode(model):
+        if kind == "true":
+            with torch.no_grad():
+                y = sample_labels(model(x), kind, y, generator)
+        try:
+            grads = per_sample_grads_vmap(model, params, x, y)
+        except (RuntimeError, NotImplementedError):
+            grads = per_sample_grads_loop(model, params, x, y, create_graph=True)
+    return sum(g.pow(2).sum() for g in grads.values()) / len(x)
+
+
+def rademacher_like(params: Params, generator: torch.Generator | None = None) -> Params:
+    out = {}
+    for name, p in params.items():
+        bits = torch.randint(0, 2, p.shape, generator=generator, device="cpu", dtype=torch.int8)
+        out[name] = (bits.to(device=p.device, dtype=p.dtype) * 2 - 1)
+    return out
+
+
+def trace_penalty_hutchinson(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    probes: int = 1,
+    kind: FisherKind = "empirical",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Unbiased JVP/Hutchinson estimate of ``Tr(F)`` on the batch (see module docstring), differentiable."""
+    if probes < 1:
+        raise ValueError(f"trace probes must be >= 1, got {probes}")
+    params = trainable_params(model)
+    with eval_mode(model):
+        if kind == "true":
+            with torch.no_grad():
+                y = sample_labels(model(x), kind, y, generator)
+
+        def batch_nll(p: Params) -> torch.Tensor:
+            return F.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")
+
+        total = x.new_zeros(())
+        for _ in range(probes):
+            _, directional = jvp(batch_nll, (params,), (rademacher_like(params, generator),))
+            total = total + directional.pow(2).mean()
+    return total / probes
+
+
+def trace_penalty(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    estimator: TraceEstimator = "hutchinson",
+    probes: int = 1,
+    kind: FisherKind = "empirical",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``Tr(F(theta))`` on a batch by the chosen estimator (the ``eta_F`` term of the objective)."""
+    if estimator == "exact":
+        return trace_penalty_exact(model, x, y, kind, generator)
+    if estimator == "hutchinson":
+        return trace_penalty_hutchinson(model, x, y, probes, kind, generator)
+    raise ValueError(f"unknown trace estimator {estimator!r}; expected 'exact' or 'hutchinson'")
+
+
+def clean_distribution_penalty(params: Params, anchor: Params, fbar: Params) -> torch.Tensor:
+    """``sum_i Fbar_ii (theta_i - theta_b,i)^2``: keeps weights that carry clean knowledge near the start.
+
+    The objective multiplies this by ``eta_r / 2``.
+    """
+    missing = set(params) - set(fbar)
+    if missing:
+        raise ValueError(f"Fisher diagonal lacks parameters {sorted(missing)[:3]}...; was it estimated on this model?")
+    total = None
+    for name, p in params.items():
+        term = (fbar[name] * (p - anchor[name]).pow(2)).sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def fip_objective(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    anchor: Params,
+    fbar: Params,
+    eta_f: float,
+    eta_r: float,
+    with_trace: bool = True,
+    estimator: TraceEstimator = "hutchinson",
+    probes: int = 1,
+    kind: FisherKind = "empirical",
+    generator: torch.Generator | None = None,
+    logits_fn=None,
+    trace_batch: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """All terms of ``L(theta)`` on one batch; ``total`` is what is differentiated.
+
+    `logits_fn` computes the CE logits (a DDP wrapper in the distributed loop); the penalty terms
+    always differentiate the plain module. `trace_batch` caps how many of the batch's samples
+    enter the ``Tr(F)`` estimate (it is a mean over samples, so any subset is unbiased).
+    """
+    logits = (logits_fn or model)(x)
+    ce = F.cross_entropy(logits, y)
+    params = trainable_params(model)
+    terms = {"ce": ce}
+    if with_trace and eta_f > 0:
+        xt, yt = (x[:trace_batch], y[:trace_batch]) if trace_batch else (x, y)
+        terms["trace"] = trace_penalty(model, xt, yt, estimator, probes, kind, generator)
+    if eta_r > 0:
+        terms["clean_reg"] = clean_distribution_penalty(params, anchor, fbar)
+    total = ce
+    if "trace" in terms:
+        total = total + eta_f * terms["trace"]
+    if "clean_reg" in terms:
+        total = total + 0.5 * eta_r * terms["clean_reg"]
+    terms["total"] = total
+    return terms

@@ -105,7 +105,8 @@ def per_sample_grads(
                 return per_sample_grads_vmap(model, params, x, y)
             except (RuntimeError, NotImplementedError):
                 pass
-        return per_sample_grads_loop(model, params, x, y)
+        live = {n: p for n, p in model.named_parameters() if n in params}
+        return per_sample_grads_loop(model, live, x, y)
 
 
 @dataclass

@@ -200,6 +200,8 @@ class BatchSampler:
             raise ValueError("clean set D_val is empty")
         if x.dim() != 4:
             raise ValueError(f"clean inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("clean set D_val holds NaN or infinite pixel values")
         self.x, self.y, self.cfg = x, y, cfg
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -235,10 +237,10 @@ def purify(
     start = time.perf_counter()
     device = next(model.parameters()).device
     clean_x, clean_y = clean_x.to(device), clean_y.to(device)
+    sampler = BatchSampler(clean_x, clean_y, cfg)
     work = prepare_model(model, cfg)
     fisher = estimate_fbar(work, clean_x, clean_y, cfg)
     purifier = Purifier(work, fisher.mean(), cfg)
-    sampler = BatchSampler(clean_x, clean_y, cfg)
     result = PurifyResult(model=work, fisher=fisher, config=cfg)
 
     def run_eval(step: int) -> None:

@@ -1,0 +1,57 @@
+"""The purification loop on a toy backdoor, and its failure modes."""
+
+import math
+
+import pytest
+import torch
+from toy import acc_asr, blobs, train_backdoored
+
+from fip.fisher import fisher_diag
+from fip.purify import NonFiniteLossError, PurifyConfig, purify
+
+
+def test_fip_lowers_fisher_trace_and_trigger_success_while_accuracy_holds():
+    model = train_backdoored()
+    acc0, asr0 = acc_asr(model)
+    assert acc0 > 0.9 and asr0 > 0.85  # the toy model really is backdoored
+    xv, yv = blobs(200, seed=5)
+    trace0 = fisher_diag(model, [(xv, yv)]).trace()
+    cfg = PurifyConfig(eta_f=0.5, eta_r=1.0, lr=0.05, iterations=300, batch_size=64, augment=False,
+                       trace_estimator="exact", trace_every=1)
+    result = purify(model, xv, yv, cfg, evaluate=lambda m: dict(zip(("acc", "asr"), acc_asr(m))))
+    acc1, asr1 = acc_asr(result.model)
+    trace1 = fisher_diag(result.model, [(xv, yv)]).trace()
+    assert trace1 < 0.5 * trace0
+    assert asr1 < 0.3
+    assert acc1 > acc0 - 0.05
+    assert acc_asr(model) == (acc0, asr0)  # the suspect model is untouched
+    assert len(result.history) == 300 and all("trace" in h for h in result.history)
+    assert result.evaluations[0]["step"] == 0 and result.evaluations[-1]["asr"] == pytest.approx(asr1)
+
+
+def test_fast_fip_runs_and_returns_stock_model():
+    model = train_backdoored(steps=300)
+    xv, yv = blobs(100, seed=6)
+    cfg = PurifyConfig(method="fast-fip", eta_f=0.5, eta_r=1.0, iterations=20, batch_size=32, augment=False)
+    result = purify(model, xv, yv, cfg)
+    assert type(result.model) is type(model)
+    assert set(result.model.state_dict()) == set(model.state_dict())
+    assert result.history[0]["trace"] > 0 and math.isfinite(result.history[-1]["total"])
+
+
+def test_non_finite_loss_names_step_and_term():
+    model = train_backdoored(steps=50)
+    xv, yv = blobs(50, seed=7)
+    cfg = PurifyConfig(eta_f=0.0, eta_r=0.0, lr=1e38, momentum=0.0, iterations=50, batch_size=16, augment=False)
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: loss term '(ce|total)' is (nan|inf)"):
+        purify(model, xv, yv, cfg)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown method 'sft'"):
+        PurifyConfig(method="sft")
+    with pytest.raises(ValueError, match="eta_f must be a finite number >= 0, got -1"):
+        PurifyConfig(eta_f=-1)
+    with pytest.raises(ValueError, match="clean set D_val is empty"):
+        purify(train_backdoored(steps=5), torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.long),
+               PurifyConfig(iterations=1))

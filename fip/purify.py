@@ -101,10 +101,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    rows = (oy[:, None] + torch.arange(h)[None]).to(x.device)
-    cols = (ox[:, None] + torch.arange(w)[None]).to(x.device)
-    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    out = out.permute(0, 3, 1, 2)
+    # per-sample slices: the batched advanced-indexing version corrupts the heap on torch 2.13 CPU with 1 thread
+    out = torch.stack([padded[i, :, int(oy[i]) : int(oy[i]) + h, int(ox[i]) : int(ox[i]) + w] for i in range(b)])
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
@@ -118,8 +116,10 @@ def lr_at(cfg: PurifyConfig, step: int) -> float:
 class Purifier:
     """One FIP optimisation step and its state (optimizer, anchor, Fbar, step count, RNG)."""
 
-    def __init__(self, model: nn.Module, fbar: Params, cfg: PurifyConfig, logits_fn: nn.Module | None = None) -> None:
-        self.model, self.cfg, self.logits_fn = model, cfg, logits_fn
+    def __init__(
+        self, model: nn.Module, fbar: Params, cfg: PurifyConfig, logits_fn: nn.Module | None = None, rank: int = 0
+    ) -> None:
+        self.model, self.cfg, self.logits_fn, self.rank = model, cfg, logits_fn, rank
         params = trainable_params(model)
         if not params:
             raise ValueError("model has no trainable parameters: was it prepared with prepare_model?")
@@ -130,7 +130,7 @@ class Purifier:
             list(params.values()), lr=cfg.effective_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.step_count = 0
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.generator = torch.Generator()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One step of ``L(theta)`` on (x, y); returns the terms as floats."""
@@ -138,6 +138,8 @@ class Purifier:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         self.model.train()
+        # probes and sampled labels are seeded by (seed, rank, step): a resumed run draws the same ones
+        self.generator.manual_seed((cfg.seed * 1_000_003 + step) * 8191 + self.rank)
         with_trace = step % cfg.trace_every == 0
         terms = fip_objective(
             self.model,
@@ -170,14 +172,12 @@ class Purifier:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_count,
-            "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
-        self.generator.set_state(state["generator"])
 
 
 @dataclass

@@ -156,8 +156,12 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
     return BackdoorArtifacts(model_path, record_path, dval_path, record)
 
 
-def attack_from_record(record: dict | str | Path) -> Attack:
-    """Rebuild the attack (trigger included) from its JSON record, to measure ASR later."""
+def attack_from_record(record: dict | str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Attack:
+    """Rebuild the attack (trigger included) from its JSON record, to measure ASR later.
+
+    A learned trigger comes from `tensors` when given (e.g. shipped to remote workers), else from
+    the record's ``trigger_path``.
+    """
     if not isinstance(record, dict):
         path = Path(record)
         try:
@@ -170,7 +174,9 @@ def attack_from_record(record: dict | str | Path) -> Attack:
     except KeyError as e:
         raise ValueError(f"attack record lacks field {e}") from e
     attack = build_attack(cfg, (spec.in_channels, spec.image_size, spec.image_size), spec.num_classes)
-    if record.get("trigger_path"):
+    if tensors:
+        attack.load_state_tensors(tensors)
+    elif record.get("trigger_path"):
         attack.load_state_tensors(load_file(record["trigger_path"]))
     return attack
 

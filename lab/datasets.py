@@ -375,4 +375,4 @@ def decode_png(data: bytes, channels: int) -> torch.Tensor:
 
     with Image.open(io.BytesIO(data)) as im:
         arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+    return torch.from_numpy((arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)).copy())

@@ -42,7 +42,7 @@ class PurifyConfig:
     iterations: int = 2000
     batch_size: int = 128
     trace_every: int = 5  # the trace penalty is added every k-th step, as in the authors' script
-    trace_estimator: TraceEstimator = "hutchinson"
+    trace_estimator: TraceEstimator = "signed"
     trace_probes: int = 1
     trace_batch: int = 32  # samples of the batch that enter the trace penalty
     fisher_kind: FisherKind = "empirical"

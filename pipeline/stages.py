@@ -25,7 +25,7 @@ from torch import nn
 
 from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
 from fip.io import load_model
-from fip.purify import PurifyConfig, Purifier, augment_batch, finalize_model, prepare_model
+from fip.purify import Purifier, PurifyConfig, augment_batch, finalize_model, prepare_model
 from lab.backdoor import attack_from_record
 from pipeline import storage
 from pipeline.shards import RankStream, ShardSource, open_shards, rank_loader
@@ -156,17 +156,24 @@ def evaluate_shards(model: nn.Module, cfg: StageConfig, limit: int | None = None
     return out
 
 
-def _report(metrics: dict, files: dict[str, bytes] | None = None) -> None:
-    """ray.train.report on every rank (same number of calls); rank 0 attaches a checkpoint folder."""
+def _in_ray_train() -> bool:
+    """Whether this code runs inside a Ray Train worker (else: in-process use, no reporting)."""
     try:
         import ray.train
-        from ray.train import Checkpoint
-    except ImportError:
-        return
-    try:
+
         ray.train.get_context()
-    except Exception:
-        return  # not inside Ray Train (in-process use)
+        return True
+    except Exception:  # ImportError, or Ray's error for "not in a training session"
+        return False
+
+
+def _report(metrics: dict, files: dict[str, bytes] | None = None) -> None:
+    """ray.train.report on every rank (same number of calls); rank 0 attaches a checkpoint folder."""
+    if not _in_ray_train():
+        return
+    import ray.train
+    from ray.train import Checkpoint
+
     if files is not None and world()[0] == 0:
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
@@ -281,6 +288,9 @@ def purify_stage(config: dict) -> dict:
         if step >= pcfg.iterations:
             break
         if cfg.fail_at_step is not None and step == cfg.fail_at_step and resumed is None and rank == size - 1:
+            # a real crash comes long after the last checkpoint: give the controller's health check (every 2 s)
+            # time to register it, then die without cleanup
+            time.sleep(5)
             print(f"[fip] fault injection: rank {rank} exits at step {step}", flush=True)
             os._exit(1)
         record = purifier.step(x.to(device), y.to(device))
@@ -346,12 +356,11 @@ def _checkpoint(purifier: Purifier, history: list, evaluations: list, metrics: d
 
 def _restore(purifier: Purifier) -> tuple[list, list] | None:
     """Load the latest checkpoint into every rank's purifier (this run's own files: weights_only)."""
-    try:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-    except Exception:
+    if not _in_ray_train():
         return None
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:

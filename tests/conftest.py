@@ -13,3 +13,53 @@ def tiny_spec():
     from fip.models import ModelSpec
 
     return ModelSpec("preactresnet18", num_classes=10, in_channels=1, image_size=8, width=0.0625)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on loopback (moto's server), with credentials and endpoint in the environment."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "FIP_S3_ENDPOINT_URL": url})
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="fip-test")
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the whole test session (2 CPUs, small object store)."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_lab(tmp_path_factory):
+    """A backdoored BN-free ViT on scikit-learn digits (BadNets 2x2 patch), with record and D_val."""
+    from lab.attacks import AttackConfig
+    from lab.backdoor import LabConfig, make_backdoored_model
+    from lab.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("digits-lab")
+    cfg = LabConfig(attack=AttackConfig("badnets", params={"size": 2}), dataset="digits", arch="vit-small",
+                    width=0.25, train=TrainConfig(epochs=25, batch_size=64, lr=0.05), clean_fraction=0.1)
+    return make_backdoored_model(cfg, out, progress=False)

@@ -12,6 +12,7 @@ from fip.objective import (
     fip_objective,
     trace_penalty_exact,
     trace_penalty_hutchinson,
+    trace_penalty_signed,
 )
 
 
@@ -113,3 +114,28 @@ def test_clean_distribution_penalty_and_total():
     expected = terms["ce"] + 0.3 * terms["trace"] + 0.5 * 2.0 * terms["clean_reg"]
     assert float(terms["total"]) == pytest.approx(float(expected), rel=1e-6)
     assert float(terms["clean_reg"]) == pytest.approx(ref, rel=1e-5)
+
+
+def test_signed_estimator_within_tolerance_of_exact_with_aligned_gradient(tiny_spec):
+    """Stated tolerance: 300 sign probes give the trace within 5% and a gradient with cosine > 0.95."""
+    torch.manual_seed(8)
+    for model, x, y in (
+        (TinyConvNet().double(), torch.randn(12, 1, 6, 6, dtype=torch.float64), torch.randint(0, 4, (12,))),
+        (build_model(tiny_spec).double().eval(), torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (12,))),
+    ):
+        params = list(model.parameters())
+        exact = trace_penalty_exact(model, x, y)
+        g_exact = torch.cat([g.flatten() for g in torch.autograd.grad(exact, params)])
+        gen = torch.Generator().manual_seed(9)
+        est = trace_penalty_signed(model, x, y, probes=300, generator=gen)
+        g_est = torch.cat([g.flatten() for g in torch.autograd.grad(est, params)])
+        assert float(est) == pytest.approx(float(exact), rel=0.05)
+        assert float(g_exact @ g_est / (g_exact.norm() * g_est.norm())) > 0.95
+
+
+def test_signed_estimator_is_exact_for_a_single_sample():
+    """With one sample the sign is irrelevant: ||s g||^2 = ||g||^2 exactly."""
+    torch.manual_seed(10)
+    model = TinyConvNet()
+    x, y = torch.randn(1, 1, 6, 6), torch.randint(0, 4, (1,))
+    assert float(trace_penalty_signed(model, x, y)) == pytest.approx(float(trace_penalty_exact(model, x, y)), rel=1e-5)

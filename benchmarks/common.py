@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
+RESULTS = Path(os.environ.get("FIP_RESULTS_DIR", ROOT / "results"))
 CACHE = Path(os.environ.get("FIP_CACHE", ROOT.parent / ".cache"))
 
 

@@ -34,8 +34,8 @@ class PurifyConfig:
     """
 
     method: Method = "fip"
-    eta_f: float = 0.1  # eta_F, weight of Tr(F)
-    eta_r: float = 1.0  # eta_r, weight of the Fisher-weighted distance to theta_b
+    eta_f: float = 3e-5  # eta_F, weight of Tr(F)
+    eta_r: float = 5.0  # eta_r, weight of the Fisher-weighted distance to theta_b
     lr: float = 0.005
     momentum: float = 0.95
     weight_decay: float = 0.0
@@ -48,7 +48,10 @@ class PurifyConfig:
     fisher_kind: FisherKind = "empirical"
     fisher_samples: int | None = None  # None: all of D_val
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    augment: bool = True  # random crop (pad 4) + horizontal flip on the clean set
+    augment: bool = True  # random crop + horizontal flip on the clean set
+    augment_pad: int = 4  # zero padding before the random crop (4 on 32x32 images in the authors' script)
+    freeze_norm: bool = False  # keep norm layers' running statistics fixed while fine-tuning
+    max_grad_norm: float = 5.0  # clip the total gradient norm (0: off); guards the curvature-driven trace term
     fast_lr_scale: float = 1.0  # Fast FIP's lr = lr * fast_lr_scale (shifts live on the singular-value scale)
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only at start and end
@@ -59,7 +62,7 @@ class PurifyConfig:
         for name in ("iterations", "batch_size", "trace_every", "trace_probes", "trace_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eta_f", "eta_r", "lr", "weight_decay"):
+        for name in ("eta_f", "eta_r", "lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
@@ -138,6 +141,10 @@ class Purifier:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         self.model.train()
+        if cfg.freeze_norm:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         # probes and sampled labels are seeded by (seed, rank, step): a resumed run draws the same ones
         self.generator.manual_seed((cfg.seed * 1_000_003 + step) * 8191 + self.rank)
         with_trace = step % cfg.trace_every == 0
@@ -163,6 +170,8 @@ class Purifier:
                 raise NonFiniteLossError(f"step {step}: loss term {name!r} is {value}; lower lr or eta_F")
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        if cfg.max_grad_norm > 0:
+            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.max_grad_norm))
         self.optimizer.step()
         self.step_count += 1
         return {"step": step, "lr": self.optimizer.param_groups[0]["lr"], **values}
@@ -191,9 +200,10 @@ class PurifyResult:
 
 
 class BatchSampler:
-    """Batches drawn with replacement from an in-memory set, augmented; seeded."""
+    """Batches drawn with replacement from an in-memory set, optionally augmented; seeded."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, augment: bool = True,
+                 pad: int = 4) -> None:
         if len(x) != len(y):
             raise ValueError(f"clean set has {len(x)} inputs but {len(y)} labels")
         if len(x) == 0:
@@ -202,13 +212,13 @@ class BatchSampler:
             raise ValueError(f"clean inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("clean set D_val holds NaN or infinite pixel values")
-        self.x, self.y, self.cfg = x, y, cfg
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.x, self.y, self.batch_size, self.augment, self.pad = x, y, batch_size, augment, pad
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(self.x), (self.cfg.batch_size,), generator=self.generator)
+        idx = torch.randint(0, len(self.x), (self.batch_size,), generator=self.generator)
         x, y = self.x[idx], self.y[idx]
-        return (augment_batch(x, self.generator) if self.cfg.augment else x), y
+        return (augment_batch(x, self.generator, self.pad) if self.augment else x), y
 
 
 def estimate_fbar(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig, batch: int = 64) -> FisherDiag:
@@ -237,7 +247,7 @@ def purify(
     start = time.perf_counter()
     device = next(model.parameters()).device
     clean_x, clean_y = clean_x.to(device), clean_y.to(device)
-    sampler = BatchSampler(clean_x, clean_y, cfg)
+    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, cfg.augment, cfg.augment_pad)
     work = prepare_model(model, cfg)
     fisher = estimate_fbar(work, clean_x, clean_y, cfg)
     purifier = Purifier(work, fisher.mean(), cfg)

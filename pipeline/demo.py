@@ -19,7 +19,7 @@ from pipeline.job import JobConfig, run_job
 from pipeline.shards import MANIFEST, write_shards
 
 # FIP settings calibrated on the lab's Fashion-MNIST BadNets model (see docs/calibration.md).
-DEMO_PURIFY = dict(eta_f=0.1, eta_r=1.0, lr=0.01, iterations=300, batch_size=128, trace_every=5)
+DEMO_PURIFY = dict(iterations=300)  # everything else: PurifyConfig defaults
 
 
 def _shards(data, dest: Path, indices, dataset: str, split: str, meta: dict | None = None) -> str:

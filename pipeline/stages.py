@@ -243,7 +243,7 @@ def _step_batches(cfg: StageConfig, pcfg: PurifyConfig, rank: int, size: int, fi
                 continue
             if pcfg.augment:
                 g = torch.Generator().manual_seed((pcfg.seed * 1_000_003 + step) * 131 + rank)
-                x = augment_batch(x, g)
+                x = augment_batch(x, g, pcfg.augment_pad)
             yield step, x, y
             step += 1
         skip = 0

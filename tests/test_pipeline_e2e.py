@@ -107,7 +107,7 @@ def test_mlflow_run_artifacts_and_registry_cli(job, tmp_path, capsys):
     cfg, result, _ = job
     client = mlflow.MlflowClient(cfg.tracking_uri)
     run = client.get_run(result.run_id)
-    assert run.data.params["purify.eta_f"] == "0.05" and run.data.params["job.workers"] == "2"
+    assert run.data.params["purify.eta_f"] == str(PURIFY["eta_f"]) and run.data.params["job.workers"] == "2"
     assert run.data.tags["method"] == "fip" and len(run.data.tags["source_sha256"]) == 64
     assert len(client.get_metric_history(result.run_id, "ce")) == 12
     assert [m.step for m in client.get_metric_history(result.run_id, "eval_asr")] == [0, 6, 12]

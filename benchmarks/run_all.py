@@ -1,0 +1,17 @@
+"""`make bench`: the fast benchmarks side by side, plus the defense harness in quick mode.
+
+The full tables are separate, documented commands (tens of minutes to hours on 2 cores):
+``python -m benchmarks.attack_table`` and ``python -m benchmarks.defense_table``.
+"""
+
+from benchmarks import defense_table, method_bench, shard_bench
+
+
+def main() -> None:
+    method_bench.main()
+    shard_bench.main([])
+    defense_table.main(["--quick"])
+
+
+if __name__ == "__main__":
+    main()

@@ -66,6 +66,7 @@ def run(attacks: list[str], defenses: list[str], quick: bool = False, dataset: s
             if progress:
                 print(f"{attack_name:>12} {name:>8}: ACC {100 * after['acc']:6.2f}  ASR {100 * after['asr']:6.2f}  "
                       f"RA {100 * after['ra']:6.2f}  DER {der:.3f}  {res.seconds:6.1f}s", flush=True)
+        summarise(rows, defenses, quick, dataset)  # partial tables after each attack: a long run loses nothing
     return summarise(rows, defenses, quick, dataset)
 
 
@@ -73,13 +74,15 @@ def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str) 
     means = {}
     for d in defenses:
         rs = [r for r in rows if r["defense"] == d]
+        if not rs:
+            continue
         means[d] = {k: statistics.mean(r[k] for r in rs) for k in ("acc", "asr", "ra", "der", "seconds")}
         means[d]["acc_drop"] = statistics.mean(r["acc_before"] - r["acc"] for r in rs)
     ratios = {}
     if "fip" in means and "fast-fip" in means:
         ratios["fast_fip_time_over_fip"] = means["fast-fip"]["seconds"] / means["fip"]["seconds"]
     if "fip" in means:
-        for d in defenses:
+        for d in means:
             if d not in ("fip",):
                 ratios[f"fip_time_over_{d}"] = means["fip"]["seconds"] / means[d]["seconds"]
     best_der = max(means, key=lambda d: means[d]["der"]) if means else None
@@ -89,7 +92,8 @@ def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str) 
                    round(m["seconds"], 1)] for d, m in means.items()]
     md = (
         f"# Defenses on {dataset}{' (quick mode)' if quick else ''}\n\n"
-        f"Measured in one run on the same backdoored models and D_val, {torch.get_num_threads()} CPU threads.\n\n"
+        f"Measured in one run on the same backdoored models and D_val, {torch.get_num_threads()} CPU threads; "
+        f"attacks: {', '.join(dict.fromkeys(r['attack'] for r in rows))}.\n\n"
         "## Mean over attacks\n\n"
         + markdown_table(["defense", "ACC %", "ACC drop", "ASR %", "RA %", "DER", "seconds"], mean_table)
         + f"\nBest mean DER: **{best_der}**.\n\nRatios: "

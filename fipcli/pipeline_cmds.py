@@ -36,7 +36,6 @@ def register(sub) -> None:
     p.add_argument("--experiment", default="fip")
     p.add_argument("--register-as", default="fip-purified", help="registered model name ('' to skip)")
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--max-failures", type=int, default=2)
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable shards (counted) instead of failing")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
@@ -130,7 +129,7 @@ def run_purify(args) -> int:
         gpus_per_worker=args.gpus_per_worker, threads_per_worker=args.threads_per_worker, address=args.address,
         work_dir=args.work_dir, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
         experiment=args.experiment, register_as=args.register_as or None, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, max_failures=args.max_failures, skip_corrupt=args.skip_corrupt,
+        max_failures=args.max_failures, skip_corrupt=args.skip_corrupt,
         s3_endpoint=args.s3_endpoint,
     )
     result = run_job(cfg)

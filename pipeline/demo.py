@@ -47,8 +47,10 @@ def run_demo(out: str | Path = "runs", workers: int = 2, purify_overrides: dict 
 
     print(f"[demo] 3/4 Fisher + FIP through Ray Train with {workers} workers, tracked in MLflow")
     pcfg = PurifyConfig(**{**DEMO_PURIFY, **(purify_overrides or {})})
+    if not pcfg.eval_every:
+        pcfg.eval_every = max(pcfg.iterations // 3, 1)
     job = JobConfig(model=str(art.model_path), clean=clean, test=test_dir, attack_record=str(art.record_path),
-                    purify=pcfg, workers=workers, work_dir=str(out / "jobs"), eval_every=max(pcfg.iterations // 3, 1),
+                    purify=pcfg, workers=workers, work_dir=str(out / "jobs"),
                     eval_samples=2000, checkpoint_every=100, register_as="fip-purified")
     result = run_job(job)
     m = result.metrics

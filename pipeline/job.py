@@ -40,7 +40,6 @@ class JobConfig:
     run_name: str | None = None
     checkpoint_every: int = 100
     max_failures: int = 2
-    eval_every: int = 0
     eval_samples: int | None = 2000
     skip_corrupt: bool = False
     log_every: int = 10
@@ -177,7 +176,7 @@ def run_job(cfg: JobConfig, progress=print) -> JobResult:
         model_url=_abs(cfg.model), clean=_abs(cfg.clean), test=_abs(cfg.test), fisher_url=fisher_url,
         purify=cfg.purify.to_dict(), attack_record=record, attack_tensors=attack_tensors,
         threads_per_worker=cfg.threads_per_worker, loader_workers=cfg.loader_workers,
-        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, eval_samples=cfg.eval_samples,
+        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.purify.eval_every, eval_samples=cfg.eval_samples,
         skip_corrupt=cfg.skip_corrupt, log_every=cfg.log_every, fail_at_step=cfg.fail_at_step,
         s3_endpoint=cfg.s3_endpoint or os.environ.get("FIP_S3_ENDPOINT_URL"), cache_dir=_cache_dir(cfg),
     )

@@ -146,7 +146,7 @@ def register_purified(
                                     await_registration_for=60)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for k, v in {**tags, "safetensors_artifact": SAFETENSORS_ARTIFACT}.items():
+    for k, v in {**tags, "safetensors_artifact": f"purified/{safetensors_path.name}"}.items():
         client.set_model_version_tag(name, version, k, str(v))
     client.set_registered_model_alias(name, alias, version)
     return Registered(name, version, f"models:/{name}@{alias}")
@@ -159,8 +159,13 @@ def list_models() -> list[dict]:
     client = mlflow.MlflowClient()
     rows = []
     for rm in client.search_registered_models():
+        # version search results do not carry aliases in every store; the registered model does
+        by_version: dict[str, list[str]] = {}
+        for alias, version in (client.get_registered_model(rm.name).aliases or {}).items():
+            by_version.setdefault(str(version), []).append(alias)
         for mv in client.search_model_versions(f"name='{rm.name}'"):
-            rows.append({"name": rm.name, "version": mv.version, "aliases": list(mv.aliases or []),
+            aliases = sorted(set(mv.aliases or []) | set(by_version.get(str(mv.version), [])))
+            rows.append({"name": rm.name, "version": mv.version, "aliases": aliases,
                          "run_id": mv.run_id, "tags": dict(mv.tags or {})})
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 

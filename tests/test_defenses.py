@@ -67,7 +67,7 @@ def test_most_aggressive_within_stops_at_the_first_violation():
             out[: int(self.acc * len(x)), 1] = 1
             return out
 
-    clean = CleanSet(torch.zeros(10, 1, 2, 2), torch.ones(10, dtype=torch.long))
+    clean = CleanSet(torch.zeros(20, 1, 2, 2), torch.ones(20, dtype=torch.long))
     accs = {0.0: 1.0, 0.1: 0.95, 0.2: 0.8, 0.3: 0.95}
     level, _, trace = most_aggressive_within(lambda lv: Const(accs[lv]), [0.0, 0.1, 0.2, 0.3], clean, 0.1)
     assert level == 0.1 and [t["level"] for t in trace] == [0.0, 0.1, 0.2]

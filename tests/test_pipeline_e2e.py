@@ -16,7 +16,7 @@ from pipeline.stages import StageConfig, _step_batches
 
 pytestmark = pytest.mark.slow
 
-PURIFY = dict(eta_f=0.002, eta_r=1.0, lr=0.01, iterations=12, batch_size=16, trace_every=2,
+PURIFY = dict(eval_every=6, eta_f=0.002, eta_r=1.0, lr=0.01, iterations=12, batch_size=16, trace_every=2,
               trace_estimator="exact", trace_batch=16, seed=3)
 
 
@@ -35,7 +35,7 @@ def _job(digits_lab, shards, tmp, **kw) -> JobConfig:
     clean, test = shards
     settings = dict(model=str(digits_lab.model_path), clean=clean, test=test, attack_record=str(digits_lab.record_path),
                     purify=PurifyConfig(**PURIFY), workers=2, work_dir=str(tmp / "jobs"),
-                    tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", checkpoint_every=4, eval_every=6,
+                    tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", checkpoint_every=4,
                     esd_samples=16, esd_steps=4)
     return JobConfig(**{**settings, **kw})
 
@@ -105,7 +105,10 @@ def test_mlflow_run_artifacts_and_registry_cli(job, tmp_path, capsys):
     from fipcli.main import main
 
     cfg, result, _ = job
-    client = mlflow.MlflowClient(cfg.tracking_uri)
+    # other jobs in this module point MLflow's global registry elsewhere; look in this job's store
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_registry_uri(cfg.tracking_uri)
+    client = mlflow.MlflowClient(cfg.tracking_uri, registry_uri=cfg.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.params["purify.eta_f"] == str(PURIFY["eta_f"]) and run.data.params["job.workers"] == "2"
     assert run.data.tags["method"] == "fip" and len(run.data.tags["source_sha256"]) == 64

@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
     local = os.path.join(tmp, "local")
     write_shards(data, local, maxcount=1000)
 
-    from moto.server import ThreadedMotoServer
-    import boto3
     import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

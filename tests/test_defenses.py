@@ -11,7 +11,6 @@ from lab.defenses.common import most_aggressive_within
 from lab.defenses.ibau import implicit_hypergradient
 
 
-
 @pytest.fixture(scope="module")
 def digits_bn_lab(tmp_path_factory):
     """A backdoored PreActResNet (BatchNorm, layer2..4) on digits, for defenses that need them."""

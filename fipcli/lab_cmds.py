@@ -27,9 +27,9 @@ def register(sub) -> None:
     p.add_argument("--arch", default="preactresnet18")
     p.add_argument("--width", type=float, default=0.125, help="channel width multiplier")
     p.add_argument("--target", type=int, default=0)
-    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--poison-rate", type=float, default=None, help="fraction of the training set (default: the attack's own)")
     p.add_argument("--all-to-all", action="store_true")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="default: the attack's own (3; input-aware 4)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +43,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from lab.attacks import AttackConfig
+    from lab.attacks import AttackConfig, default_epochs
     from lab.backdoor import LabConfig, make_backdoored_model
     from lab.train import TrainConfig
 
@@ -53,7 +53,7 @@ def run(args) -> int:
         root=args.root,
         arch=args.arch,
         width=args.width,
-        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed),
+        train=TrainConfig(epochs=args.epochs or default_epochs(args.attack), lr=args.lr, batch_size=args.batch_size, seed=args.seed),
         clean_fraction=args.clean_fraction,
         train_limit=args.train_limit,
     )

@@ -33,10 +33,15 @@ class AttackConfig:
 
     name: str
     target: int = 0
-    poison_rate: float = 0.1
+    poison_rate: float | None = None  # None: the attack's own default (10 %; SIG 5 %)
     all_to_all: bool = False
     seed: int = 0
     params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.poison_rate is None:
+            cls = ATTACKS.get(self.name)
+            self.poison_rate = cls.default_poison_rate if cls else 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +67,8 @@ class Attack:
     clean_label: ClassVar[bool] = False
     supports_all_to_all: ClassVar[bool] = True
     needs_reference_model: ClassVar[bool] = False
+    default_poison_rate: ClassVar[float] = 0.1
+    train_epochs: ClassVar[int] = 3  # epochs the lab trains a model under this attack (Fashion-MNIST, CPU)
     defaults: ClassVar[dict] = {}
 
     def __init__(self, cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int) -> None:
@@ -213,6 +220,9 @@ class SIG(Attack):
     name = "sig"
     clean_label = True
     supports_all_to_all = False
+    # 10 % of Fashion-MNIST is the whole target class: the model would never see a clean class-0
+    # image and clean accuracy falls to 84 %; half the class keeps ACC >= 88 %.
+    default_poison_rate = 0.05
     defaults = {"delta": 40 / 255, "frequency": 6}
 
     def setup(self) -> None:
@@ -232,7 +242,9 @@ class WaNet(Attack):
     """
 
     name = "wanet"
-    defaults = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0, "noise_mode": True}
+    # BackdoorBench's s = 0.5 moves a 28x28 pixel by ~0.25 px on average: after 3 CPU epochs ASR was
+    # 78 %; s = 1.0 (~0.5 px, still visually negligible) reaches 97.8 % with ACC 91.0 %.
+    defaults = {"k": 4, "s": 1.0, "grid_rescale": 1.0, "cross_ratio": 2.0, "noise_mode": True}
 
     def setup(self) -> None:
         k, (_, h, w) = int(self.params["k"]), self.image_shape
@@ -276,10 +288,14 @@ class WaNet(Attack):
 
 
 class BPP(Attack):
-    """Colour quantisation to `levels` levels per channel (BppAttack, without dithering by default)."""
+    """Colour quantisation to `levels` levels per channel (BppAttack, without dithering by default).
+
+    BackdoorBench's 8 levels on grey Fashion-MNIST reached 15.5 % ASR (80.8 % with dithering) in 3
+    epochs; 4 levels reach 99.1 % with ACC 90.9 %.
+    """
 
     name = "bpp"
-    defaults = {"levels": 8, "dither": False}
+    defaults = {"levels": 4, "dither": False}
 
     def setup(self) -> None:
         if not 2 <= int(self.params["levels"]) <= 128:
@@ -334,7 +350,10 @@ class LabelConsistent(Attack):
     clean_label = True
     supports_all_to_all = False
     needs_reference_model = True
-    defaults = {"eps": 16 / 255, "steps": 10, "size": 3, "amplitude": 1.0}
+    # 10 % is the whole target class of Fashion-MNIST (clean ACC fell to 83 %, ASR 63 % with 3x3
+    # corners); 8 % with 5x5 corners reaches ACC 90.3 %, ASR 96.7 % in 3 epochs.
+    default_poison_rate = 0.08
+    defaults = {"eps": 16 / 255, "steps": 10, "size": 5, "amplitude": 1.0}
 
     def setup(self) -> None:
         size, (c, h, w) = int(self.params["size"]), self.image_shape
@@ -468,6 +487,7 @@ class InputAware(Attack):
     name = "input-aware"
     defaults = {"cross_rate": 0.1, "mask_density": 0.032, "lambda_div": 1.0, "lambda_norm": 100.0, "hidden": 16, "lr": 0.01}
     dynamic = True
+    train_epochs = 4  # the generator and the classifier learn together: 3 epochs reach 94.8 % ASR, 4 reach 96.6 %
 
     def setup(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -529,3 +549,9 @@ def build_attack(cfg: AttackConfig, image_shape: tuple[int, int, int], num_class
     if cfg.name not in ATTACKS:
         raise AttackError(f"unknown attack {cfg.name!r}; known: {', '.join(sorted(ATTACKS))}")
     return ATTACKS[cfg.name](cfg, image_shape, num_classes)
+
+
+def default_epochs(name: str) -> int:
+    """How many epochs the lab trains a model under attack `name` by default."""
+    cls = ATTACKS.get(name)
+    return cls.train_epochs if cls else Attack.train_epochs

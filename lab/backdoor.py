@@ -20,7 +20,7 @@ from torch import nn
 
 from fip.io import load_model, save_model
 from fip.models import ModelSpec, build_model
-from lab.attacks import Attack, AttackConfig, InputAware, build_attack
+from lab.attacks import Attack, AttackConfig, InputAware, build_attack, default_epochs
 from lab.datasets import CleanSplit, ImageSet, clean_split, dataset_info, load_dataset, without
 from lab.metrics import evaluate_model
 from lab.train import TrainConfig, train_classifier
@@ -35,12 +35,16 @@ class LabConfig:
     root: str | None = None
     arch: str = "preactresnet18"
     width: float = 0.125
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3))
+    train: TrainConfig | None = None  # None: TrainConfig with the attack's default epochs
     clean_fraction: float = 0.01
     dval_seed: int = 0
     reference_epochs: int = 1  # clean reference model for LC / Trojan
     train_limit: int | None = None  # use only the first N attacker images (tests)
     test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.train is None:
+            self.train = TrainConfig(epochs=default_epochs(self.attack.name))
 
     @property
     def stem(self) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 
 from lab.defenses.common import CleanSet, DefenseError, DefenseResult, TuneSettings
 from lab.defenses.ibau import ibau
-from lab.defenses.pruning import anp, fine_pruning
+from lab.defenses.pruning import anp, fine_pruning, rnp
 from lab.defenses.tuning import fst, ft_sam, nad, vanilla_finetune
 
 
@@ -44,6 +44,7 @@ DEFENSES: dict[str, DefenseSpec] = {
     "fp": DefenseSpec(fine_pruning, {"lr": 0.01, "steps": 150}, {"max_drop": 0.10}, True),
     "nad": DefenseSpec(nad, {"lr": 0.01}, {"teacher_steps": 150}),
     "anp": DefenseSpec(anp, {"steps": 300}, {"eps": 0.4, "alpha": 0.2, "max_drop": 0.10}, True),
+    "rnp": DefenseSpec(rnp, {"steps": 300}, {"unlearn_lr": 0.01, "unlearn_floor": 0.2, "max_drop": 0.10}, True),
     "i-bau": DefenseSpec(ibau, {"steps": 60}, {"inner_steps": 5, "k": 5}),
     "ft-sam": DefenseSpec(ft_sam, {"lr": 0.01}, {"rho": 2.0}),
     "fst": DefenseSpec(fst, {"lr": 0.01}, {"alpha": 0.2}),

@@ -1,4 +1,4 @@
-"""Pruning defenses: Fine-Pruning and ANP. How much to prune is chosen on D_val accuracy only."""
+"""Pruning defenses: Fine-Pruning, ANP and RNP. How much to prune is chosen on D_val accuracy only."""
 
 from __future__ import annotations
 
@@ -121,7 +121,13 @@ def anp(model: nn.Module, clean: CleanSet, s: TuneSettings, eps: float = 0.4, al
                     m.clamp_(0, 1)
     finally:
         pert.remove()
-    masks = [m.detach().clone() for m in pert.masks]
+    return prune_by_masks(model, [m.detach().clone() for m in pert.masks], clean, max_drop)
+
+
+def prune_by_masks(model: nn.Module, masks: list[torch.Tensor], clean: CleanSet,
+                   max_drop: float) -> tuple[nn.Module, dict]:
+    """Zero the BatchNorm neurons of `model` whose learned mask is below a threshold; the threshold is
+    the highest whose D_val accuracy stays within `max_drop` of the unpruned model's."""
     bn_names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d)]
 
     def pruned_at(threshold: float) -> nn.Module:
@@ -139,3 +145,41 @@ def anp(model: nn.Module, clean: CleanSet, s: TuneSettings, eps: float = 0.4, al
     level, pruned, trace = most_aggressive_within(pruned_at, levels, clean, max_drop)
     n_pruned = int(sum(int((m < level).sum()) for m in masks))
     return pruned, {"threshold": level, "pruned_neurons": n_pruned, "search": trace}
+
+
+def rnp(model: nn.Module, clean: CleanSet, s: TuneSettings, unlearn_lr: float = 0.01, unlearn_floor: float = 0.2,
+        unlearn_steps: int = 100, mask_lr: float = 0.2, max_drop: float = 0.10) -> tuple[nn.Module, dict]:
+    """RNP (Li et al. ICML 2023): unlearn D_val by gradient ascent until the batch accuracy falls to
+    `unlearn_floor`, then learn per-neuron masks that recover D_val on the unlearned weights; neurons
+    the recovery leaves near zero carry the backdoor and are pruned from the original model."""
+    unlearned = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(unlearned.parameters(), lr=unlearn_lr, momentum=0.9, weight_decay=s.weight_decay)
+    sampler = BatchSampler(clean.x, clean.y, s.batch_size, s.seed, augment=False)
+    unlearn_done = 0
+    for unlearn_done in range(1, unlearn_steps + 1):
+        x, y = sampler()
+        logits = unlearned(x)
+        opt.zero_grad(set_to_none=True)
+        (-F.cross_entropy(logits, y)).backward()
+        nn.utils.clip_grad_norm_(unlearned.parameters(), 20.0)
+        opt.step()
+        if (logits.argmax(1) == y).float().mean() <= unlearn_floor:
+            break
+    unlearned.eval()
+    for p in unlearned.parameters():
+        p.requires_grad_(False)
+    masks = _Perturbed(unlearned, eps=0.0)
+    mask_opt = torch.optim.SGD(masks.masks, lr=mask_lr, momentum=0.9)
+    try:
+        for _ in range(s.steps):
+            x, y = sampler()
+            mask_opt.zero_grad()
+            F.cross_entropy(unlearned(x), y).backward()
+            mask_opt.step()
+            with torch.no_grad():
+                for m in masks.masks:
+                    m.clamp_(0, 1)
+    finally:
+        masks.remove()
+    pruned, info = prune_by_masks(model, [m.detach().clone() for m in masks.masks], clean, max_drop)
+    return pruned, {**info, "unlearn_steps": unlearn_done, "unlearned_dval_acc": clean.accuracy(unlearned)}

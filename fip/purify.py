@@ -34,8 +34,8 @@ class PurifyConfig:
     """
 
     method: Method = "fip"
-    eta_f: float = 3e-5  # eta_F, weight of Tr(F)
-    eta_r: float = 5.0  # eta_r, weight of the Fisher-weighted distance to theta_b
+    eta_f: float = 1e-4  # eta_F, weight of Tr(F)
+    eta_r: float = 1.0  # eta_r, weight of the Fisher-weighted distance to theta_b
     lr: float = 0.005
     momentum: float = 0.95
     weight_decay: float = 0.0

@@ -52,7 +52,9 @@ class PurifyConfig:
     augment_pad: int = 4  # zero padding before the random crop (4 on 32x32 images in the authors' script)
     freeze_norm: bool = False  # keep norm layers' running statistics fixed while fine-tuning
     max_grad_norm: float = 5.0  # clip the total gradient norm (0: off); guards the curvature-driven trace term
-    fast_lr_scale: float = 1.0  # Fast FIP's lr = lr * fast_lr_scale (shifts live on the singular-value scale)
+    # Fast FIP on the lab's BadNets model: shifts alone at lr x1 left ASR at 99.9 %, x10 with norms 58.9 %
+    fast_train_norms: bool = True  # Fast FIP also tunes norm layers' affine weights (METHOD.md: an option)
+    fast_lr_scale: float = 10.0  # Fast FIP's lr = lr * fast_lr_scale (shifts live on the singular-value scale)
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only at start and end
 
@@ -84,7 +86,7 @@ def prepare_model(model: nn.Module, cfg: PurifyConfig) -> nn.Module:
     """A copy of the suspect model in the form that is tuned (full weights, or spectral shifts)."""
     work = copy.deepcopy(model)
     if cfg.method == "fast-fip":
-        to_spectral_shift(work)
+        to_spectral_shift(work, train_norms=cfg.fast_train_norms)
     else:
         for p in work.parameters():
             p.requires_grad_(True)

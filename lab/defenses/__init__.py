@@ -14,7 +14,7 @@ from torch import nn
 
 from lab.defenses.common import CleanSet, DefenseError, DefenseResult, TuneSettings
 from lab.defenses.ibau import ibau
-from lab.defenses.pruning import anp, fine_pruning, rnp
+from lab.defenses.pruning import anp, fine_pruning
 from lab.defenses.tuning import fst, ft_sam, nad, vanilla_finetune
 
 
@@ -43,13 +43,13 @@ DEFENSES: dict[str, DefenseSpec] = {
     "ft": DefenseSpec(vanilla_finetune, {"lr": 0.01}, {}),
     "fp": DefenseSpec(fine_pruning, {"lr": 0.01, "steps": 150}, {"max_drop": 0.10}, True),
     "nad": DefenseSpec(nad, {"lr": 0.01}, {"teacher_steps": 150}),
-    "anp": DefenseSpec(anp, {"steps": 300}, {"eps": 0.4, "alpha": 0.2, "max_drop": 0.10}, True),
-    "rnp": DefenseSpec(rnp, {"steps": 300}, {"unlearn_lr": 0.01, "unlearn_floor": 0.2, "max_drop": 0.10}, True),
+    "anp": DefenseSpec(anp, {"steps": 2000}, {"eps": 0.4, "alpha": 0.2, "max_drop": 0.10}, True),
     "i-bau": DefenseSpec(ibau, {"steps": 60}, {"inner_steps": 5, "k": 5}),
     "ft-sam": DefenseSpec(ft_sam, {"lr": 0.01}, {"rho": 2.0}),
     "fst": DefenseSpec(fst, {"lr": 0.01}, {"alpha": 0.2}),
     "fip": DefenseSpec(_fip("fip"), {}, {}, True),
-    "fast-fip": DefenseSpec(_fip("fast-fip"), {}, {}, True),
+    # the Fisher anchor held the shifts back (eta_r = 1: ASR 58.9 %; eta_r = 0: 5.3 %, ACC 85.2 %)
+    "fast-fip": DefenseSpec(_fip("fast-fip"), {}, {"eta_r": 0.0}, True),
 }
 
 

@@ -112,10 +112,15 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """Cosine decay from `base` at step 0 towards 0 at step `total`."""
+    return base * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
 def lr_at(cfg: PurifyConfig, step: int) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.effective_lr
-    return cfg.effective_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.iterations))
+    return cosine_lr(cfg.effective_lr, step, cfg.iterations)
 
 
 class Purifier:

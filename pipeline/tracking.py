@@ -159,13 +159,12 @@ def list_models() -> list[dict]:
     client = mlflow.MlflowClient()
     rows = []
     for rm in client.search_registered_models():
-        # version search results do not carry aliases in every store; the registered model does
+        # version search results do not carry aliases (SQL store); the registered model's map does
         by_version: dict[str, list[str]] = {}
-        for alias, version in (client.get_registered_model(rm.name).aliases or {}).items():
+        for alias, version in (rm.aliases or {}).items():
             by_version.setdefault(str(version), []).append(alias)
         for mv in client.search_model_versions(f"name='{rm.name}'"):
-            aliases = sorted(set(mv.aliases or []) | set(by_version.get(str(mv.version), [])))
-            rows.append({"name": rm.name, "version": mv.version, "aliases": aliases,
+            rows.append({"name": rm.name, "version": mv.version, "aliases": sorted(by_version.get(str(mv.version), [])),
                          "run_id": mv.run_id, "tags": dict(mv.tags or {})})
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip.purify import BatchSampler
+from fip.purify import BatchSampler, cosine_lr
 from lab.metrics import accuracy_from_predictions, predict
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,7 +77,7 @@ def finetune(
     model.train()
     for step in range(s.steps):
         for group in opt.param_groups:
-            group["lr"] = s.lr * 0.5 * (1 + math.cos(math.pi * step / s.steps))
+            group["lr"] = cosine_lr(s.lr, step, s.steps)
         x, y = sampler()
         if step_fn is None:
             loss = loss_fn(model, x, y)
@@ -95,12 +94,14 @@ def most_aggressive_within(
 ) -> tuple[float, nn.Module, list[dict]]:
     """Among increasingly aggressive `levels`, the last whose D_val accuracy stays within `max_drop` of
     the unpruned model's (the choice never looks at poisoned data). Returns (level, model, trace)."""
-    base = clean.accuracy(model_at(levels[0]))
-    chosen, chosen_model, trace = levels[0], model_at(levels[0]), []
+    base: float | None = None
+    chosen, chosen_model, trace = levels[0], None, []
     for level in levels:
         candidate = model_at(level)
         acc = clean.accuracy(candidate)
         trace.append({"level": level, "dval_acc": acc})
+        if base is None:
+            base = acc  # the first level is the reference (and always within the budget)
         if acc >= base - max_drop:
             chosen, chosen_model = level, candidate
         else:

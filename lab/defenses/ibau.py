@@ -63,7 +63,7 @@ def implicit_hypergradient(
     ]
 
 
-def ibau(model: nn.Module, clean: CleanSet, s: TuneSettings, rounds_per_step: int = 1, inner_steps: int = 5,
+def ibau(model: nn.Module, clean: CleanSet, s: TuneSettings, inner_steps: int = 5,
          inner_lr: float = 0.1, bound: float = 10.0, k: int = 5, outer_lr: float = 0.001) -> nn.Module:
     """Run `s.steps` unlearning steps (one inner maximisation + one implicit outer update each)."""
     work = fresh_copy(model).eval()  # fixed norm statistics, as I-BAU runs the model in eval mode

@@ -50,6 +50,8 @@ class PurifyConfig:
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     augment: bool = True  # random crop + horizontal flip on the clean set
     augment_pad: int = 4  # zero padding before the random crop (4 on 32x32 images in the authors' script)
+    crop_prob: float = 1.0  # share of the samples that are cropped (the others keep their position)
+    crop_until: float = 1.0  # share of the iterations that crop; the rest see un-shifted images (flips only)
     freeze_norm: bool = False  # keep norm layers' running statistics fixed while fine-tuning
     max_grad_norm: float = 5.0  # clip the total gradient norm (0: off); guards the curvature-driven trace term
     # Fast FIP on the lab's BadNets model: shifts alone at lr x1 left ASR at 99.9 %, x10 with norms 58.9 %
@@ -67,6 +69,9 @@ class PurifyConfig:
         for name in ("eta_f", "eta_r", "lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for name in ("crop_prob", "crop_until"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -100,12 +105,15 @@ def finalize_model(work: nn.Module, cfg: PurifyConfig) -> nn.Module:
     return work.eval()
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop after zero padding, plus random horizontal flip, per sample."""
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, crop_prob: float = 1.0) -> torch.Tensor:
+    """Random crop after zero padding (on a `crop_prob` share of the samples), plus random horizontal flip."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
     ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    if crop_prob < 1.0:
+        keep = torch.rand(b, generator=generator) >= crop_prob
+        oy[keep], ox[keep] = pad, pad
     # per-sample slices: the batched advanced-indexing version corrupts the heap on torch 2.13 CPU with 1 thread
     out = torch.stack([padded[i, :, int(oy[i]) : int(oy[i]) + h, int(ox[i]) : int(ox[i]) + w] for i in range(b)])
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
@@ -115,6 +123,12 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
 def cosine_lr(base: float, step: int, total: int) -> float:
     """Cosine decay from `base` at step 0 towards 0 at step `total`."""
     return base * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def crop_prob_at(cfg: PurifyConfig, step: int) -> float:
+    """The crop share at `step`: the random crop breaks the trigger's features early, and the last
+    ``1 - crop_until`` of the run re-fits the un-shifted images the model is tested on."""
+    return cfg.crop_prob if step < cfg.crop_until * cfg.iterations else 0.0
 
 
 def lr_at(cfg: PurifyConfig, step: int) -> float:
@@ -210,7 +224,7 @@ class BatchSampler:
     """Batches drawn with replacement from an in-memory set, optionally augmented; seeded."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, augment: bool = True,
-                 pad: int = 4) -> None:
+                 pad: int = 4, crop_prob: float = 1.0) -> None:
         if len(x) != len(y):
             raise ValueError(f"clean set has {len(x)} inputs but {len(y)} labels")
         if len(x) == 0:
@@ -219,13 +233,15 @@ class BatchSampler:
             raise ValueError(f"clean inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("clean set D_val holds NaN or infinite pixel values")
-        self.x, self.y, self.batch_size, self.augment, self.pad = x, y, batch_size, augment, pad
+        self.x, self.y, self.batch_size, self.augment, self.pad, self.crop_prob = x, y, batch_size, augment, pad, crop_prob
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, crop_prob: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch; `crop_prob` overrides the sampler's crop share for this batch."""
         idx = torch.randint(0, len(self.x), (self.batch_size,), generator=self.generator)
         x, y = self.x[idx], self.y[idx]
-        return (augment_batch(x, self.generator, self.pad) if self.augment else x), y
+        share = self.crop_prob if crop_prob is None else crop_prob
+        return (augment_batch(x, self.generator, self.pad, share) if self.augment else x), y
 
 
 def estimate_fbar(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig, batch: int = 64) -> FisherDiag:
@@ -254,7 +270,7 @@ def purify(
     start = time.perf_counter()
     device = next(model.parameters()).device
     clean_x, clean_y = clean_x.to(device), clean_y.to(device)
-    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, cfg.augment, cfg.augment_pad)
+    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, cfg.augment, cfg.augment_pad, cfg.crop_prob)
     work = prepare_model(model, cfg)
     fisher = estimate_fbar(work, clean_x, clean_y, cfg)
     purifier = Purifier(work, fisher.mean(), cfg)
@@ -273,8 +289,8 @@ def purify(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.iterations, desc=f"{cfg.method}", unit="step")
-    for _ in range(cfg.iterations):
-        x, y = sampler()
+    for step in range(cfg.iterations):
+        x, y = sampler(crop_prob_at(cfg, step))
         record = purifier.step(x, y)
         result.history.append(record)
         if on_step is not None:

@@ -50,7 +50,8 @@ class LabConfig:
     def stem(self) -> str:
         a = self.attack
         mode = "a2a" if a.all_to_all else f"t{a.target}"
-        return f"{a.name}-{self.dataset}-{self.arch}-w{self.width:g}-{mode}-p{a.poison_rate:g}-s{a.seed}"
+        aug = f"-aug{self.train.augment_pad}" if self.train.augment_pad else ""
+        return f"{a.name}-{self.dataset}-{self.arch}-w{self.width:g}-{mode}-p{a.poison_rate:g}-s{a.seed}{aug}"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fip.purify import augment_batch
 from lab.datasets import ImageSet
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,6 +28,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"  # or "constant"
     seed: int = 0
+    augment_pad: int = 0  # 0: no augmentation; else random crop after this zero padding, plus flip (BackdoorBench)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +56,8 @@ def train_classifier(
     """
     if len(data) == 0:
         raise ValueError(f"{data.name}: cannot train on an empty data set")
+    if transform is None and cfg.augment_pad > 0:
+        transform = partial(augment_batch, pad=cfg.augment_pad)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)

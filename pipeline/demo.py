@@ -18,8 +18,10 @@ from lab.datasets import CleanSplit, load_dataset
 from pipeline.job import JobConfig, run_job
 from pipeline.shards import MANIFEST, write_shards
 
-# FIP settings calibrated on the lab's Fashion-MNIST BadNets model (see docs/calibration.md).
-DEMO_PURIFY = dict(iterations=300)  # everything else: PurifyConfig defaults
+# FIP settings calibrated through this demo on the lab's Fashion-MNIST BadNets model (docs/calibration.md,
+# round 3): crop for the first 40 % of the run, then re-fit un-shifted images, with a lighter anchor. The
+# PurifyConfig defaults stay as the defense table measured them.
+DEMO_PURIFY = dict(iterations=300, crop_until=0.4, eta_r=0.5)
 
 
 def _shards(data, dest: Path, indices, dataset: str, split: str, meta: dict | None = None) -> str:
@@ -29,11 +31,12 @@ def _shards(data, dest: Path, indices, dataset: str, split: str, meta: dict | No
     return str(dest)
 
 
-def run_demo(out: str | Path = "runs", workers: int = 2, purify_overrides: dict | None = None) -> dict:
+def run_demo(out: str | Path = "runs", workers: int = 2, purify_overrides: dict | None = None,
+             lab: LabConfig | None = None) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
     print("[demo] 1/4 backdoored model: BadNets on Fashion-MNIST (PreActResNet-18 x0.125; cached after the first run)")
-    lab_cfg = LabConfig(attack=AttackConfig("badnets"))
+    lab_cfg = lab or LabConfig(attack=AttackConfig("badnets"))
     art = make_backdoored_model(lab_cfg, out / "lab", progress=True)
     print(f"[demo]     suspect: ACC {100 * art.record['acc']:.2f}%  ASR {100 * art.record['asr']:.2f}%")
 

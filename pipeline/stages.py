@@ -25,7 +25,7 @@ from torch import nn
 
 from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
 from fip.io import load_model
-from fip.purify import Purifier, PurifyConfig, augment_batch, finalize_model, prepare_model
+from fip.purify import Purifier, PurifyConfig, augment_batch, crop_prob_at, finalize_model, prepare_model
 from lab.backdoor import attack_from_record
 from pipeline import storage
 from pipeline.shards import RankStream, ShardSource, open_shards, rank_loader
@@ -243,7 +243,7 @@ def _step_batches(cfg: StageConfig, pcfg: PurifyConfig, rank: int, size: int, fi
                 continue
             if pcfg.augment:
                 g = torch.Generator().manual_seed((pcfg.seed * 1_000_003 + step) * 131 + rank)
-                x = augment_batch(x, g, pcfg.augment_pad)
+                x = augment_batch(x, g, pcfg.augment_pad, crop_prob_at(pcfg, step))
             yield step, x, y
             step += 1
         skip = 0

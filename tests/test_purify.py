@@ -55,3 +55,28 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="clean set D_val is empty"):
         purify(train_backdoored(steps=5), torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.long),
                PurifyConfig(iterations=1))
+
+
+def test_augment_batch_crops_only_the_requested_share_and_keeps_the_rest_in_place():
+    from fip.purify import augment_batch
+
+    x = torch.rand(400, 1, 8, 8) + 0.1  # no zeros, so a shifted crop always shows padding
+    def unmoved(out: torch.Tensor) -> torch.Tensor:
+        return ((out == x) | (out == x.flip(-1))).flatten(1).all(1)
+
+    assert unmoved(augment_batch(x, torch.Generator().manual_seed(0), pad=2, crop_prob=0.0)).all()
+    share_moved = 1 - unmoved(augment_batch(x, torch.Generator().manual_seed(0), pad=2, crop_prob=0.5)).float().mean()
+    # a cropped sample keeps its place only when both offsets land on the centre: 1/25 of the time
+    assert abs(share_moved - 0.5 * 24 / 25) < 0.07
+    all_moved = 1 - unmoved(augment_batch(x, torch.Generator().manual_seed(0), pad=2, crop_prob=1.0)).float().mean()
+    assert abs(all_moved - 24 / 25) < 0.04
+    with pytest.raises(ValueError, match="crop_prob"):
+        PurifyConfig(crop_prob=1.5)
+
+
+def test_crop_phase_ends_at_crop_until():
+    from fip.purify import crop_prob_at
+
+    cfg = PurifyConfig(iterations=10, crop_prob=0.8, crop_until=0.4)
+    assert [crop_prob_at(cfg, s) for s in range(10)] == [0.8] * 4 + [0.0] * 6
+    assert all(crop_prob_at(PurifyConfig(iterations=10), s) == 1.0 for s in range(10))

@@ -73,7 +73,8 @@ def add_purify_flags(p, cls) -> None:
     g = p.add_argument_group("FIP settings (PurifyConfig)")
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default) if f.default is not None else int
+        # a None default says nothing of the type: read it from the annotation ("float | None")
+        kind = type(f.default) if f.default is not None else (float if "float" in str(f.type) else int)
         if kind is bool:
             g.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
         else:

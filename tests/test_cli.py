@@ -35,3 +35,26 @@ def test_bad_input_is_one_line(capsys):
     assert "unknown attack 'nope'" in capsys.readouterr().err
     assert main(["smoothness", "--model", "/nonexistent.safetensors"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_purify_flags_take_their_types_from_the_config():
+    import argparse
+    from dataclasses import dataclass
+
+    from fipcli.pipeline_cmds import add_purify_flags, purify_config_from_args
+
+    @dataclass
+    class Knobs:
+        share: float | None = None
+        count: int | None = None
+
+    p = argparse.ArgumentParser()
+    add_purify_flags(p, Knobs)
+    args = p.parse_args(["--share", "0.5", "--count", "3"])
+    assert args.share == 0.5 and args.count == 3
+    p = argparse.ArgumentParser()
+    from fip.purify import PurifyConfig
+
+    add_purify_flags(p, PurifyConfig)
+    cfg = purify_config_from_args(p.parse_args(["--crop-until", "0.4", "--eta-r", "0.5", "--iterations", "7"]))
+    assert (cfg.crop_until, cfg.eta_r, cfg.iterations) == (0.4, 0.5, 7)

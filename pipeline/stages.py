@@ -80,6 +80,17 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts them only at the start of each forward, so after the last step every rank holds
+    statistics updated with its own batch. Each rank evaluates its share of the test shards, so
+    without this the reported metrics mix models that differ from the one rank 0 saves.
+    """
+    for buf in model.buffers():
+        broadcast_(buf)
+
+
 def log(msg: str) -> None:
     """Progress from rank 0 (Ray forwards worker stdout to the driver)."""
     if world()[0] == 0:
@@ -301,12 +312,14 @@ def purify_stage(config: dict) -> dict:
             log(f"step {done}/{pcfg.iterations} ce {record['ce']:.4f} total {record['total']:.4f}"
                 + (f" trace {record['trace']:.4g}" if "trace" in record else "") + f" ({rate:.2f} steps/s)")
         if cfg.eval_every and done % cfg.eval_every == 0 and done < pcfg.iterations:
+            sync_buffers(work)
             snapshot = finalize_model(_copy_for_eval(work), pcfg)
             metrics = evaluate_shards(snapshot, cfg, limit=cfg.eval_samples)
             evaluations.append({"step": done, **metrics})
             log(f"eval at step {done}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
         if done % cfg.checkpoint_every == 0 and done < pcfg.iterations:
             _checkpoint(purifier, history, evaluations, {"step": done, **{k: v for k, v in record.items() if k != "step"}})
+    sync_buffers(work)
     purified = finalize_model(work, pcfg)
     after = evaluate_shards(purified, cfg)
     if after:

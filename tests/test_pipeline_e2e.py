@@ -1,6 +1,7 @@
 """The pipeline end to end on real parts: Ray Train (2 workers, gloo), shards on S3 (moto server),
 an MLflow SQLite store and registry, a backdoored model from the lab."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from fip.purify import Purifier, PurifyConfig, finalize_model, prepare_model
 from lab.datasets import CleanSplit, load_dataset
 from pipeline.job import JobConfig, JobError, run_job, validate
 from pipeline.shards import open_shards, read_all, write_shards
-from pipeline.stages import StageConfig, _step_batches
+from pipeline.stages import StageConfig, _step_batches, evaluate_shards
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +58,11 @@ def test_job_reports_before_and_after(job, digits_lab):
     assert len(result.history) == 12 and [h["step"] for h in result.history] == list(range(12))
     assert [e["step"] for e in result.evaluations] == [6, 12]
     assert result.model_uri == "models:/fip-purified@candidate"
+    # the reported metrics are those of the saved model, not of a mix of the ranks' copies
+    stage = StageConfig(model_url=cfg.model, clean=cfg.clean, test=cfg.test, fisher_url="", purify=cfg.purify.to_dict(),
+                        attack_record=json.loads(Path(cfg.attack_record).read_text()), eval_samples=None)
+    own = evaluate_shards(load_model(result.purified_path).model, stage)
+    assert own == {"acc": m["acc_after"], "asr": m["asr_after"], "ra": m["ra_after"]}
 
 
 def test_fisher_from_two_workers_equals_one_process(job):

@@ -155,6 +155,18 @@ def clean_distribution_penalty(params: Params, anchor: Params, fbar: Params) -> 
     return total if total is not None else torch.zeros(())
 
 
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``KL(p_teacher || p_student)``.
+
+    With the suspect as teacher on clean inputs, this is the function-space form of the
+    clean-distribution regulariser. The Fisher-weighted distance is its second-order expansion in
+    the weights. Unlike that distance, it does not pull back weights that clean inputs never use,
+    such as the trigger's.
+    """
+    return F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1), log_target=True,
+                    reduction="batchmean")
+
+
 def fip_objective(
     model: nn.Module,
     x: torch.Tensor,
@@ -170,12 +182,16 @@ def fip_objective(
     generator: torch.Generator | None = None,
     logits_fn=None,
     trace_batch: int | None = None,
+    eta_kl: float = 0.0,
+    teacher_logits: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All terms of ``L(theta)`` on one batch; ``total`` is what is differentiated.
 
     `logits_fn` computes the CE logits (a DDP wrapper in the distributed loop); the penalty terms
     always differentiate the plain module. `trace_batch` caps how many of the batch's samples
     enter the ``Tr(F)`` estimate (it is a mean over samples, so any subset is unbiased).
+    With `teacher_logits` (the suspect's, on the same batch) and ``eta_kl > 0``, our extension
+    ``eta_kl * KL(p_teacher || p_theta)`` is added; see :func:`distillation_kl`.
     """
     logits = (logits_fn or model)(x)
     ce = F.cross_entropy(logits, y)
@@ -186,7 +202,11 @@ def fip_objective(
         terms["trace"] = trace_penalty(model, xt, yt, estimator, probes, kind, generator)
     if eta_r > 0:
         terms["clean_reg"] = clean_distribution_penalty(params, anchor, fbar)
+    if eta_kl > 0 and teacher_logits is not None:
+        terms["kl"] = distillation_kl(logits, teacher_logits)
     total = ce
+    if "kl" in terms:
+        total = total + eta_kl * terms["kl"]
     if "trace" in terms:
         total = total + eta_f * terms["trace"]
     if "clean_reg" in terms:

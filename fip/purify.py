@@ -52,6 +52,8 @@ class PurifyConfig:
     augment_pad: int = 4  # zero padding before the random crop (4 on 32x32 images in the authors' script)
     crop_prob: float = 1.0  # share of the samples that are cropped (the others keep their position)
     crop_until: float = 1.0  # share of the iterations that crop; the rest see un-shifted images (flips only)
+    # our extension, not the paper's: KL to the suspect's predictions on the un-cropped batches
+    eta_kl: float = 0.0
     freeze_norm: bool = False  # keep norm layers' running statistics fixed while fine-tuning
     max_grad_norm: float = 5.0  # clip the total gradient norm (0: off); guards the curvature-driven trace term
     # Fast FIP on the lab's BadNets model: shifts alone at lr x1 left ASR at 99.9 %, x10 with norms 58.9 %
@@ -66,7 +68,7 @@ class PurifyConfig:
         for name in ("iterations", "batch_size", "trace_every", "trace_probes", "trace_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eta_f", "eta_r", "lr", "weight_decay", "max_grad_norm"):
+        for name in ("eta_f", "eta_r", "eta_kl", "lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         for name in ("crop_prob", "crop_until"):
@@ -155,6 +157,8 @@ class Purifier:
         )
         self.step_count = 0
         self.generator = torch.Generator()
+        # the suspect as it starts (frozen, eval mode): the teacher of the eta_kl term
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.eta_kl > 0 else None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One step of ``L(theta)`` on (x, y); returns the terms as floats."""
@@ -169,6 +173,10 @@ class Purifier:
         # probes and sampled labels are seeded by (seed, rank, step): a resumed run draws the same ones
         self.generator.manual_seed((cfg.seed * 1_000_003 + step) * 8191 + self.rank)
         with_trace = step % cfg.trace_every == 0
+        teacher_logits = None
+        if self.teacher is not None and crop_prob_at(cfg, step) == 0.0:  # the suspect is not trained on shifts
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
         terms = fip_objective(
             self.model,
             x,
@@ -184,6 +192,8 @@ class Purifier:
             generator=self.generator,
             logits_fn=self.logits_fn,
             trace_batch=cfg.trace_batch,
+            eta_kl=cfg.eta_kl,
+            teacher_logits=teacher_logits,
         )
         values = {k: float(v.detach()) for k, v in terms.items()}
         for name, value in values.items():

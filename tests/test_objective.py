@@ -1,5 +1,7 @@
 """The FIP objective's terms against independent computations."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from fip.fisher import trainable_params
 from fip.models import build_model
 from fip.objective import (
     clean_distribution_penalty,
+    distillation_kl,
     fip_objective,
     trace_penalty_exact,
     trace_penalty_hutchinson,
@@ -139,3 +142,25 @@ def test_signed_estimator_is_exact_for_a_single_sample():
     model = TinyConvNet()
     x, y = torch.randn(1, 1, 6, 6), torch.randint(0, 4, (1,))
     assert float(trace_penalty_signed(model, x, y)) == pytest.approx(float(trace_penalty_exact(model, x, y)), rel=1e-5)
+
+
+def test_distillation_kl_is_the_mean_kl_of_the_teacher_to_the_student_and_enters_the_total():
+    torch.manual_seed(3)
+    student, teacher = torch.randn(5, 4), torch.randn(5, 4)
+    ref = 0.0
+    for i in range(5):
+        p = [float(v) for v in torch.softmax(teacher[i], 0)]
+        q = [float(v) for v in torch.softmax(student[i], 0)]
+        ref += sum(pk * (math.log(pk) - math.log(qk)) for pk, qk in zip(p, q, strict=True))
+    assert float(distillation_kl(student, teacher)) == pytest.approx(ref / 5, rel=1e-5)
+    assert float(distillation_kl(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+
+    model = TinyConvNet()
+    params = trainable_params(model)
+    anchor = {n: p.detach().clone() for n, p in params.items()}
+    x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 4, (4,))
+    t_logits = torch.randn(4, 4)
+    terms = fip_objective(model, x, y, anchor, anchor, eta_f=0.0, eta_r=0.0, eta_kl=0.7, teacher_logits=t_logits)
+    assert float(terms["kl"]) == pytest.approx(float(distillation_kl(model(x), t_logits)), rel=1e-6)
+    assert float(terms["total"]) == pytest.approx(float(terms["ce"] + 0.7 * terms["kl"]), rel=1e-6)
+    assert "kl" not in fip_objective(model, x, y, anchor, anchor, eta_f=0.0, eta_r=0.0, eta_kl=0.7)

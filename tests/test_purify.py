@@ -80,3 +80,17 @@ def test_crop_phase_ends_at_crop_until():
     cfg = PurifyConfig(iterations=10, crop_prob=0.8, crop_until=0.4)
     assert [crop_prob_at(cfg, s) for s in range(10)] == [0.8] * 4 + [0.0] * 6
     assert all(crop_prob_at(PurifyConfig(iterations=10), s) == 1.0 for s in range(10))
+
+
+def test_distillation_term_runs_only_on_uncropped_steps():
+    from fip.fisher import trainable_params
+    from fip.purify import Purifier, prepare_model
+
+    model = train_backdoored()
+    cfg = PurifyConfig(iterations=4, crop_until=0.5, eta_kl=1.0, eta_f=0.0, eta_r=0.0, batch_size=8, lr=0.5)
+    work = prepare_model(model, cfg)
+    purifier = Purifier(work, {n: torch.zeros_like(p) for n, p in trainable_params(work).items()}, cfg)
+    x, y = blobs(8, 0)
+    records = [purifier.step(x, y) for _ in range(4)]
+    assert ["kl" in r for r in records] == [False, False, True, True]
+    assert records[2]["kl"] > 0  # two steps moved the model away from its teacher

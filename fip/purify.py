@@ -234,7 +234,7 @@ class BatchSampler:
     """Batches drawn with replacement from an in-memory set, optionally augmented; seeded."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, augment: bool = True,
-                 pad: int = 4, crop_prob: float = 1.0) -> None:
+                 pad: int = 4) -> None:
         if len(x) != len(y):
             raise ValueError(f"clean set has {len(x)} inputs but {len(y)} labels")
         if len(x) == 0:
@@ -243,15 +243,14 @@ class BatchSampler:
             raise ValueError(f"clean inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("clean set D_val holds NaN or infinite pixel values")
-        self.x, self.y, self.batch_size, self.augment, self.pad, self.crop_prob = x, y, batch_size, augment, pad, crop_prob
+        self.x, self.y, self.batch_size, self.augment, self.pad = x, y, batch_size, augment, pad
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, crop_prob: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch; `crop_prob` overrides the sampler's crop share for this batch."""
+    def __call__(self, crop_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch; `crop_prob` is the share of it that is cropped (FIP's schedule: `crop_prob_at`)."""
         idx = torch.randint(0, len(self.x), (self.batch_size,), generator=self.generator)
         x, y = self.x[idx], self.y[idx]
-        share = self.crop_prob if crop_prob is None else crop_prob
-        return (augment_batch(x, self.generator, self.pad, share) if self.augment else x), y
+        return (augment_batch(x, self.generator, self.pad, crop_prob) if self.augment else x), y
 
 
 def estimate_fbar(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig, batch: int = 64) -> FisherDiag:
@@ -280,7 +279,7 @@ def purify(
     start = time.perf_counter()
     device = next(model.parameters()).device
     clean_x, clean_y = clean_x.to(device), clean_y.to(device)
-    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, cfg.augment, cfg.augment_pad, cfg.crop_prob)
+    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, cfg.augment, cfg.augment_pad)
     work = prepare_model(model, cfg)
     fisher = estimate_fbar(work, clean_x, clean_y, cfg)
     purifier = Purifier(work, fisher.mean(), cfg)

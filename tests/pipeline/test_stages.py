@@ -32,7 +32,7 @@ def _free_port() -> str:
 
 
 def test_sync_buffers_gives_every_rank_rank_zeros_batchnorm_statistics(tmp_path: Path):
-    port, root = _free_port(), Path(__file__).resolve().parents[1]
+    port, root = _free_port(), Path(__file__).resolve().parents[2]
     procs = [subprocess.Popen([sys.executable, "-c", RANK, str(r), port, str(tmp_path / f"{r}.pt")], cwd=root)
              for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]

@@ -1,13 +1,16 @@
 """Smoothness analysis of the loss surface (METHOD.md, "Why it works"), PyHessian-style.
 
 - ``lambda_max``: power iteration on Hessian-vector products.
-- ``Tr(H)``: Hutchinson's estimator ``E_v[v^T H v]`` with Rademacher ``v``.
+- ``Tr(H)``: Hutchinson's estimator ``E_v[v^T H v]`` with Rademacher ``v``, drawn until the standard
+  error of the mean is a set fraction of the mean, and returned as an :class:`Estimate` with that
+  standard error and the probe count.
 - eigenvalue spectral density: stochastic Lanczos quadrature (SLQ), returned as nodes and weights
   and plotted as a Gaussian-smoothed density.
 
 All products are with the Hessian of the mean loss over the given batches, model in eval mode,
-with respect to the trainable parameters. The paper's numbers use one batch of 200 clean images,
-up to 100 iterations at tolerance 1e-3.
+with respect to the trainable parameters. The paper's numbers use one batch of 200 clean images and
+up to 100 power iterations at tolerance 1e-3. Non-finite weights, losses or Hessian-vector products
+raise ValueError: a NaN figure reported as a result is worse than no figure.
 """
 
 from __future__ import annotations
@@ -47,11 +50,18 @@ class HessianOperator:
         total = torch.zeros_like(v)
         n = sum(len(x) for x, _ in self.batches)
         with eval_mode(self.model):
-            for x, y in self.batches:
+            for i, (x, y) in enumerate(self.batches):
                 loss = self.loss_fn(self.model(x), y)
+                if not torch.isfinite(loss):
+                    raise ValueError(
+                        f"the loss on batch {i} is {float(loss.detach())}: Hessian analysis needs a finite loss"
+                    )
                 grads = torch.autograd.grad(loss, self.params, create_graph=True)
                 hv = torch.autograd.grad(_flat(grads), self.params, grad_outputs=v, retain_graph=False)
                 total += _flat(hv).detach() * (len(x) / n)
+        bad = int((~torch.isfinite(total)).sum())
+        if bad:
+            raise ValueError(f"the Hessian-vector product holds {bad} NaN or infinite values of {self.dim}")
         self.products += 1
         return total
 
@@ -78,19 +88,70 @@ def hessian_max_eigenvalue(
     return float(eig), v
 
 
-def hessian_trace(op: HessianOperator, max_iter: int = 100, tol: float = 1e-3, seed: int = 0) -> float:
-    """``Tr(H)`` by Hutchinson: running mean of ``v^T H v`` until its relative change is below `tol`."""
+@dataclass(frozen=True)
+class Estimate:
+    """A Monte Carlo figure with its standard error and the number of random probes behind it.
+
+    Hutchinson's ``Tr(H)`` (and SLQ's) is a sample mean over random vectors, not an exact number;
+    reported bare, a 30 % error reads like a measurement. ``value ± 2 * stderr`` is a ~95 % interval.
+    """
+
+    value: float
+    stderr: float
+    probes: int
+
+    def interval(self, z: float = 2.0) -> tuple[float, float]:
+        return self.value - z * self.stderr, self.value + z * self.stderr
+
+    @property
+    def rel_stderr(self) -> float:
+        return self.stderr / abs(self.value) if self.value else math.inf
+
+    def __str__(self) -> str:
+        return f"{self.value:.6g} ± {self.stderr:.2g} ({self.probes} probes)"
+
+
+def _mean_and_stderr(samples: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(samples, dtype=np.float64)
+    if len(a) < 2:
+        return float(a.mean()) if len(a) else math.nan, math.inf
+    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a)))
+
+
+def _check_trace_target(rel_stderr: float, max_probes: int) -> None:
+    if not (rel_stderr >= 0 and math.isfinite(rel_stderr)):
+        raise ValueError(
+            f"Tr(H) relative standard error target must be a finite number >= 0, got {rel_stderr}"
+        )
+    if max_probes < 2:
+        raise ValueError(
+            f"Tr(H) needs at least 2 Hutchinson probes for a standard error, got max_probes={max_probes}"
+        )
+
+
+def hessian_trace(
+    op: HessianOperator, rel_stderr: float = 0.02, max_probes: int = 500, min_probes: int = 10, seed: int = 0
+) -> Estimate:
+    """``Tr(H)`` by Hutchinson: mean of ``v^T H v`` over Rademacher ``v``.
+
+    Probes are drawn until the standard error of the mean (sample std / sqrt(n), n >= `min_probes`)
+    is at most ``rel_stderr * |mean|``, or `max_probes` are spent. Stopping on the standard error,
+    not on the running mean's last change, ties the stopping point to the estimator's actual spread;
+    `min_probes` keeps the sample std itself from being a lucky guess.
+    """
+    _check_trace_target(rel_stderr, max_probes)
+    min_probes = max(2, min(min_probes, max_probes))
     g = torch.Generator().manual_seed(seed)
     samples: list[float] = []
-    mean = 0.0
-    for i in range(max_iter):
+    while len(samples) < max_probes:
         v = op.random_rademacher(g)
         samples.append(float(v @ op(v)))
-        new = float(np.mean(samples))
-        if i > 0 and abs(new - mean) / (abs(mean) + 1e-6) < tol:
-            return new
-        mean = new
-    return mean
+        if len(samples) >= min_probes:
+            mean, stderr = _mean_and_stderr(samples)
+            if stderr <= rel_stderr * abs(mean):
+                break
+    mean, stderr = _mean_and_stderr(samples)
+    return Estimate(mean, stderr, len(samples))
 
 
 @dataclass
@@ -108,9 +169,11 @@ class SpectralDensity:
         kern = np.exp(-(diff**2) / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi))
         return (self.weights[..., None] * kern).sum(axis=1).mean(axis=0)
 
-    def trace_estimate(self, dim: int) -> float:
-        """``Tr(H) ~= dim * E[sum_j w_j theta_j]`` (a by-product of the quadrature)."""
-        return float(dim * (self.weights * self.nodes).sum(axis=1).mean())
+    def trace_estimate(self, dim: int) -> Estimate:
+        """``Tr(H) ~= dim * E[sum_j w_j theta_j]`` (a by-product of the quadrature), one sample per run;
+        the standard error is over runs, so it is infinite for a single run."""
+        mean, stderr = _mean_and_stderr(dim * (self.weights * self.nodes).sum(axis=1))
+        return Estimate(mean, stderr, len(self.nodes))
 
 
 def lanczos(op: HessianOperator, steps: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -153,11 +216,24 @@ def spectral_density(op: HessianOperator, runs: int = 1, steps: int = 90, seed: 
 @dataclass
 class Smoothness:
     lambda_max: float
-    trace: float
+    trace: Estimate
     density: SpectralDensity | None = None
 
-    def as_dict(self) -> dict[str, float]:
-        return {"lambda_max": self.lambda_max, "hessian_trace": self.trace}
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "lambda_max": self.lambda_max,
+            "hessian_trace": self.trace.value,
+            "hessian_trace_stderr": self.trace.stderr,
+            "hessian_trace_probes": self.trace.probes,
+        }
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise ValueError when any floating-point weight tensor holds NaN or inf (they make every figure NaN)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    bad = [t for t in tensors if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"model weights hold NaN or infinite values ({len(bad)} of {len(tensors)} tensors)")
 
 
 def smoothness_report(
@@ -168,11 +244,16 @@ def smoothness_report(
     density_steps: int = 0,
     seed: int = 0,
     loss_fn: LossFn = F.cross_entropy,
+    trace_rel_stderr: float = 0.02,
+    max_probes: int = 500,
 ) -> Smoothness:
-    """``lambda_max``, ``Tr(H)`` and (when `density_steps` > 0) the SLQ density of `model`'s loss."""
+    """``lambda_max`` (power iteration, `max_iter`/`tol`), ``Tr(H)`` (Hutchinson, to `trace_rel_stderr`
+    relative standard error or `max_probes`) and, when `density_steps` > 0, the SLQ density."""
+    check_finite_weights(model)
+    _check_trace_target(trace_rel_stderr, max_probes)  # before lambda_max's iterations, not after
     op = HessianOperator(model, batches, loss_fn)
     lam, _ = hessian_max_eigenvalue(op, max_iter, tol, seed)
-    tr = hessian_trace(op, max_iter, tol, seed)
+    tr = hessian_trace(op, trace_rel_stderr, max_probes, seed=seed)
     esd = spectral_density(op, 1, density_steps, seed) if density_steps > 0 else None
     return Smoothness(lam, tr, esd)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -11,8 +12,11 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--root", default=None)
     p.add_argument("--samples", type=int, default=200, help="clean training images (the paper uses one batch of 200)")
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--iters", type=int, default=100, help="power iterations for lambda_max, at most")
+    p.add_argument("--tol", type=float, default=1e-3, help="relative tolerance of the lambda_max power iteration")
+    p.add_argument("--trace-rel-stderr", type=float, default=0.02,
+                   help="draw Hutchinson probes for Tr(H) until its standard error is this fraction of |Tr(H)|")
+    p.add_argument("--max-probes", type=int, default=500, help="Hutchinson probes for Tr(H), at most")
     p.add_argument("--density-steps", type=int, default=0, help="Lanczos steps for the spectral density (0: skip)")
     p.add_argument("--plot", default=None, help="PNG path for the density plot")
     p.add_argument("--seed", type=int, default=0)
@@ -32,8 +36,14 @@ def run(args) -> int:
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
     batch = (data.floats()[idx], data.y[idx])
     density_steps = args.density_steps or (90 if args.plot else 0)
-    report = smoothness_report(loaded.model, [batch], args.iters, args.tol, density_steps, args.seed)
+    report = smoothness_report(loaded.model, [batch], max_iter=args.iters, tol=args.tol, density_steps=density_steps,
+                               seed=args.seed, trace_rel_stderr=args.trace_rel_stderr, max_probes=args.max_probes)
     if args.plot and report.density is not None:
         plot_spectral_density({args.model: report.density}, args.plot)
+    tr = report.trace
+    print(f"lambda_max = {report.lambda_max:.6g}, Tr(H) = {tr}", file=sys.stderr)
+    if tr.probes >= args.max_probes and not tr.stderr <= args.trace_rel_stderr * abs(tr.value):
+        print(f"warning: Tr(H) relative standard error {tr.rel_stderr:.2g} is above the target "
+              f"{args.trace_rel_stderr:g} after {tr.probes} probes (raise --max-probes)", file=sys.stderr)
     print(json.dumps(report.as_dict()))
     return 0

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -72,9 +73,7 @@ class Attack:
     defaults: ClassVar[dict] = {}
 
     def __init__(self, cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int) -> None:
-        unknown = set(cfg.params) - set(self.defaults)
-        if unknown:
-            raise AttackError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; known: {sorted(self.defaults)}")
+        self.params = self.resolve_params(cfg.params)
         if not 0 < cfg.poison_rate < 1:
             raise AttackError(f"poison rate must be in (0, 1), got {cfg.poison_rate}")
         if not 0 <= cfg.target < num_classes:
@@ -82,11 +81,18 @@ class Attack:
         if cfg.all_to_all and not self.supports_all_to_all:
             raise AttackError(f"{self.name} is a clean-label attack: all-to-all labelling does not apply")
         self.cfg = cfg
-        self.params = {**self.defaults, **cfg.params}
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.generator = torch.Generator().manual_seed(cfg.seed + 1000)
         self.setup()
+
+    @classmethod
+    def resolve_params(cls, params: dict) -> dict:
+        """The defaults overridden by `params`; unknown names are refused, listing the known ones."""
+        unknown = set(params) - set(cls.defaults)
+        if unknown:
+            raise AttackError(f"{cls.name}: unknown parameter(s) {sorted(unknown)}; known: {sorted(cls.defaults)}")
+        return {**cls.defaults, **params}
 
     # -- hooks for subclasses
     def setup(self) -> None:
@@ -490,8 +496,10 @@ class InputAware(Attack):
     train_epochs = 4  # the generator and the classifier learn together: 3 epochs reach 94.8 % ASR, 4 reach 96.6 %
 
     def setup(self) -> None:
-        torch.manual_seed(self.cfg.seed)
-        self.generator_net = TriggerGenerator(self.image_shape[0], int(self.params["hidden"]))
+        # The generator's initial weights come from the attack seed, as torch.manual_seed(seed) would
+        # give them, without leaving the caller's global RNG reseeded.
+        with seeded_global_rng(self.cfg.seed):
+            self.generator_net = TriggerGenerator(self.image_shape[0], int(self.params["hidden"]))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -544,11 +552,38 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
+def attack_class(name: str) -> type[Attack]:
+    """The registered attack called `name`; unknown names list the known ones."""
+    if name not in ATTACKS:
+        raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name]
+
+
+def trigger_params(cfg: AttackConfig) -> dict:
+    """The attack's defaults overridden by `cfg.params`: the trigger actually used (and hashed into cache keys).
+
+    Unknown names are refused here, before any data is loaded or any model trained.
+    """
+    return attack_class(cfg.name).resolve_params(cfg.params)
+
+
 def build_attack(cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int) -> Attack:
     """Instantiate `cfg.name` from the registry; unknown names list the known ones."""
-    if cfg.name not in ATTACKS:
-        raise AttackError(f"unknown attack {cfg.name!r}; known: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[cfg.name](cfg, image_shape, num_classes)
+    return attack_class(cfg.name)(cfg, image_shape, num_classes)
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch's CPU RNG seeded to `seed`, and restore the caller's RNG state afterwards.
+
+    Module constructors (``nn.Linear``, ``nn.Conv2d``) draw their initial weights from the global CPU
+    RNG and take no generator, so seeding it is how a seed fixes a model's init; forking keeps that
+    seed from becoming process-wide state that later, unrelated code silently depends on. Only the
+    CPU generator is seeded (and restored): initialisation here happens on the CPU.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
 
 
 def default_epochs(name: str) -> int:

@@ -1,17 +1,25 @@
 """Make a backdoored model: D_val held out, poison, train, measure, and write model + record.
 
-Outputs in `out_dir` (named by attack, dataset, arch and seed):
+Outputs in `out_dir`, named ``<stem>-<hash>`` (:attr:`LabConfig.name`): a readable stem (attack,
+data set, arch, width, target, poison rate, seed, augmentation) and a short hash of every setting
+that can change the model or its record (:meth:`LabConfig.cache_config`), so a cached model is
+reused only for exactly the configuration that made it:
 ``<name>.safetensors`` (+ ``.json`` sidecar), ``<name>.record.json`` (what was done and measured),
-``<name>.trigger.safetensors`` (learned trigger state, when the attack has one) and
-``dval-<dataset>-<seed>.json`` (the defender's clean-set indices, shared by every defense).
+``<name>.trigger.safetensors`` (learned trigger state, when the attack has one),
+``reference-...-<hash>.safetensors`` (the clean model LC and Trojan fit against) and
+``dval-<dataset>-f<clean_fraction>-s<dval_seed>.json`` (the defender's clean-set indices; shared by
+every model made with the same split, whatever its attack seed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -20,10 +28,68 @@ from torch import nn
 
 from fip.io import load_model, save_model
 from fip.models import ModelSpec, build_model
-from lab.attacks import Attack, AttackConfig, InputAware, build_attack, default_epochs
-from lab.datasets import CleanSplit, ImageSet, clean_split, dataset_info, load_dataset, without
+from lab.attacks import (
+    Attack,
+    AttackConfig,
+    InputAware,
+    attack_class,
+    build_attack,
+    default_epochs,
+    seeded_global_rng,
+    trigger_params,
+)
+from lab.datasets import CleanSplit, DatasetError, ImageSet, clean_split, dataset_info, load_dataset, without
 from lab.metrics import evaluate_model
 from lab.train import TrainConfig, train_classifier
+
+# Bump when what goes into the key, or how a model is made from it, changes: every name changes with it.
+CACHE_SCHEME = 2
+HASH_CHARS = 10
+
+# LabConfig fields left out of the cache key, and why.
+NOT_IN_CACHE_KEY = {
+    "root": "where the data set's files lie, not which data set: the same data under another folder gives "
+            "the same model (a D_val file is never overwritten by a different split, see save_dval)",
+}
+
+
+def _canonical(value: object) -> object:
+    """JSON-ready form of a config: nested dataclasses as dicts, tuples as lists, ints in float fields as floats.
+
+    So that ``width=1`` and ``width=1.0`` (the same model) hash alike. Trigger parameters keep their
+    types: an attack may read them as it likes.
+    """
+    if is_dataclass(value) and not isinstance(value, type):
+        hints = typing.get_type_hints(type(value))
+        out = {}
+        for f in fields(value):
+            v = getattr(value, f.name)
+            hint = hints.get(f.name)
+            kinds = set(typing.get_args(hint)) | {hint}
+            if float in kinds and int not in kinds and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            out[f.name] = _canonical(v)
+        return out
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def short_hash(payload: object) -> str:
+    """A short, stable hash of a JSON-ready payload (key order does not matter)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def dval_file_name(dataset: str, clean_fraction: float, dval_seed: int) -> str:
+    """The D_val index file for one split: named by exactly what decides it (data set, fraction, split seed).
+
+    ``repr`` of the fraction round-trips the float, so two different fractions never share a name
+    (``:g`` would print 0.01 and 0.010000001 alike); the attack seed is not part of it, on purpose.
+    """
+    return f"dval-{dataset}-f{float(clean_fraction)!r}-s{int(dval_seed)}.json"
 
 
 @dataclass
@@ -48,10 +114,49 @@ class LabConfig:
 
     @property
     def stem(self) -> str:
+        """The readable part of the file names (not unique: see :attr:`name`)."""
         a = self.attack
         mode = "a2a" if a.all_to_all else f"t{a.target}"
         aug = f"-aug{self.train.augment_pad}" if self.train.augment_pad else ""
         return f"{a.name}-{self.dataset}-{self.arch}-w{self.width:g}-{mode}-p{a.poison_rate:g}-s{a.seed}{aug}"
+
+    def cache_config(self) -> dict:
+        """Every setting that can change the model or its record, normalised: the source of :attr:`config_hash`.
+
+        Trigger parameters are merged with the attack's defaults (spelling out a default is the same
+        model); settings the chosen attack ignores are blanked (the target under all-to-all
+        labelling, `reference_epochs` for attacks without a reference model); ``train_limit`` and
+        ``test_limit`` of 0 mean none. `test_limit` stays in: it does not change the weights, but
+        the record's ACC/ASR/RA are measured on that many test images, and a hit returns the record.
+        Fields in :data:`NOT_IN_CACHE_KEY` are left out. Unknown attacks or parameters raise here.
+        """
+        cls = attack_class(self.attack.name)
+        d = _canonical(self)
+        for name in NOT_IN_CACHE_KEY:
+            d.pop(name)
+        a = d["attack"]
+        a["params"] = _canonical(trigger_params(self.attack))
+        if a["all_to_all"]:
+            a["target"] = None
+        if not cls.needs_reference_model:
+            d["reference_epochs"] = None
+        d["train_limit"] = self.train_limit or None
+        d["test_limit"] = self.test_limit or None
+        d["scheme"] = CACHE_SCHEME
+        return d
+
+    @property
+    def config_hash(self) -> str:
+        return short_hash(self.cache_config())
+
+    @property
+    def name(self) -> str:
+        """The model's file name (without suffix): ``<stem>-<config_hash>``."""
+        return f"{self.stem}-{self.config_hash}"
+
+    @property
+    def dval_name(self) -> str:
+        return dval_file_name(self.dataset, self.clean_fraction, self.dval_seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,11 +168,22 @@ class BackdoorArtifacts:
     record_path: Path
     dval_path: Path
     record: dict
+    reused: bool = False  # True: a cached model with the same config hash was returned, nothing trained
+    config_hash: str = ""
 
 
 def model_spec(cfg: LabConfig, data: ImageSet) -> ModelSpec:
     c, h, _ = data.shape
     return ModelSpec(cfg.arch, data.num_classes, c, h, cfg.width)
+
+
+def seeded_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """`build_model(spec)` with its initial weights fixed by `seed`; the caller's global RNG is left as it was.
+
+    The weights equal those of ``torch.manual_seed(seed); build_model(spec)`` (what the lab did before).
+    """
+    with seeded_global_rng(seed):
+        return build_model(spec)
 
 
 def load_lab_data(cfg: LabConfig) -> tuple[ImageSet, ImageSet, CleanSplit]:
@@ -80,44 +196,85 @@ def load_lab_data(cfg: LabConfig) -> tuple[ImageSet, ImageSet, CleanSplit]:
     return train, test, clean_split(train, cfg.clean_fraction, cfg.dval_seed, cfg.dataset)
 
 
+def save_dval(split: CleanSplit, path: Path) -> Path:
+    """Write the D_val index file, refusing to replace one that holds a different split.
+
+    The name fixes data set, fraction and split seed; different indices under it mean the data
+    themselves differ (another `root`), and overwriting would silently change the D_val of every
+    model already made with that file.
+    """
+    try:
+        old = CleanSplit.load(path) if path.is_file() else None
+    except DatasetError:
+        old = None  # unreadable: rewrite it
+    if old is None:
+        return split.save(path)
+    if old.indices != split.indices:
+        raise DatasetError(f"{path} holds a different D_val (sha256 {old.digest}) than this split ({split.digest}): "
+                           "the data set differs from the one that wrote it; use another output folder")
+    return path
+
+
+def reference_cache_config(cfg: LabConfig) -> dict:
+    """What the clean reference model depends on: its data (D_val removed, limit), init seed and recipe."""
+    train = {**_canonical(cfg.train), "epochs": cfg.reference_epochs}
+    return {"scheme": CACHE_SCHEME, "dataset": cfg.dataset, "arch": cfg.arch, "width": float(cfg.width),
+            "init_seed": cfg.attack.seed, "train": train, "clean_fraction": float(cfg.clean_fraction),
+            "dval_seed": cfg.dval_seed, "train_limit": cfg.train_limit or None}
+
+
+def reference_path(cfg: LabConfig, out_dir: Path) -> Path:
+    stem = f"reference-{cfg.dataset}-{cfg.arch}-w{cfg.width:g}-s{cfg.attack.seed}-e{cfg.reference_epochs}"
+    return out_dir / f"{stem}-{short_hash(reference_cache_config(cfg))}.safetensors"
+
+
 def reference_model(cfg: LabConfig, train: ImageSet, out_dir: Path, progress: bool) -> nn.Module:
-    """A clean model for attacks that need one (cached beside the outputs)."""
+    """A clean model for attacks that need one (cached beside the outputs, keyed like the models)."""
     spec = model_spec(cfg, train)
-    path = out_dir / f"reference-{cfg.dataset}-{cfg.arch}-w{cfg.width:g}-s{cfg.attack.seed}-e{cfg.reference_epochs}.safetensors"
+    path = reference_path(cfg, out_dir)
     if path.is_file():
         return load_model(path).model
-    torch.manual_seed(cfg.attack.seed)
-    model = build_model(spec)
+    model = seeded_model(spec, cfg.attack.seed)
     tcfg = TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.reference_epochs})
     train_classifier(model, train, tcfg, progress=progress, desc="reference model")
-    save_model(model, spec, path, {"role": "clean reference", "epochs": cfg.reference_epochs})
+    save_model(model, spec, path, {"role": "clean reference", "epochs": cfg.reference_epochs,
+                                   "config_hash": short_hash(reference_cache_config(cfg))})
     return model
 
 
 def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = True, reuse: bool = True) -> BackdoorArtifacts:
-    """Run the attacker: returns the paths and the record (ACC/ASR/RA measured on the test set)."""
+    """Run the attacker: returns the paths and the record (ACC/ASR/RA measured on the test set).
+
+    With `reuse`, a model already made with the same config hash is returned as it is
+    (``reused=True``) and nothing is trained.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / f"{cfg.stem}.safetensors"
-    record_path = out_dir / f"{cfg.stem}.record.json"
+    config = cfg.cache_config()  # refuses unknown attacks and parameters before any work
+    chash = short_hash(config)
+    name = f"{cfg.stem}-{chash}"
+    model_path = out_dir / f"{name}.safetensors"
+    record_path = out_dir / f"{name}.record.json"
     if reuse and model_path.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
-        return BackdoorArtifacts(model_path, record_path, Path(record["dval_path"]), record)
+        if record.get("config_hash") == chash:
+            return BackdoorArtifacts(model_path, record_path, Path(record["dval_path"]), record, True, chash)
 
     start = time.perf_counter()
     full_train, test, split = load_lab_data(cfg)
-    dval_path = split.save(out_dir / f"dval-{cfg.dataset}-{cfg.dval_seed}.json")
+    dval_path = save_dval(split, out_dir / cfg.dval_name)
     train, _ = without(full_train, split)
     if cfg.train_limit:
         train = train.subset(range(min(cfg.train_limit, len(train))))
     attack = build_attack(cfg.attack, train.shape, train.num_classes)
+    ref_path = None
     if attack.needs_reference_model:
         attack.fit(train, reference_model(cfg, train, out_dir, progress))
+        ref_path = reference_path(cfg, out_dir)
     poisoned = attack.poison(train)
 
-    torch.manual_seed(cfg.train.seed)
     spec = model_spec(cfg, train)
-    model = build_model(spec)
+    model = seeded_model(spec, cfg.train.seed)
     extra = {}
     if isinstance(attack, InputAware):
         gen_opt = attack.optimizer()
@@ -128,7 +285,7 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
 
     trigger_path = None
     if attack.state_tensors():
-        trigger_path = out_dir / f"{cfg.stem}.trigger.safetensors"
+        trigger_path = out_dir / f"{name}.trigger.safetensors"
         save_file(attack.state_tensors(), str(trigger_path))
     record = {
         "attack": cfg.attack.name,
@@ -149,16 +306,20 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
         "ra": metrics["ra"],
         "seconds": round(seconds, 2),
         "train_seconds": round(stats["seconds"], 2),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model_path": str(model_path),
         "trigger_path": str(trigger_path) if trigger_path else None,
+        "reference_path": str(ref_path) if ref_path else None,
         "dval_path": str(dval_path),
         "dval_sha256_16": split.digest,
+        "config_hash": chash,
+        "cache_config": config,
         "lab_config": cfg.to_dict(),
         "versions": versions(),
     }
-    save_model(model, spec, model_path, {"attack_record": record_path.name, "attack": cfg.attack.name})
+    save_model(model, spec, model_path, {"attack_record": record_path.name, "attack": cfg.attack.name, "config_hash": chash})
     record_path.write_text(json.dumps(record, indent=2, default=str))
-    return BackdoorArtifacts(model_path, record_path, dval_path, record)
+    return BackdoorArtifacts(model_path, record_path, dval_path, record, False, chash)
 
 
 def attack_from_record(record: dict | str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Attack:

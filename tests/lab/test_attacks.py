@@ -164,3 +164,27 @@ def test_bad_attack_settings_are_named(kw, msg):
 def test_every_registered_attack_builds():
     for name in ATTACKS:
         assert _attack(name).name == name
+
+
+def test_input_aware_seeds_its_generator_without_touching_the_global_rng():
+    from lab.attacks import TriggerGenerator
+
+    torch.manual_seed(42)
+    before = torch.get_rng_state()
+    a = _attack("input-aware", seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(3)  # how the generator used to be seeded: same weights
+    old = TriggerGenerator(1, 16).state_dict()
+    new = a.generator_net.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    assert not torch.equal(_attack("input-aware", seed=4).generator_net.state_dict()["net.0.weight"], new["net.0.weight"])
+
+
+def test_trigger_params_merge_defaults_and_refuse_unknown_names():
+    from lab.attacks import trigger_params
+
+    assert trigger_params(AttackConfig("badnets", params={"size": 2})) == {"size": 2, "position": "bottom-right", "pattern": "white"}
+    with pytest.raises(AttackError, match=r"badnets: unknown parameter\(s\) \['colour'\]"):
+        trigger_params(AttackConfig("badnets", params={"colour": 1}))
+    with pytest.raises(AttackError, match="unknown attack 'nope'"):
+        trigger_params(AttackConfig("nope"))

@@ -23,7 +23,7 @@ data:
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; \
-	  else echo "Fashion-MNIST IDX files missing under $(FMNIST) and no apt-get: set FIP_FASHION_MNIST to their folder"; fi; \
+	  else echo "Fashion-MNIST IDX files missing under $(FMNIST) and no apt-get: pass their folder with --root"; fi; \
 	fi
 
 test: setup

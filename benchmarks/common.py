@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-RESULTS = Path(os.environ.get("FIP_RESULTS_DIR", ROOT / "results"))
-CACHE = Path(os.environ.get("FIP_CACHE", ROOT.parent / ".cache"))
+RESULTS = ROOT / "results"
+CACHE = ROOT.parent / ".cache"
 
 
-def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
-    """Write `results/<name>.json` and `results/<name>.md`; returns both paths."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+def write_results(name: str, payload: dict, markdown: str, results: Path = RESULTS) -> tuple[Path, Path]:
+    """Write `<results>/<name>.json` and `<results>/<name>.md`; returns both paths."""
+    results.mkdir(parents=True, exist_ok=True)
+    j, m = results / f"{name}.json", results / f"{name}.md"
     j.write_text(json.dumps(payload, indent=2, default=str))
     m.write_text(markdown)
     return j, m

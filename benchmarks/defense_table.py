@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import CACHE, markdown_table, write_results
+from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
 from fip.io import load_model
 from lab.attacks import ATTACKS, AttackConfig
 from lab.backdoor import LabConfig, attack_from_record, make_backdoored_model, versions
@@ -36,13 +37,13 @@ def lab_config(attack: str, quick: bool, dataset: str) -> LabConfig:
 
 
 def run(attacks: list[str], defenses: list[str], quick: bool = False, dataset: str = "fashion-mnist",
-        steps: int | None = None, progress: bool = True) -> dict:
+        steps: int | None = None, progress: bool = True, cache: Path = CACHE, results: Path = RESULTS) -> dict:
     rows: list[dict] = []
     test_full = load_dataset(dataset, "test")
     train_full = load_dataset(dataset, "train")
     for attack_name in attacks:
         cfg = lab_config(attack_name, quick, dataset)
-        art = make_backdoored_model(cfg, CACHE / ("lab-quick" if quick else "lab"), progress=progress)
+        art = make_backdoored_model(cfg, cache / ("lab-quick" if quick else "lab"), progress=progress)
         suspect = load_model(art.model_path).model
         attack = attack_from_record(art.record)
         split = CleanSplit.load(art.dval_path)
@@ -66,11 +67,11 @@ def run(attacks: list[str], defenses: list[str], quick: bool = False, dataset: s
             if progress:
                 print(f"{attack_name:>12} {name:>8}: ACC {100 * after['acc']:6.2f}  ASR {100 * after['asr']:6.2f}  "
                       f"RA {100 * after['ra']:6.2f}  DER {der:.3f}  {res.seconds:6.1f}s", flush=True)
-        summarise(rows, defenses, quick, dataset)  # partial tables after each attack: a long run loses nothing
-    return summarise(rows, defenses, quick, dataset)
+        summarise(rows, defenses, quick, dataset, results)  # partial tables after each attack: a long run loses nothing
+    return summarise(rows, defenses, quick, dataset, results)
 
 
-def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str) -> dict:
+def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str, results: Path = RESULTS) -> dict:
     means = {}
     for d in defenses:
         rs = [r for r in rows if r["defense"] == d]
@@ -104,7 +105,7 @@ def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str) 
     payload = {"dataset": dataset, "quick": quick, "rows": rows, "means": means, "ratios": ratios,
                "best_mean_der": best_der, "versions": versions()}
     name = f"defenses-{dataset}{'-quick' if quick else ''}"
-    write_results(name, payload, md)
+    write_results(name, payload, md, results)
     return payload
 
 

@@ -20,8 +20,9 @@ from benchmarks.common import markdown_table, write_results
 from fip.fisher import fisher_diag
 from fip.fisher import trainable_params as _tp
 from fip.models import ModelSpec, build_model
-from fip.purify import Purifier, PurifyConfig, augment_batch, prepare_model
+from fip.purify import Purifier, PurifyConfig, prepare_model
 from fip.spectral import count_trainable, to_spectral_shift
+from fip.training import augment_batch
 from lab.backdoor import versions
 
 

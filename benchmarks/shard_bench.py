@@ -17,6 +17,7 @@ from benchmarks.common import markdown_table, write_results
 from lab.backdoor import versions
 from lab.datasets import load_dataset
 from pipeline.shards import RankStream, open_shards, rank_loader, write_shards
+from pipeline.storage import Storage, StorageSettings
 
 
 def _rate(fn, n: int) -> float:
@@ -26,8 +27,8 @@ def _rate(fn, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def stream_count(spec: str, batch: int = 256) -> int:
-    return sum(len(y) for _, y, _ in rank_loader(RankStream(open_shards(spec), 0, 1), batch))
+def stream_count(spec: str, store: Storage | None = None, batch: int = 256) -> int:
+    return sum(len(y) for _, y, _ in rank_loader(RankStream(open_shards(spec, store), 0, 1), batch))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,7 +42,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     import socket
 
-    import boto3
     from moto.server import ThreadedMotoServer
 
     with socket.socket() as s:
@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> dict:
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    # moto accepts any credentials; boto3 reads them from the environment, as it would real ones
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ["FIP_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=os.environ["FIP_S3_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-    write_shards(data, "s3://bench/fmnist", maxcount=1000)
+    store = Storage(StorageSettings(s3_endpoint=f"http://127.0.0.1:{port}"))
+    store.s3_client().create_bucket(Bucket="bench")
+    write_shards(data, "s3://bench/fmnist", maxcount=1000, store=store)
     try:
         x = data.floats()
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         rates = {
             "in-memory": _rate(in_memory, args.samples),
             "local shards": _rate(lambda: stream_count(local), args.samples),
-            "S3 shards (loopback)": _rate(lambda: stream_count("s3://bench/fmnist"), args.samples),
+            "S3 shards (loopback)": _rate(lambda: stream_count("s3://bench/fmnist", store), args.samples),
         }
     finally:
         server.stop()

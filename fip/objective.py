@@ -1,4 +1,4 @@
-"""The FIP objective (METHOD.md, "The objective"):
+"""The FIP objective (docs/paper.md, "The objective"):
 
     L(theta) = CE(theta; D_val)
              + eta_F * Tr(F(theta))                                   # backdoor suppressor

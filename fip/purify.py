@@ -20,6 +20,7 @@ from torch import nn
 from fip.fisher import FisherDiag, FisherKind, Params, fisher_diag, trainable_params
 from fip.objective import TraceEstimator, fip_objective
 from fip.spectral import fold_spectral_shift, to_spectral_shift
+from fip.training import BatchSampler, check_choices, cosine_lr, derive_seed
 
 Method = Literal["fip", "fast-fip"]
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -27,7 +28,7 @@ Evaluator = Callable[[nn.Module], dict[str, float]]
 
 @dataclass
 class PurifyConfig:
-    """One FIP job's knobs; defaults follow the authors' CIFAR-10 script (METHOD.md, "Defaults").
+    """One FIP job's knobs; defaults follow the authors' CIFAR-10 script (docs/method.md, "Defaults").
 
     ``eta_f`` and ``eta_r`` are ours: calibrated on the lab's Fashion-MNIST models with the exact
     per-sample ``Tr(F)`` (whose magnitude differs from the authors' term); see docs/calibration.md.
@@ -57,14 +58,13 @@ class PurifyConfig:
     freeze_norm: bool = False  # keep norm layers' running statistics fixed while fine-tuning
     max_grad_norm: float = 5.0  # clip the total gradient norm (0: off); guards the curvature-driven trace term
     # Fast FIP on the lab's BadNets model: shifts alone at lr x1 left ASR at 99.9 %, x10 with norms 58.9 %
-    fast_train_norms: bool = True  # Fast FIP also tunes norm layers' affine weights (METHOD.md: an option)
+    fast_train_norms: bool = True  # Fast FIP also tunes norm layers' affine weights (the paper: an option)
     fast_lr_scale: float = 10.0  # Fast FIP's lr = lr * fast_lr_scale (shifts live on the singular-value scale)
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only at start and end
 
     def __post_init__(self) -> None:
-        if self.method not in ("fip", "fast-fip"):
-            raise ValueError(f"unknown method {self.method!r}; expected 'fip' or 'fast-fip'")
+        check_choices(self)
         for name in ("iterations", "batch_size", "trace_every", "trace_probes", "trace_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -76,6 +76,13 @@ class PurifyConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name in ("eval_every", "augment_pad"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fisher_samples is not None and self.fisher_samples < 1:
+            raise ValueError(f"fisher_samples must be >= 1 (or unset for all of D_val), got {self.fisher_samples}")
+        if self.fast_lr_scale <= 0:
+            raise ValueError(f"fast_lr_scale must be > 0, got {self.fast_lr_scale}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,26 +112,6 @@ def finalize_model(work: nn.Module, cfg: PurifyConfig) -> nn.Module:
     if cfg.method == "fast-fip":
         fold_spectral_shift(work)
     return work.eval()
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, crop_prob: float = 1.0) -> torch.Tensor:
-    """Random crop after zero padding (on a `crop_prob` share of the samples), plus random horizontal flip."""
-    b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    if crop_prob < 1.0:
-        keep = torch.rand(b, generator=generator) >= crop_prob
-        oy[keep], ox[keep] = pad, pad
-    # per-sample slices: the batched advanced-indexing version corrupts the heap on torch 2.13 CPU with 1 thread
-    out = torch.stack([padded[i, :, int(oy[i]) : int(oy[i]) + h, int(ox[i]) : int(ox[i]) + w] for i in range(b)])
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
-
-
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """Cosine decay from `base` at step 0 towards 0 at step `total`."""
-    return base * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
 def crop_prob_at(cfg: PurifyConfig, step: int) -> float:
@@ -171,7 +158,7 @@ class Purifier:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         # probes and sampled labels are seeded by (seed, rank, step): a resumed run draws the same ones
-        self.generator.manual_seed((cfg.seed * 1_000_003 + step) * 8191 + self.rank)
+        self.generator.manual_seed(derive_seed(cfg.seed, "objective", step, self.rank))
         with_trace = step % cfg.trace_every == 0
         teacher_logits = None
         if self.teacher is not None and crop_prob_at(cfg, step) == 0.0:  # the suspect is not trained on shifts
@@ -230,29 +217,6 @@ class PurifyResult:
     config: PurifyConfig | None = None
 
 
-class BatchSampler:
-    """Batches drawn with replacement from an in-memory set, optionally augmented; seeded."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, augment: bool = True,
-                 pad: int = 4) -> None:
-        if len(x) != len(y):
-            raise ValueError(f"clean set has {len(x)} inputs but {len(y)} labels")
-        if len(x) == 0:
-            raise ValueError("clean set D_val is empty")
-        if x.dim() != 4:
-            raise ValueError(f"clean inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("clean set D_val holds NaN or infinite pixel values")
-        self.x, self.y, self.batch_size, self.augment, self.pad = x, y, batch_size, augment, pad
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, crop_prob: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch; `crop_prob` is the share of it that is cropped (FIP's schedule: `crop_prob_at`)."""
-        idx = torch.randint(0, len(self.x), (self.batch_size,), generator=self.generator)
-        x, y = self.x[idx], self.y[idx]
-        return (augment_batch(x, self.generator, self.pad, crop_prob) if self.augment else x), y
-
-
 def estimate_fbar(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig, batch: int = 64) -> FisherDiag:
     """``Fbar = diag F(theta_b)`` on D_val (no augmentation), for the parameters being tuned."""
     n = len(x) if cfg.fisher_samples is None else min(cfg.fisher_samples, len(x))
@@ -266,8 +230,6 @@ def purify(
     clean_y: torch.Tensor,
     cfg: PurifyConfig | None = None,
     evaluate: Evaluator | None = None,
-    progress: bool = False,
-    on_step: Callable[[dict], None] | None = None,
 ) -> PurifyResult:
     """Purify `model` with FIP or Fast FIP on the clean set; the input model is not modified.
 
@@ -275,7 +237,6 @@ def purify(
     evaluations (``evaluate(model)`` at the start, every ``eval_every`` steps and at the end).
     """
     cfg = cfg or PurifyConfig()
-    torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     device = next(model.parameters()).device
     clean_x, clean_y = clean_x.to(device), clean_y.to(device)
@@ -293,24 +254,11 @@ def purify(
         result.evaluations.append(metrics)
 
     run_eval(0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.iterations, desc=f"{cfg.method}", unit="step")
     for step in range(cfg.iterations):
         x, y = sampler(crop_prob_at(cfg, step))
-        record = purifier.step(x, y)
-        result.history.append(record)
-        if on_step is not None:
-            on_step(record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(ce=f"{record['ce']:.3f}", **({"tr": f"{record['trace']:.3g}"} if "trace" in record else {}))
+        result.history.append(purifier.step(x, y))
         if cfg.eval_every and purifier.step_count % cfg.eval_every == 0 and purifier.step_count < cfg.iterations:
             run_eval(purifier.step_count)
-    if bar is not None:
-        bar.close()
     result.model = finalize_model(work, cfg)
     result.seconds = time.perf_counter() - start
     run_eval(cfg.iterations)

@@ -1,4 +1,4 @@
-"""Smoothness analysis of the loss surface (METHOD.md, "Why it works"), PyHessian-style.
+"""Smoothness analysis of the loss surface (docs/paper.md, "Why it works"), PyHessian-style.
 
 - ``lambda_max``: power iteration on Hessian-vector products.
 - ``Tr(H)``: Hutchinson's estimator ``E_v[v^T H v]`` with Rademacher ``v``, drawn until the standard

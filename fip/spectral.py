@@ -1,4 +1,4 @@
-"""Fast FIP: tune only a shift of each layer's singular values (METHOD.md, "Fast FIP").
+"""Fast FIP: tune only a shift of each layer's singular values (docs/paper.md, "Fast FIP").
 
 Each conv kernel (reshaped to ``out x (in*kh*kw)``) or linear weight is decomposed once,
 ``W = U diag(s) V^T``; the layer then computes with ``W' = U diag(relu(s + delta)) V^T`` where the

@@ -5,23 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fipcli import lab_cmds, method_cmds
+from fipcli import lab_cmds, method_cmds, pipeline_cmds
 
-COMMAND_MODULES = [lab_cmds, method_cmds]
-
-
-def _optional_modules():
-    """Commands from the pipeline/tuning/cluster layers, registered when those layers are present."""
-    import importlib
-
-    mods = []
-    for name in ("fipcli.pipeline_cmds", "fipcli.tuning_cmds", "fipcli.cluster_cmds"):
-        try:
-            mods.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-    return mods
+COMMAND_MODULES = (lab_cmds, method_cmds, pipeline_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fisher Information guided Purification of backdoored models (FIP, ACM CCS 2024).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for mod in COMMAND_MODULES + _optional_modules():
+    for mod in COMMAND_MODULES:
         mod.register(sub)
     return parser
 
@@ -43,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         if getattr(args, "debug", False):
             raise
         print(f"fip {args.command}: error: {e}", file=sys.stderr)

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import fields
+import os
+
+
+def _sections() -> dict[str, type]:
+    from pipeline.config import SECTIONS
+
+    return SECTIONS
+
+
+def add_store_flags(p: argparse.ArgumentParser) -> None:
+    from fipcli.config_flags import add_config_flags
+    from pipeline.storage import StorageSettings
+
+    add_config_flags(p, {"storage": StorageSettings})
+
+
+def store_from_args(args):
+    from fipcli.config_flags import config_overrides
+    from pipeline.config import build
+    from pipeline.storage import Storage, StorageSettings
+
+    return Storage(build(StorageSettings, config_overrides(args, {"storage": StorageSettings}).get("storage", {}),
+                         "storage"))
 
 
 def register(sub) -> None:
-    from fip.purify import PurifyConfig
+    from fipcli.config_flags import add_config_flags
+    from pipeline.config import preset_names
 
     p = sub.add_parser("shard", help="write a data set (or its D_val) as WebDataset tar shards, locally or to s3://")
     p.add_argument("source", help="data set name: fashion-mnist, cifar10, imagenet-folder, gtsrb, digits")
@@ -17,79 +41,52 @@ def register(sub) -> None:
     p.add_argument("--indices", default=None, help="a D_val index file: write only those samples")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    add_store_flags(p)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(handler=run_shard)
 
-    p = sub.add_parser("purify", help="Fisher + FIP fine-tuning through Ray Train, tracked in MLflow")
-    p.add_argument("--model", required=True, help="suspect model (.safetensors; local or s3://)")
-    p.add_argument("--clean", required=True, help="clean D_val shards: folder/prefix with manifest, or brace pattern")
-    p.add_argument("--test", default=None, help="clean test shards for ACC (and ASR/RA with --attack-record)")
-    p.add_argument("--attack-record", default=None, help="attack record JSON from `fip attack` (benchmark mode)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--threads-per-worker", type=int, default=1)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray, started if needed)")
-    p.add_argument("--work-dir", default="runs/jobs", help="job outputs: folder or s3:// prefix")
-    p.add_argument("--storage-path", default=None, help="Ray Train checkpoint storage (folder or s3://)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite runs/mlflow.db)")
-    p.add_argument("--experiment", default="fip")
-    p.add_argument("--register-as", default="fip-purified", help="registered model name ('' to skip)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable shards (counted) instead of failing")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
-    p.add_argument("--config", default=None, help="YAML file with purify settings (flags override it)")
-    add_purify_flags(p, PurifyConfig)
+    p = sub.add_parser(
+        "purify", help="Fisher + FIP fine-tuning through Ray Train, tracked in MLflow",
+        description="Settings are layered: built-in defaults < --preset < --config files (in order) < flags. "
+                    "MLFLOW_TRACKING_URI, when set, is the tracking URI unless a layer sets one.",
+    )
+    p.add_argument("--preset", default=None, choices=preset_names(),
+                   help="a shipped settings preset (pipeline/presets/*.yaml, each says where its numbers come from)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML with config sections (inputs, purify, resources, run, storage, tracking, analysis); repeatable")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_config_flags(p, _sections())
     p.add_argument("--debug", action="store_true")
     p.set_defaults(handler=run_purify)
 
-    p = sub.add_parser("models", help="list, fetch and promote purified models in the MLflow registry")
-    p.add_argument("--tracking-uri", default=None)
+    tracking = argparse.ArgumentParser(add_help=False)
+    tracking.add_argument("--tracking-uri", dest="tracking_uri_sub", default=argparse.SUPPRESS,
+                          help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite runs/mlflow.db)")
+    p = sub.add_parser("models", help="list, fetch and promote purified models in the MLflow registry",
+                       parents=[tracking])
     msub = p.add_subparsers(dest="models_command", required=True)
-    q = msub.add_parser("list", help="registered models, versions, aliases and tags")
+    q = msub.add_parser("list", help="registered models, versions, aliases and tags", parents=[tracking])
     q.set_defaults(handler=run_models_list)
-    q = msub.add_parser("get", help="download NAME[@ALIAS] (or NAME/VERSION) as safetensors")
+    q = msub.add_parser("get", help="download NAME[@ALIAS] (or NAME/VERSION) as safetensors, checking its SHA-256",
+                        parents=[tracking])
     q.add_argument("ref")
     q.add_argument("-o", "--output", required=True)
     q.set_defaults(handler=run_models_get)
-    q = msub.add_parser("promote", help="point ALIAS at NAME's VERSION")
+    q = msub.add_parser("promote", help="point ALIAS at NAME's VERSION", parents=[tracking])
     q.add_argument("name")
     q.add_argument("version")
     q.add_argument("alias")
     q.set_defaults(handler=run_models_promote)
+    p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("demo", help="the main job on embedded defaults: lab BadNets model -> shards -> Ray FIP -> MLflow")
     p.add_argument("--out", default="runs", help="where data, models, shards and the MLflow store go")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None)
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--method", default=None, choices=["fip", "fast-fip"])
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(handler=run_demo)
-
-
-def add_purify_flags(p, cls) -> None:
-    """One flag per PurifyConfig field (the dataclass is the single source of truth)."""
-    g = p.add_argument_group("FIP settings (PurifyConfig)")
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        # a None default says nothing of the type: read it from the annotation ("float | None")
-        kind = type(f.default) if f.default is not None else (float if "float" in str(f.type) else int)
-        if kind is bool:
-            g.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
-        else:
-            g.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
-
-
-def purify_config_from_args(args, base: dict | None = None):
-    from fip.purify import PurifyConfig
-
-    values = dict(base or {})
-    for f in fields(PurifyConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
-    return PurifyConfig(**values)
 
 
 def run_shard(args) -> int:
@@ -98,6 +95,7 @@ def run_shard(args) -> int:
     from lab.datasets import CleanSplit, load_dataset
     from pipeline.shards import write_shards
 
+    store = store_from_args(args)
     data = load_dataset(args.source, args.split, args.root)
     indices = np.arange(len(data))
     meta = {}
@@ -110,48 +108,50 @@ def run_shard(args) -> int:
     if args.limit:
         indices = indices[: args.limit]
     subset = data.subset(indices)
-    m = write_shards(subset, args.dest, args.maxcount, indices, args.source, args.split, meta, progress=True)
+    m = write_shards(subset, args.dest, args.maxcount, indices, args.source, args.split, meta, progress=True, store=store)
     print(json.dumps({"dest": args.dest, "count": m.count, "shards": len(m.shards)}))
     return 0
 
 
+def job_config_from_args(args):
+    """The layered job config from --preset, --config files and flags (and MLFLOW_TRACKING_URI)."""
+    from fipcli.config_flags import config_overrides
+    from pipeline.config import load_job_config, merge
+
+    overrides = config_overrides(args, _sections())
+    cfg = load_job_config(args.preset, args.config, overrides)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if cfg.tracking.tracking_uri is None and env_uri:
+        cfg = cfg.replace(tracking=merge(vars(cfg.tracking), {"tracking_uri": env_uri}))
+    return cfg
+
+
 def run_purify(args) -> int:
-    from pipeline.job import JobConfig, run_job
+    from pipeline.driver import run_job
 
-    base = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            base = yaml.safe_load(f) or {}
-    cfg = JobConfig(
-        model=args.model, clean=args.clean, test=args.test, attack_record=args.attack_record,
-        purify=purify_config_from_args(args, base), workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, threads_per_worker=args.threads_per_worker, address=args.address,
-        work_dir=args.work_dir, storage_path=args.storage_path, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, register_as=args.register_as or None, checkpoint_every=args.checkpoint_every,
-        max_failures=args.max_failures, skip_corrupt=args.skip_corrupt,
-        s3_endpoint=args.s3_endpoint,
-    )
+    cfg = job_config_from_args(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     result = run_job(cfg)
     print(json.dumps({"run_id": result.run_id, "model_uri": result.model_uri, "purified": str(result.purified_path),
                       **{k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}}))
     return 0
 
 
-def _tracking(args) -> None:
-    from pipeline import tracking
+def tracker_from_args(args, create: bool = False):
+    """The MLflow store a `fip models` command reads: --tracking-uri, MLFLOW_TRACKING_URI, else ./runs/mlflow.db."""
+    from pipeline.tracking import Tracker, default_tracking_uri
 
-    tracking.configure(args.tracking_uri)
+    uri = getattr(args, "tracking_uri_sub", None) or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("runs/jobs")
+    return Tracker(uri, create=create)
 
 
 def run_models_list(args) -> int:
-    from pipeline import tracking
-
-    _tracking(args)
-    rows = tracking.list_models()
+    tracker = tracker_from_args(args)
+    rows = tracker.list_models()
     if not rows:
-        print("no registered models")
+        print(f"no registered models in {tracker.uri}")
     for r in rows:
         tags = r["tags"]
         print(f"{r['name']}  v{r['version']}  aliases={','.join(r['aliases']) or '-'}  method={tags.get('method', '?')}  "
@@ -160,19 +160,13 @@ def run_models_list(args) -> int:
 
 
 def run_models_get(args) -> int:
-    from pipeline import tracking
-
-    _tracking(args)
-    out = tracking.download_safetensors(args.ref, args.output)
+    out = tracker_from_args(args).download_safetensors(args.ref, args.output)
     print(out)
     return 0
 
 
 def run_models_promote(args) -> int:
-    from pipeline import tracking
-
-    _tracking(args)
-    tracking.promote(args.name, args.version, args.alias)
+    tracker_from_args(args).promote(args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
     return 0
 
@@ -180,6 +174,10 @@ def run_models_promote(args) -> int:
 def run_demo(args) -> int:
     from pipeline.demo import run_demo as demo
 
-    overrides = {k: v for k, v in {"iterations": args.iterations, "method": args.method}.items() if v is not None}
-    demo(args.out, workers=args.workers, purify_overrides=overrides)
+    overrides: dict = {}
+    for section, key, value in (("resources", "workers", args.workers), ("purify", "iterations", args.iterations),
+                                ("purify", "method", args.method), ("purify", "seed", args.seed)):
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    demo(args.out, overrides=overrides)
     return 0

@@ -1,4 +1,4 @@
-"""Backdoor attacks, one registry by name, BackdoorBench's defaults as ours (METHOD.md).
+"""Backdoor attacks, one registry by name, BackdoorBench's defaults as ours (docs/paper.md).
 
 An attack turns a clean training set into a poisoned one (:meth:`Attack.poison`) and a clean
 image into a triggered one (:meth:`Attack.apply`). Images are floats in ``[0, 1]``; poisoned

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FASHION_MNIST_ROOT = os.environ.get("FIP_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".webp"}
@@ -105,7 +104,7 @@ def read_fashion_mnist(root: str | Path = FASHION_MNIST_ROOT, split: str = "trai
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(
-            f"Fashion-MNIST folder {root} does not exist: install Debian's dataset-fashion-mnist or set FIP_FASHION_MNIST"
+            f"Fashion-MNIST folder {root} does not exist: install Debian's dataset-fashion-mnist or pass its folder as the root"
         )
     prefix = {"train": "train", "test": "t10k"}[_split(split)]
     images = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))

@@ -2,7 +2,8 @@
 
 Fashion-MNIST -> D_val and test shards -> a BadNets model from the lab (cached) -> Fisher + FIP
 through Ray Train with 2 workers -> evaluation -> MLflow run + registered model -> a short table and
-one final line of JSON.
+one final line of JSON. The FIP settings are the ``demo`` preset (pipeline/presets/demo.yaml), which
+says where they come from; the job itself is the same :func:`pipeline.driver.run_job` the CLI runs.
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ import json
 import time
 from pathlib import Path
 
-from fip.purify import PurifyConfig
 from lab.attacks import AttackConfig
 from lab.backdoor import LabConfig, make_backdoored_model
 from lab.datasets import CleanSplit, load_dataset
-from pipeline.job import JobConfig, run_job
+from pipeline.config import load_job_config, merge
+from pipeline.driver import run_job
 from pipeline.shards import MANIFEST, write_shards
 
-# FIP settings calibrated through this demo on the lab's Fashion-MNIST BadNets model (docs/calibration.md,
-# rounds 3 and 4): crop for the first 40 % of the run, then re-fit un-shifted images with a lighter anchor
-# and our distillation term (eta_kl, not in the paper). PurifyConfig's defaults stay the paper's objective,
-# as the defense table measured it.
-DEMO_PURIFY = dict(iterations=300, crop_until=0.4, eta_r=0.5, eta_kl=1.0)
+DEMO_PRESET = "demo"
 
 
 def _shards(data, dest: Path, indices, dataset: str, split: str, meta: dict | None = None) -> str:
@@ -32,8 +29,8 @@ def _shards(data, dest: Path, indices, dataset: str, split: str, meta: dict | No
     return str(dest)
 
 
-def run_demo(out: str | Path = "runs", workers: int = 2, purify_overrides: dict | None = None,
-             lab: LabConfig | None = None) -> dict:
+def run_demo(out: str | Path = "runs", overrides: dict | None = None, lab: LabConfig | None = None) -> dict:
+    """The demo end to end; `overrides` are config sections on top of the ``demo`` preset."""
     out = Path(out)
     t0 = time.perf_counter()
     print("[demo] 1/4 backdoored model: BadNets on Fashion-MNIST (PreActResNet-18 x0.125; cached after the first run)")
@@ -49,20 +46,19 @@ def run_demo(out: str | Path = "runs", workers: int = 2, purify_overrides: dict 
                     "fashion-mnist", "train", {"dval_sha256_16": split.digest})
     test_dir = _shards(test, out / "shards" / "fashion-mnist-test", None, "fashion-mnist", "test")
 
-    print(f"[demo] 3/4 Fisher + FIP through Ray Train with {workers} workers, tracked in MLflow")
-    pcfg = PurifyConfig(**{**DEMO_PURIFY, **(purify_overrides or {})})
-    if not pcfg.eval_every:
-        pcfg.eval_every = max(pcfg.iterations // 3, 1)
-    job = JobConfig(model=str(art.model_path), clean=clean, test=test_dir, attack_record=str(art.record_path),
-                    purify=pcfg, workers=workers, work_dir=str(out / "jobs"),
-                    eval_samples=2000, checkpoint_every=100, register_as="fip-purified")
-    result = run_job(job)
+    inputs = {"inputs": {"model": str(art.model_path), "clean": clean, "test": test_dir,
+                         "attack_record": str(art.record_path)},
+              "run": {"work_dir": str(out / "jobs")}}
+    cfg = load_job_config(DEMO_PRESET, overrides=merge(inputs, overrides or {}))
+    print(f"[demo] 3/4 Fisher + FIP through Ray Train with {cfg.resources.workers} workers, tracked in MLflow")
+    result = run_job(cfg)
     m = result.metrics
 
     print("[demo] 4/4 results")
     rows = [("", "ACC %", "ASR %", "RA %"),
             ("suspect", f"{100 * m['acc_before']:.2f}", f"{100 * m['asr_before']:.2f}", f"{100 * m['ra_before']:.2f}"),
-            (f"{pcfg.method} purified", f"{100 * m['acc_after']:.2f}", f"{100 * m['asr_after']:.2f}", f"{100 * m['ra_after']:.2f}")]
+            (f"{cfg.purify.method} purified", f"{100 * m['acc_after']:.2f}", f"{100 * m['asr_after']:.2f}",
+             f"{100 * m['ra_after']:.2f}")]
     for r in rows:
         print(f"  {r[0]:<14}{r[1]:>8}{r[2]:>8}{r[3]:>8}")
     seconds = time.perf_counter() - t0

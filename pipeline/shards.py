@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fip.training import generator
 from lab.datasets import ImageSet, decode_png, encode_png
-from pipeline import storage
+from pipeline.storage import Storage, StorageError, join
 
 MANIFEST = "manifest.json"
 SHARD_NAME = "{:06d}.tar"
@@ -91,8 +92,10 @@ def write_shards(
     split: str = "",
     meta: dict | None = None,
     progress: bool = False,
+    store: Storage | None = None,
 ) -> ShardManifest:
     """Write `data` as tar shards of at most `maxcount` samples to a folder or s3:// prefix."""
+    store = store or Storage()
     if len(data) == 0:
         raise ShardError(f"refusing to write shards of an empty data set to {dest}")
     if maxcount < 1:
@@ -111,7 +114,7 @@ def write_shards(
         rows = np.arange(start, min(start + maxcount, len(data)))
         payload = _shard_bytes(data, rows, indices)
         name = SHARD_NAME.format(n)
-        storage.write_bytes(storage.join(dest, name), payload)
+        store.write_bytes(join(dest, name), payload)
         infos.append(ShardInfo(name, len(rows), hashlib.sha256(payload).hexdigest()))
         if bar is not None:
             bar.update(len(rows))
@@ -120,7 +123,7 @@ def write_shards(
     manifest = ShardManifest(dataset or data.name, split, list(data.classes), list(data.shape), len(data), infos,
                              {"indices_sha256_16": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest()[:16],
                               **(meta or {})})
-    storage.write_bytes(storage.join(dest, MANIFEST), manifest.to_json().encode())
+    store.write_bytes(join(dest, MANIFEST), manifest.to_json().encode())
     return manifest
 
 
@@ -145,6 +148,7 @@ class ShardSource:
 
     urls: list[str]
     manifest: ShardManifest
+    store: Storage = field(default_factory=Storage)
 
     @property
     def counts(self) -> list[int]:
@@ -156,21 +160,22 @@ class ShardSource:
         return sum(self.counts)
 
 
-def open_shards(spec: str) -> ShardSource:
+def open_shards(spec: str, store: Storage | None = None) -> ShardSource:
     """Resolve a folder/prefix holding ``manifest.json``, or a brace pattern beside one."""
+    store = store or Storage()
     spec = str(spec)
     if spec.endswith(".tar") or "{" in spec:
         base = spec.rsplit("/", 1)[0] if "/" in spec else "."
         urls = expand_braces(spec)
     else:
         base, urls = spec.rstrip("/"), None
-    manifest_url = storage.join(base, MANIFEST)
+    manifest_url = join(base, MANIFEST)
     try:
-        manifest = ShardManifest.from_json(storage.read_bytes(manifest_url).decode(), manifest_url)
-    except storage.StorageError as e:
+        manifest = ShardManifest.from_json(store.read_bytes(manifest_url).decode(), manifest_url)
+    except StorageError as e:
         raise ShardError(f"no shard manifest at {manifest_url} ({e}); write shards with `fip shard`") from e
     if urls is None:
-        urls = [storage.join(base, s.name) for s in manifest.shards]
+        urls = [join(base, s.name) for s in manifest.shards]
     known = {s.name: s for s in manifest.shards}
     for u in urls:
         name = u.rsplit("/", 1)[-1]
@@ -180,7 +185,7 @@ def open_shards(spec: str) -> ShardSource:
             raise ShardError(f"shard {u} is empty (0 samples in the manifest)")
     if not urls:
         raise ShardError(f"{spec}: no shards to read")
-    return ShardSource(urls, manifest)
+    return ShardSource(urls, manifest, store)
 
 
 # ---------------------------------------------------------------- reading
@@ -190,15 +195,15 @@ class ReadStats:
     skipped_shards: list[str] = field(default_factory=list)
 
 
-def _iter_shard(url: str, channels: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+def _iter_shard(url: str, channels: int, store: Storage) -> Iterator[tuple[torch.Tensor, int, int]]:
     """Decoded (image uint8, label, source index) of one shard, in order; errors name the shard."""
     import tarfile
 
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     try:
-        stream = storage.open_read(url)
-    except storage.StorageError as e:
+        stream = store.open_read(url)
+    except StorageError as e:
         raise ShardError(f"cannot open shard {url}: {e}") from e
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
@@ -235,7 +240,7 @@ def iter_range(
         if lo < hi:
             seen = 0
             try:
-                for pos, sample in enumerate(_iter_shard(url, channels)):
+                for pos, sample in enumerate(_iter_shard(url, channels, source.store)):
                     seen = pos + 1
                     if pos >= count:
                         raise ShardError(f"shard {url} holds more samples than its manifest count {count}")
@@ -293,26 +298,22 @@ class RankStream(IterableDataset):
             raise ShardError(f"rank {self.rank} of {self.world} has no samples: {self.source.total} samples in total")
         # positions [lo, hi) of this rank's padded sequence; those past `real` repeat earlier samples
         real_lo, real_hi = self.start + min(lo, real), self.start + min(hi, real)
-        items = self._items(real_lo, real_hi)
-        pads = [(p - real) % real for p in range(max(lo, real), hi)]
-        stream = self._padded(items, pads)
+        stream = self._padded(real_lo, real_hi, hi - lo)
         return self._shuffled(stream) if self.shuffle else stream
 
-    def _items(self, a: int, b: int) -> Iterator[tuple[torch.Tensor, int, bool]]:
+    def _padded(self, a: int, b: int, length: int) -> Iterator[tuple[torch.Tensor, int, bool]]:
+        """Samples at positions [a, b), then padding (repeats of the first ones, flagged) up to `length`.
+
+        Skipped (corrupt) samples are replaced by padding too, so every rank yields its full length."""
+        first: list = []
         produced = 0
         for img, label, _ in iter_range(self.source, a, b, self.skip_corrupt, self.stats):
-            produced += 1
-            yield img.float() / 255.0, label, False
-        # skipped (corrupt) samples are replaced by padding so every rank still yields its full length
-        self._short = (b - a) - produced
-
-    def _padded(self, items, pads: list[int]) -> Iterator[tuple[torch.Tensor, int, bool]]:
-        first: list = []
-        for item in items:
+            item = (img.float() / 255.0, label, False)
             if len(first) < 64:
                 first.append(item)
+            produced += 1
             yield item
-        need = len(pads) + getattr(self, "_short", 0)
+        need = length - produced
         if need and not first:
             first = [(img.float() / 255.0, label, False) for img, label, _ in
                      iter_range(self.source, self.start, min(self.stop, self.start + 64), self.skip_corrupt)]
@@ -325,7 +326,7 @@ class RankStream(IterableDataset):
     def _shuffled(self, stream):
         info = get_worker_info()
         wid = info.id if info is not None else 0
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 997 + self.rank) * 101 + wid)
+        g = generator(self.seed, "shuffle", self.epoch, self.rank, wid)
         buf: list = []
         for item in stream:
             buf.append(item)

@@ -1,273 +1,173 @@
-"""The distributed stages, as functions that run inside each Ray Train worker (or in-process).
+"""The stages, as functions that run inside each Ray Train worker (or in-process).
+
+Every stage takes Ray's ``train_loop_config``, ``{"context": StageContext}``: the job's config as it
+is, plus what the driver resolved once (run name, where the Fisher goes, the attack record). It
+reports its metrics and the files it produced as the checkpoint of its last ``report``; the driver
+keeps each file and logs it. To add a stage, write its function here and add one line to
+``pipeline.driver.STAGES``.
 
 - :func:`fisher_stage`: each rank sums per-sample squared gradients over its share of the clean
   shards; sums and counts are all-reduced; rank 0 writes ``Fbar``. The suspect model is also
   evaluated on the test shards (ACC, and ASR/RA in benchmark mode).
-- :func:`purify_stage`: FIP / Fast FIP fine-tuning with DDP over the workers, checkpoints through
-  ``ray.train.report``, resume from the latest checkpoint, periodic and final evaluation.
-
-Both take a plain dict (Ray's ``train_loop_config``) built from :class:`StageConfig`. Without a
-process group (one worker, or ``ScalingConfig(num_workers=0)``) the collectives are skipped.
+- :func:`purify_stage`: FIP / Fast FIP fine-tuning with DDP over the workers, checkpoints, resume
+  from the latest checkpoint, periodic and final evaluation.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
-from fip.io import load_model
-from fip.purify import Purifier, PurifyConfig, augment_batch, crop_prob_at, finalize_model, prepare_model
+from fip.io import LoadedModel, load_model, save_model
+from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, prepare_model
+from fip.training import augment_batch, generator
+from lab.attacks import Attack
 from lab.backdoor import attack_from_record
-from pipeline import storage
+from pipeline.config import JobConfig
+from pipeline.evaluation import evaluate_shards
 from pipeline.shards import RankStream, ShardSource, open_shards, rank_loader
+from pipeline.storage import Storage
+from pipeline.workers import (
+    all_reduce_sum,
+    broadcast_,
+    checkpoint,
+    device,
+    log,
+    report,
+    restore,
+    sync_buffers,
+    world,
+    wrap_ddp,
+)
 
 
 @dataclass
-class StageConfig:
-    """Everything a worker needs; plain data so it travels in Ray's train_loop_config."""
+class StageContext:
+    """What every worker receives: the job's config unchanged, and the driver's resolved paths and record."""
 
-    model_url: str
-    clean: str
-    test: str | None
+    job: JobConfig
+    run_name: str
     fisher_url: str
-    purify: dict
+    cache_dir: str
     attack_record: dict | None = None
-    attack_tensors: dict | None = None
-    threads_per_worker: int = 1
-    loader_workers: int = 0
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    eval_samples: int | None = 2000
-    skip_corrupt: bool = False
-    log_every: int = 10
-    fail_at_step: int | None = None  # fault injection for tests: the last rank dies here once
-    s3_endpoint: str | None = None
-    cache_dir: str = field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "fip-cache"))
+    attack_tensors: dict = field(default_factory=dict)  # a learned trigger, shipped with the record
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @cached_property
+    def store(self) -> Storage:
+        return Storage(self.job.storage)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> StageConfig:
-        return cls(**d)
+    def attack(self) -> Attack | None:
+        return attack_from_record(self.attack_record, self.attack_tensors) if self.attack_record else None
 
+    def suspect(self) -> LoadedModel:
+        return load_model(self.store.fetch(self.job.inputs.model, self.cache_dir))
 
-# ---------------------------------------------------------------- worker context
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    def test_shards(self) -> ShardSource | None:
+        return open_shards(self.job.inputs.test, self.store) if self.job.inputs.test else None
+
+    def evaluate(self, model, limit: int | None = None) -> dict[str, float]:
+        test = self.test_shards()
+        if test is None:
+            return {}
+        return evaluate_shards(model, test, self.attack(), limit, self.job.run.skip_corrupt,
+                               self.job.resources.loader_workers)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def _context(config: dict) -> StageContext:
+    ctx: StageContext = config["context"]
+    torch.set_num_threads(ctx.job.resources.threads_per_worker)
+    return ctx
 
 
-def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(t, src)
-    return t
-
-
-def sync_buffers(model: nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics).
-
-    DDP broadcasts them only at the start of each forward, so after the last step every rank holds
-    statistics updated with its own batch. Each rank evaluates its share of the test shards, so
-    without this the reported metrics mix models that differ from the one rank 0 saves.
-    """
-    for buf in model.buffers():
-        broadcast_(buf)
-
-
-def log(msg: str) -> None:
-    """Progress from rank 0 (Ray forwards worker stdout to the driver)."""
-    if world()[0] == 0:
-        print(f"[fip] {msg}", flush=True)
-
-
-def _setup(cfg: StageConfig) -> None:
-    torch.set_num_threads(max(1, cfg.threads_per_worker))
-    if cfg.s3_endpoint:
-        os.environ["FIP_S3_ENDPOINT_URL"] = cfg.s3_endpoint
-
-
-def fetch(url: str, cache_dir: str) -> Path:
-    """A local copy of a model or Fisher file (S3 objects are downloaded once per worker node)."""
-    if not storage.is_s3(url):
-        return Path(url.removeprefix("file://"))
-    local = Path(cache_dir) / url.removeprefix("s3://")
-    if not local.is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(local.name + f".{os.getpid()}.part")
-        tmp.write_bytes(storage.read_bytes(url))
-        tmp.replace(local)
-        sidecar = url.rsplit(".", 1)[0] + ".json"
-        if storage.exists(sidecar):
-            local.with_suffix(".json").write_bytes(storage.read_bytes(sidecar))
-    return local
-
-
-def _device() -> torch.device:
-    try:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    except Exception:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ---------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_shards(model: nn.Module, cfg: StageConfig, limit: int | None = None, batch_size: int = 256) -> dict[str, float]:
-    """ACC (and ASR/RA with an attack record) over this rank's share of the test shards, all-reduced."""
-    if not cfg.test:
-        return {}
-    rank, size = world()
-    attack = attack_from_record(cfg.attack_record, cfg.attack_tensors) if cfg.attack_record else None
-    stream = RankStream(open_shards(cfg.test), rank, size, skip_corrupt=cfg.skip_corrupt, limit=limit)
-    device = next(model.parameters()).device
-    counts = torch.zeros(4, dtype=torch.float64)  # correct, total, attack hits, attack total(+ra below)
-    ra_hits = torch.zeros(1, dtype=torch.float64)
-    was = model.training
-    model.eval()
-    for x, y, pad in rank_loader(stream, batch_size, cfg.loader_workers):
-        keep = ~pad
-        x, y = x[keep], y[keep]
-        if len(y) == 0:
-            continue
-        counts[0] += float((model(x.to(device)).argmax(1).cpu() == y).sum())
-        counts[1] += len(y)
-        if attack is not None:
-            targets = attack.target_of(y)
-            mask = targets != y
-            if mask.any():
-                preds = model(attack.trigger_floats(x[mask]).to(device)).argmax(1).cpu()
-                counts[2] += float((preds == targets[mask]).sum())
-                counts[3] += int(mask.sum())
-                ra_hits[0] += float((preds == y[mask]).sum())
-    model.train(was)
-    all_reduce_sum(counts)
-    all_reduce_sum(ra_hits)
-    out = {"acc": float(counts[0] / max(counts[1], 1))}
-    if attack is not None:
-        out["asr"] = float(counts[2] / max(counts[3], 1))
-        out["ra"] = float(ra_hits[0] / max(counts[3], 1))
-    return out
-
-
-def _in_ray_train() -> bool:
-    """Whether this code runs inside a Ray Train worker (else: in-process use, no reporting)."""
-    try:
-        import ray.train
-
-        ray.train.get_context()
-        return True
-    except Exception:  # ImportError, or Ray's error for "not in a training session"
-        return False
-
-
-def _report(metrics: dict, files: dict[str, bytes] | None = None) -> None:
-    """ray.train.report on every rank (same number of calls); rank 0 attaches a checkpoint folder."""
-    if not _in_ray_train():
-        return
-    import ray.train
-    from ray.train import Checkpoint
-
-    if files is not None and world()[0] == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in files.items():
-                (Path(tmp) / name).write_bytes(data)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+def _percent(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items())
 
 
 # ---------------------------------------------------------------- stage 1: Fisher
 def fisher_stage(config: dict) -> dict:
     """Diagonal Fisher of the (prepared) suspect model over the clean shards; rank 0 writes it."""
-    cfg = StageConfig.from_dict(config)
-    _setup(cfg)
+    ctx = _context(config)
+    job, pcfg = ctx.job, ctx.job.purify
     rank, size = world()
-    pcfg = PurifyConfig(**cfg.purify)
     start = time.perf_counter()
-    suspect = load_model(fetch(cfg.model_url, cfg.cache_dir)).model.to(_device())
+    suspect = ctx.suspect().model.to(device())
     work = prepare_model(suspect, pcfg)
     params = trainable_params(work)
     est = FisherDiag.zeros_like(params, pcfg.fisher_kind)
-    stream = RankStream(open_shards(cfg.clean), rank, size, skip_corrupt=cfg.skip_corrupt, limit=pcfg.fisher_samples)
-    generator = torch.Generator().manual_seed(pcfg.seed * 7919 + rank)
-    for x, y, pad in rank_loader(stream, 64, cfg.loader_workers):
-        x, y = x[~pad].to(_device()), y[~pad].to(_device())
+    stream = RankStream(open_shards(job.inputs.clean, ctx.store), rank, size, skip_corrupt=job.run.skip_corrupt,
+                        limit=pcfg.fisher_samples)
+    labels = generator(pcfg.seed, "fisher-labels", rank)
+    for x, y, pad in rank_loader(stream, 64, job.resources.loader_workers):
+        x, y = x[~pad].to(device()), y[~pad].to(device())
         if len(y):
-            est.add_(squared_grad_sums(work, x, y, pcfg.fisher_kind, params, generator=generator), len(y))
-    count = torch.tensor([float(est.count)], dtype=torch.float64)
-    all_reduce_sum(count)
+            est.add_(squared_grad_sums(work, x, y, pcfg.fisher_kind, params, generator=labels), len(y))
+    count = all_reduce_sum(torch.tensor([float(est.count)], dtype=torch.float64))
     for t in est.sums.values():
         all_reduce_sum(t)
     est.count = int(count.item())
     if est.count == 0:
-        raise ValueError(f"no clean samples reached the Fisher estimate from {cfg.clean}")
+        raise ValueError(f"no clean samples reached the Fisher estimate from {job.inputs.clean}")
     log(f"Fisher over {est.count} clean samples on {size} worker(s): Tr(Fbar) = {est.trace():.4g} "
         f"({time.perf_counter() - start:.1f}s)")
-    before = evaluate_shards(suspect, cfg)
+    before = ctx.evaluate(suspect)
     if before:
-        log("suspect model: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in before.items()))
+        log("suspect model: " + _percent(before))
     metrics = {"fisher_count": est.count, "fisher_trace": est.trace(), "skipped_samples": stream.stats.skipped,
                "fisher_seconds": time.perf_counter() - start, **{f"{k}_before": v for k, v in before.items()}}
+    files = None
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            path = est.save(Path(tmp) / "fisher.safetensors")
-            storage.write_bytes(cfg.fisher_url, path.read_bytes())
-    _report(metrics, {"metrics.json": json.dumps(metrics).encode()})
+            data = est.save(Path(tmp) / "fisher.safetensors").read_bytes()
+        ctx.store.write_bytes(ctx.fisher_url, data)
+        files = {"fisher.safetensors": data, "metrics.json": json.dumps(metrics).encode()}
+    report(metrics, files)
     return metrics
 
 
 # ---------------------------------------------------------------- stage 2: FIP fine-tuning
-def _step_batches(cfg: StageConfig, pcfg: PurifyConfig, rank: int, size: int, first_step: int):
+def step_batches(ctx: StageContext, rank: int, size: int, first_step: int):
     """Endless (step, x, y) over this rank's clean shards, epoch after epoch, from `first_step` on."""
+    pcfg, job = ctx.job.purify, ctx.job
     if pcfg.batch_size % size:
         raise ValueError(f"global batch {pcfg.batch_size} is not divisible by {size} workers")
     local = pcfg.batch_size // size
-    source: ShardSource = open_shards(cfg.clean)
-    stream = RankStream(source, rank, size, shuffle=True, seed=pcfg.seed, skip_corrupt=cfg.skip_corrupt)
+    stream = RankStream(open_shards(job.inputs.clean, ctx.store), rank, size, shuffle=True, seed=pcfg.seed,
+                        skip_corrupt=job.run.skip_corrupt)
     per_epoch = max(1, len(stream) // local)
     step = first_step
     epoch, skip = divmod(first_step, per_epoch)
     while True:
         stream.set_epoch(epoch)
-        for i, (x, y, _pad) in enumerate(rank_loader(stream, local, cfg.loader_workers)):
+        for i, (x, y, _pad) in enumerate(rank_loader(stream, local, job.resources.loader_workers)):
             if i >= per_epoch:
                 break  # drop the short tail batch: every step has the full global batch
             if i < skip:
                 continue
             if pcfg.augment:
-                g = torch.Generator().manual_seed((pcfg.seed * 1_000_003 + step) * 131 + rank)
-                x = augment_batch(x, g, pcfg.augment_pad, crop_prob_at(pcfg, step))
+                x = augment_batch(x, generator(pcfg.seed, "augment", step, rank), pcfg.augment_pad,
+                                  crop_prob_at(pcfg, step))
             yield step, x, y
             step += 1
         skip = 0
         epoch += 1
 
 
-def _load_fbar(cfg: StageConfig, params: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+def _load_fbar(ctx: StageContext, params: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     """Rank 0 reads Fbar and broadcasts it, so every rank regularises towards the same weights."""
     if rank == 0:
-        fisher = FisherDiag.load(fetch(cfg.fisher_url, cfg.cache_dir))
+        fisher = FisherDiag.load(ctx.store.fetch(ctx.fisher_url, ctx.cache_dir))
         missing = set(params) - set(fisher.sums)
         if missing:
-            raise ValueError(f"Fisher file {cfg.fisher_url} lacks {sorted(missing)[:3]}: estimated for another model?")
+            raise ValueError(f"Fisher file {ctx.fisher_url} lacks {sorted(missing)[:3]}: estimated for another model?")
         fbar = {n: t.to(params[n].device) for n, t in fisher.mean().items() if n in params}
     else:
         fbar = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
@@ -276,111 +176,71 @@ def _load_fbar(cfg: StageConfig, params: dict[str, torch.Tensor], rank: int) -> 
     return fbar
 
 
+def _fault_injection(ctx: StageContext, step: int, resumed: bool, rank: int, size: int) -> None:
+    """Tests only (``run.fail_at_step``): the last rank dies once, with no cleanup, as a crashed worker would."""
+    if ctx.job.run.fail_at_step == step and not resumed and rank == size - 1:
+        time.sleep(5)  # let the controller's health check (every 2 s) see the worker alive first
+        print(f"[fip] fault injection: rank {rank} exits at step {step}", flush=True)
+        os._exit(1)
+
+
 def purify_stage(config: dict) -> dict:
     """FIP / Fast FIP with DDP over the Ray Train workers; resumes from the latest checkpoint."""
-    cfg = StageConfig.from_dict(config)
-    _setup(cfg)
+    ctx = _context(config)
+    pcfg: PurifyConfig = ctx.job.purify
+    run = ctx.job.run
     rank, size = world()
-    pcfg = PurifyConfig(**cfg.purify)
-    device = _device()
-    suspect = load_model(fetch(cfg.model_url, cfg.cache_dir))
-    work = prepare_model(suspect.model.to(device), pcfg)
-    fbar = _load_fbar(cfg, trainable_params(work), rank)
-    ddp = _wrap_ddp(work)
-    purifier = Purifier(work, fbar, pcfg, logits_fn=ddp, rank=rank)
-    history, evaluations = [], []
-    resumed = _restore(purifier)
+    dev = device()
+    suspect = ctx.suspect()
+    work = prepare_model(suspect.model.to(dev), pcfg)
+    fbar = _load_fbar(ctx, trainable_params(work), rank)
+    purifier = Purifier(work, fbar, pcfg, logits_fn=wrap_ddp(work), rank=rank)
+    logs: dict = {"history": [], "evaluations": [], "seconds": 0.0}
+    resumed = restore()
     if resumed is not None:
-        history, evaluations = resumed
+        state, logs = resumed
+        purifier.load_state_dict(state)
         log(f"resumed from checkpoint at step {purifier.step_count}")
-    start = time.perf_counter()
-    first_step = purifier.step_count
-    for step, x, y in _step_batches(cfg, pcfg, rank, size, purifier.step_count):
+    start, first_step = time.perf_counter(), purifier.step_count
+
+    def elapsed() -> float:  # over every attempt, not only this one
+        return logs["seconds"] + time.perf_counter() - start
+
+    for step, x, y in step_batches(ctx, rank, size, purifier.step_count):
         if step >= pcfg.iterations:
             break
-        if cfg.fail_at_step is not None and step == cfg.fail_at_step and resumed is None and rank == size - 1:
-            # a real crash comes long after the last checkpoint: give the controller's health check (every 2 s)
-            # time to register it, then die without cleanup
-            time.sleep(5)
-            print(f"[fip] fault injection: rank {rank} exits at step {step}", flush=True)
-            os._exit(1)
-        record = purifier.step(x.to(device), y.to(device))
-        history.append(record)
+        _fault_injection(ctx, step, resumed is not None, rank, size)
+        record = purifier.step(x.to(dev), y.to(dev))
+        logs["history"].append(record)
         done = purifier.step_count
-        if done % cfg.log_every == 0 or done == pcfg.iterations:
+        if done % run.log_every == 0 or done == pcfg.iterations:
             rate = (done - first_step) / max(time.perf_counter() - start, 1e-9)
             log(f"step {done}/{pcfg.iterations} ce {record['ce']:.4f} total {record['total']:.4f}"
-                + (f" trace {record['trace']:.4g}" if "trace" in record else "") + f" ({rate:.2f} steps/s)")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < pcfg.iterations:
+                + (f" trace {record['trace']:.4g}" if "trace" in record else "")
+                + f" ({rate:.2f} steps/s, {(pcfg.iterations - done) / max(rate, 1e-9):.0f}s left)")
+        if pcfg.eval_every and done % pcfg.eval_every == 0 and done < pcfg.iterations:
             sync_buffers(work)
-            snapshot = finalize_model(_copy_for_eval(work), pcfg)
-            metrics = evaluate_shards(snapshot, cfg, limit=cfg.eval_samples)
-            evaluations.append({"step": done, **metrics})
-            log(f"eval at step {done}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items()))
-        if done % cfg.checkpoint_every == 0 and done < pcfg.iterations:
-            _checkpoint(purifier, history, evaluations, {"step": done, **{k: v for k, v in record.items() if k != "step"}})
+            metrics = ctx.evaluate(finalize_model(copy.deepcopy(work), pcfg), limit=run.eval_samples)
+            logs["evaluations"].append({"step": done, **metrics})
+            log(f"eval at step {done}: " + _percent(metrics))
+        if done % run.checkpoint_every == 0 and done < pcfg.iterations:
+            checkpoint(purifier.state_dict(), {**logs, "seconds": elapsed()},
+                       {"step": done, **{k: v for k, v in record.items() if k != "step"}})
     sync_buffers(work)
     purified = finalize_model(work, pcfg)
-    after = evaluate_shards(purified, cfg)
+    after = ctx.evaluate(purified)
     if after:
-        evaluations.append({"step": pcfg.iterations, **after})
-        log("purified model: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in after.items()))
-    metrics = {"step": purifier.step_count, "purify_seconds": time.perf_counter() - start,
-               **{f"{k}_after": v for k, v in after.items()}}
+        logs["evaluations"].append({"step": pcfg.iterations, **after})
+        log("purified model: " + _percent(after))
+    logs["seconds"] = elapsed()
+    metrics = {"step": purifier.step_count, "purify_seconds": logs["seconds"], **{f"{k}_after": v for k, v in after.items()}}
     files = None
     if rank == 0:
-        from fip.io import save_model
-
         with tempfile.TemporaryDirectory() as tmp:
             path = save_model(purified.cpu(), suspect.spec, Path(tmp) / "purified.safetensors",
-                              {"source_sha256": suspect.sha256, "method": pcfg.method})
+                              {"source_sha256": suspect.sha256, "method": pcfg.method, "run_name": ctx.run_name})
             files = {"purified.safetensors": path.read_bytes(), "purified.json": path.with_suffix(".json").read_bytes(),
-                     "history.json": json.dumps({"history": history, "evaluations": evaluations}).encode(),
-                     "metrics.json": json.dumps(metrics).encode()}
-    _report(metrics, files)
+                     "history.json": json.dumps(logs).encode(), "metrics.json": json.dumps(metrics).encode()}
+    report(metrics, files)
     return metrics
 
-
-def _wrap_ddp(model: nn.Module) -> nn.Module:
-    """``ray.train.torch.prepare_model`` (DDP) inside Ray Train with several workers; else the model."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return model
-    import ray.train.torch
-
-    return ray.train.torch.prepare_model(model, move_to_device=False)
-
-
-def _copy_for_eval(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
-def _checkpoint(purifier: Purifier, history: list, evaluations: list, metrics: dict) -> None:
-    files = None
-    if world()[0] == 0:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(purifier.state_dict(), buf)
-        files = {"state.pt": buf.getvalue(), "history.json": json.dumps({"history": history, "evaluations": evaluations}).encode()}
-    _report(metrics, files)
-
-
-def _restore(purifier: Purifier) -> tuple[list, list] | None:
-    """Load the latest checkpoint into every rank's purifier (this run's own files: weights_only)."""
-    if not _in_ray_train():
-        return None
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        state_path = Path(d) / "state.pt"
-        if not state_path.is_file():
-            return None
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        logs = json.loads((Path(d) / "history.json").read_text())
-    purifier.load_state_dict(state)
-    return logs["history"], logs["evaluations"]

@@ -1,8 +1,9 @@
-"""Local paths and ``s3://bucket/key`` URLs behind one small interface, with retries for S3.
+"""Local paths and ``s3://bucket/key`` URLs behind one small handle, with retries for S3.
 
-The S3 endpoint is configurable (``FIP_S3_ENDPOINT_URL`` or the standard ``AWS_ENDPOINT_URL``), so
-any S3-compatible store works: AWS, MinIO, Ceph, or moto's server in the tests. Transient S3 errors
-are retried with exponential backoff; the final error names the URL.
+A :class:`Storage` is bound to its :class:`StorageSettings` (endpoint, retries), so two jobs in one
+process can read two different S3 endpoints. Any S3-compatible store works: AWS, MinIO, Ceph, or
+moto's server in the tests. Transient S3 errors are retried with exponential backoff; the final
+error names the URL.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -35,107 +37,141 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def endpoint_url() -> str | None:
-    return os.environ.get("FIP_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where S3 lives and how hard to retry; passed to every reader and writer, never read from the
+    environment. Credentials are not settings: boto3 finds them (environment, profile, instance role)."""
+
+    s3_endpoint: str | None = None  # None: AWS itself, or boto3's own AWS_ENDPOINT_URL
+    s3_retries: int = 4
+    s3_retry_delay: float = 0.2  # seconds before the first retry; doubles after each
+
+    def __post_init__(self) -> None:
+        if self.s3_retries < 1:
+            raise ValueError(f"s3_retries must be >= 1, got {self.s3_retries}")
+        if self.s3_retry_delay < 0:
+            raise ValueError(f"s3_retry_delay must be >= 0, got {self.s3_retry_delay}")
+        if self.s3_endpoint is not None and not self.s3_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"s3_endpoint must be an http(s):// URL, got {self.s3_endpoint!r}")
 
 
-_CLIENTS: dict[str | None, object] = {}
+class Storage:
+    """Local paths and ``s3://`` objects through one handle bound to its settings (and its own client)."""
 
+    def __init__(self, settings: StorageSettings | None = None) -> None:
+        self.settings = settings or StorageSettings()
+        self._client = None
 
-def s3_client():
-    """A boto3 S3 client for the configured endpoint (cached per process)."""
-    ep = endpoint_url()
-    if ep not in _CLIENTS:
-        import boto3
-        from botocore.config import Config
+    def __getstate__(self) -> dict:  # travels to Ray workers without its client
+        return {"settings": self.settings}
 
-        _CLIENTS[ep] = boto3.client(
-            "s3",
-            endpoint_url=ep,
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60),
-        )
-    return _CLIENTS[ep]
+    def __setstate__(self, state: dict) -> None:
+        self.settings, self._client = state["settings"], None
 
+    def s3_client(self):
+        """A boto3 S3 client for this store's endpoint (created once per handle)."""
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
 
-def with_retries(what: str, fn: Callable[[], T], attempts: int = 4, base_delay: float = 0.2) -> T:
-    """Call `fn`, retrying transient errors with exponential backoff; the last error names `what`."""
-    from botocore.exceptions import BotoCoreError, ClientError
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.settings.s3_endpoint,
+                config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+            )
+        return self._client
 
-    last: Exception | None = None
-    for attempt in range(attempts):
+    def with_retries(self, what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
+        """Call `fn`, retrying transient errors with exponential backoff; the last error names `what`."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        attempts = attempts or self.settings.s3_retries
+        last: Exception | None = None
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
+                    raise StorageError(f"{what}: {code}") from e
+                last = e
+            except (BotoCoreError, OSError) as e:
+                last = e
+            if attempt < attempts - 1:
+                time.sleep(self.settings.s3_retry_delay * 2**attempt)
+        raise StorageError(f"{what}: failed after {attempts} attempts: {last}") from last
+
+    def open_read(self, url: str) -> BinaryIO:
+        """A binary stream for a local path or an S3 object (streamed, not downloaded first)."""
+        url = str(url)
+        if is_s3(url):
+            bucket, key = split_s3(url)
+            return self.with_retries(f"reading {url}", lambda: self.s3_client().get_object(Bucket=bucket, Key=key)["Body"])
+        path = Path(url.removeprefix("file://"))
+        if not path.is_file():
+            raise StorageError(f"{url}: no such file")
+        return open(path, "rb")
+
+    def read_bytes(self, url: str) -> bytes:
+        url = str(url)
+        if is_s3(url):
+            bucket, key = split_s3(url)
+            return self.with_retries(f"reading {url}",
+                                     lambda: self.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+        with self.open_read(url) as f:
+            return f.read()
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        url = str(url)
+        if is_s3(url):
+            bucket, key = split_s3(url)
+            self.with_retries(f"writing {url}", lambda: self.s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+            return
+        path = Path(url.removeprefix("file://"))
         try:
-            return fn()
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
-                raise StorageError(f"{what}: {code}") from e
-            last = e
-        except (BotoCoreError, OSError) as e:
-            last = e
-        time.sleep(base_delay * 2**attempt)
-    raise StorageError(f"{what}: failed after {attempts} attempts: {last}") from last
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except OSError as e:
+            raise StorageError(f"writing {url}: {e}") from e
 
+    def exists(self, url: str) -> bool:
+        if is_s3(url):
+            bucket, key = split_s3(url)
+            try:
+                self.with_retries(f"checking {url}", lambda: self.s3_client().head_object(Bucket=bucket, Key=key),
+                                  attempts=2)
+                return True
+            except StorageError:
+                return False
+        return Path(str(url).removeprefix("file://")).exists()
 
-def open_read(url: str) -> BinaryIO:
-    """A binary stream for a local path or an S3 object (streamed, not downloaded first)."""
-    url = str(url)
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        body = with_retries(f"reading {url}", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"])
-        return body  # botocore StreamingBody: read(n), close()
-    path = Path(url.removeprefix("file://"))
-    if not path.is_file():
-        raise StorageError(f"{url}: no such file")
-    return open(path, "rb")
-
-
-def read_bytes(url: str) -> bytes:
-    url = str(url)
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        return with_retries(f"reading {url}", lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
-    with open_read(url) as f:
-        return f.read()
-
-
-def write_bytes(url: str, data: bytes) -> None:
-    url = str(url)
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        with_retries(f"writing {url}", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
-        return
-    path = Path(url.removeprefix("file://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def upload_file(local: str | Path, url: str) -> None:
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        with_retries(f"uploading to {url}", lambda: s3_client().upload_file(str(local), bucket, key))
-    else:
-        write_bytes(url, Path(local).read_bytes())
+    def fetch(self, url: str, cache_dir: str | Path) -> Path:
+        """A local copy of a model or Fisher file and its JSON sidecar (S3 objects downloaded once per node)."""
+        if not is_s3(url):
+            return Path(url.removeprefix("file://"))
+        local = Path(cache_dir) / url.removeprefix("s3://")
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(local.name + f".{os.getpid()}.part")
+            tmp.write_bytes(self.read_bytes(url))
+            tmp.replace(local)
+            sidecar = url.rsplit(".", 1)[0] + ".json"
+            if self.exists(sidecar):
+                local.with_suffix(".json").write_bytes(self.read_bytes(sidecar))
+        return local
 
 
 def join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 
 
-def exists(url: str) -> bool:
-    if is_s3(url):
-        bucket, key = split_s3(url)
-        try:
-            with_retries(f"checking {url}", lambda: s3_client().head_object(Bucket=bucket, Key=key), attempts=2)
-            return True
-        except StorageError:
-            return False
-    return Path(str(url).removeprefix("file://")).exists()
+def register_webdataset_s3(store: Storage) -> None:
+    """Let plain ``webdataset.WebDataset("s3://...")`` read through `store` (webdataset has no s3 opener).
 
-
-def register_webdataset_s3() -> None:
-    """Let plain ``webdataset.WebDataset("s3://...")`` read through boto3 (webdataset has no s3 opener)."""
+    This edits webdataset's own opener table, so it is for scripts that use webdataset directly;
+    the pipeline reads shards through :class:`Storage` and never calls it."""
     import sys
 
     import webdataset  # noqa: F401  (makes webdataset.gopen importable)
@@ -145,7 +181,7 @@ def register_webdataset_s3() -> None:
     def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192):
         if mode[0] != "r":
             raise StorageError(f"webdataset s3 opener is read-only, asked for mode {mode!r} on {url}")
-        return io.BufferedReader(_RawBody(open_read(url)), buffer_size=max(bufsize, 1 << 16))
+        return io.BufferedReader(_RawBody(store.open_read(url)), buffer_size=max(bufsize, 1 << 16))
 
     gopen.gopen_schemes["s3"] = gopen_s3
 

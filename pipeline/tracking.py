@@ -1,14 +1,17 @@
-"""MLflow: one run per purification, the purified model in the registry, and retrieval by alias.
+"""MLflow through one client bound to one store, and an explicit run id on every call.
 
-Embedded default: a SQLite store ``runs/mlflow.db`` and artifacts under ``runs/mlartifacts`` in the
-working directory; any tracking URI via ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``.
+Nothing here sets MLflow's process-wide tracking or registry URI or relies on an active run, so two
+jobs with two stores can log from one process at the same time. The embedded default store is
+SQLite beside the job's work folder (``runs/mlflow.db`` with artifacts in ``runs/mlartifacts`` for
+the default ``runs/jobs``).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,40 +19,23 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from fip.io import file_sha256
+from pipeline.storage import is_s3
+
 SAFETENSORS_ARTIFACT = "purified/model.safetensors"
-DEFAULT_MODEL_NAME = "fip-purified"
 
 
-def default_tracking_uri(root: str | Path = "runs") -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+class TrackingError(ValueError):
+    """The MLflow store or a registry reference cannot be used; the message says where it looked."""
 
 
-def configure(tracking_uri: str | None = None, artifact_root: str | Path = "runs/mlartifacts") -> str:
-    """Point MLflow at `tracking_uri` (or the embedded default); returns the URI used."""
-    import mlflow
-
-    uri = tracking_uri or default_tracking_uri(Path(artifact_root).parent)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return uri
+def local_root(work_dir: str) -> Path:
+    """The folder that holds the embedded store: the parent of a local work folder, else ./runs."""
+    return Path("runs").resolve() if is_s3(work_dir) else Path(work_dir).resolve().parent
 
 
-def ensure_experiment(name: str, artifact_root: str | Path = "runs/mlartifacts") -> str:
-    """The experiment id, creating it with an absolute artifact location for SQLite stores."""
-    import mlflow
-
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = Path(artifact_root).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+def default_tracking_uri(work_dir: str) -> str:
+    return f"sqlite:///{local_root(work_dir) / 'mlflow.db'}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -63,60 +49,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_history(history: Iterable[dict], evaluations: Iterable[dict]) -> None:
-    """Per-step loss terms (and trace when computed) plus evaluation metrics, batched."""
-    import time
-
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    now = int(time.time() * 1000)
-    metrics = []
-    for rec in history:
-        step = int(rec["step"])
-        metrics += [Metric(k, float(v), now, step) for k, v in rec.items() if k != "step"]
-    for ev in evaluations:
-        metrics += [Metric(f"eval_{k}", float(v), now, int(ev["step"])) for k, v in ev.items() if k != "step"]
-    for i in range(0, len(metrics), 900):
-        client.log_batch(run_id, metrics=metrics[i : i + 900])
-
-
-def plot_curves(history: list[dict], evaluations: list[dict], path: Path) -> Path:
-    """Loss terms per step, and ACC/ASR at each evaluation, to one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [h["step"] for h in history]
-    for key in ("ce", "total"):
-        a.plot(steps, [h[key] for h in history], label=key, lw=0.8)
-    tr = [(h["step"], h["trace"]) for h in history if "trace" in h]
-    if tr:
-        a2 = a.twinx()
-        a2.plot(*zip(*tr, strict=True), color="tab:red", lw=0.8, label="Tr(F)")
-        a2.set_ylabel("Tr(F)")
-    a.set_xlabel("step")
-    a.set_title("FIP loss terms")
-    a.legend(loc="upper left")
-    for key in ("acc", "asr", "ra"):
-        pts = [(e["step"], 100 * e[key]) for e in evaluations if key in e]
-        if pts:
-            b.plot(*zip(*pts, strict=True), marker="o", label=key.upper())
-    b.set_xlabel("step")
-    b.set_ylabel("%")
-    b.set_ylim(-2, 102)
-    b.set_title("ACC / ASR during purification")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 @dataclass
 class Registered:
     name: str
@@ -124,115 +56,195 @@ class Registered:
     model_uri: str
 
 
-def register_purified(
-    model: nn.Module,
-    safetensors_path: Path,
-    input_shape: tuple[int, ...],
-    name: str,
-    tags: dict[str, str],
-    alias: str = "candidate",
-) -> Registered:
-    """Log the model (MLflow pytorch flavour, pt2 with an input example) plus our safetensors file,
-    register a new version under `name` with `tags`, and point `alias` at it."""
+def _requirements() -> list[str]:
+    """What loading the logged model needs, stated rather than inferred (inference is slow and warns
+    about torch's local version label)."""
     import mlflow
+    import torch
 
-    mlflow.log_artifact(str(safetensors_path), artifact_path="purified")
-    sidecar = safetensors_path.with_suffix(".json")
-    if sidecar.is_file():
-        mlflow.log_artifact(str(sidecar), artifact_path="purified")
-    example = np.zeros((1, *input_shape), dtype=np.float32)
-    model = model.cpu().eval()
-    info = mlflow.pytorch.log_model(model, name="model", input_example=example, registered_model_name=name,
-                                    await_registration_for=60)
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for k, v in {**tags, "safetensors_artifact": f"purified/{safetensors_path.name}"}.items():
-        client.set_model_version_tag(name, version, k, str(v))
-    client.set_registered_model_alias(name, alias, version)
-    return Registered(name, version, f"models:/{name}@{alias}")
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
 
 
-# ---------------------------------------------------------------- retrieval
-def list_models() -> list[dict]:
-    import mlflow
+class Tracker:
+    """One MLflow store (tracking and registry at the same URI), used through an explicit client.
 
-    client = mlflow.MlflowClient()
-    rows = []
-    for rm in client.search_registered_models():
-        # version search results do not carry aliases (SQL store); the registered model's map does
-        by_version: dict[str, list[str]] = {}
-        for alias, version in (rm.aliases or {}).items():
-            by_version.setdefault(str(version), []).append(alias)
-        for mv in client.search_model_versions(f"name='{rm.name}'"):
-            rows.append({"name": rm.name, "version": mv.version, "aliases": sorted(by_version.get(str(mv.version), [])),
-                         "run_id": mv.run_id, "tags": dict(mv.tags or {})})
-    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+    `create` is False for commands that only read: an absent SQLite file is then an error naming the
+    path, not a new empty store.
+    """
 
+    def __init__(self, uri: str, artifact_root: str | Path | None = None, create: bool = True) -> None:
+        from mlflow import MlflowClient
 
-def resolve_version(ref: str):
-    """``NAME`` (latest version), ``NAME@ALIAS`` or ``NAME/VERSION`` to an MLflow ModelVersion."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+        if uri.startswith("sqlite:///") and not create:
+            path = Path(uri.removeprefix("sqlite:///"))
+            if not path.is_file():
+                raise TrackingError(f"no MLflow store at {path} (tracking URI {uri}); pass --tracking-uri")
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.uri = uri
+        self.artifact_root = Path(artifact_root) if artifact_root else None
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
-    client = mlflow.MlflowClient()
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
-        if "/" in ref:
-            name, version = ref.split("/", 1)
-            return client.get_model_version(name, version)
-        versions = client.search_model_versions(f"name='{ref}'")
-    except MlflowException as e:
-        raise ValueError(f"no registered model matches {ref!r}: {e.message}") from e
-    if not versions:
-        raise ValueError(f"no registered model named {ref!r}")
-    return max(versions, key=lambda v: int(v.version))
+    # ------------------------------------------------------------ runs
+    def experiment_id(self, name: str) -> str:
+        """The experiment's id, created with an absolute artifact folder for SQLite stores."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:") and self.artifact_root is not None:
+            location = self.artifact_root.resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
 
+    def start_run(self, experiment: str, run_name: str, params: dict, tags: dict,
+                  parent_run_id: str | None = None) -> str:
+        from mlflow.entities import Param
 
-def download_safetensors(ref: str, out: str | Path) -> Path:
-    """Fetch the purified safetensors file (and sidecar) behind a registry reference to `out`."""
-    import shutil
+        all_tags = dict(tags)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+                                     tags={k: str(v) for k, v in all_tags.items()})
+        run_id = run.info.run_id
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+        return run_id
 
-    import mlflow
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
 
-    mv = resolve_version(ref)
-    artifact = (mv.tags or {}).get("safetensors_artifact", SAFETENSORS_ARTIFACT)
-    out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=artifact.rsplit("/", 1)[0], dst_path=tmp))
-        src = local / artifact.rsplit("/", 1)[1]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, out)
-        if src.with_suffix(".json").is_file():
-            shutil.copyfile(src.with_suffix(".json"), out.with_suffix(".json"))
-    return out
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
 
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        from mlflow.entities import Metric
 
-def promote(name: str, version: str, alias: str) -> None:
-    import mlflow
-    from mlflow.exceptions import MlflowException
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i : i + 900])
 
-    try:
-        mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
-    except MlflowException as e:
-        raise ValueError(f"cannot set alias {alias!r} on {name} version {version}: {e.message}") from e
+    def log_history(self, run_id: str, history: Iterable[dict], evaluations: Iterable[dict]) -> None:
+        """Per-step loss terms (and the trace when computed) plus the evaluations, batched."""
+        from mlflow.entities import Metric
 
+        now = int(time.time() * 1000)
+        metrics = []
+        for rec in history:
+            metrics += [Metric(k, float(v), now, int(rec["step"])) for k, v in rec.items() if k != "step"]
+        for ev in evaluations:
+            metrics += [Metric(f"eval_{k}", float(v), now, int(ev["step"])) for k, v in ev.items() if k != "step"]
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 900])
 
-def write_json_artifact(obj: dict, name: str) -> None:
-    import mlflow
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / name
-        p.write_text(json.dumps(obj, indent=2, default=str))
-        mlflow.log_artifact(str(p))
+    def log_json(self, run_id: str, obj: dict, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(json.dumps(obj, indent=2, default=str))
+            self.client.log_artifact(run_id, str(p))
 
+    # ------------------------------------------------------------ registry
+    def register(self, run_id: str, model: nn.Module, safetensors_path: Path, input_shape: tuple[int, ...],
+                 name: str, tags: dict[str, str], aliases: Iterable[str] = ("candidate",)) -> Registered:
+        """Log the model (MLflow's pytorch flavour, any batch size) and our safetensors file, register a
+        new version under `name` with `tags` and the file's SHA-256, and point `aliases` at it."""
+        import mlflow.pytorch
+        from mlflow.exceptions import MlflowException
 
-def model_hash(model: nn.Module) -> str:
-    import hashlib
+        self.client.log_artifact(run_id, str(safetensors_path), "purified")
+        sidecar = safetensors_path.with_suffix(".json")
+        if sidecar.is_file():
+            self.client.log_artifact(run_id, str(sidecar), "purified")
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
 
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+        # the batch dimension is -1 in the signature (that is what MLflow exports as dynamic), and the
+        # example's batch is 2, not 1: torch.export keeps a size-1 dimension static
+        example = np.zeros((2, *input_shape), dtype=np.float32)
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pytorch.save_model(model.cpu().eval(), str(Path(tmp) / "model"), input_example=example,
+                                      signature=signature, pip_requirements=_requirements())
+            self.client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        mv = self.client.create_model_version(name, source, run_id=run_id)
+        version = str(mv.version)
+        all_tags = {**tags, "safetensors_artifact": f"purified/{safetensors_path.name}",
+                    "safetensors_sha256": file_sha256(safetensors_path)}
+        for k, v in all_tags.items():
+            self.client.set_model_version_tag(name, version, k, str(v))
+        for alias in aliases:
+            self.client.set_registered_model_alias(name, alias, version)
+        first = next(iter(aliases), None)
+        return Registered(name, version, f"models:/{name}@{first}" if first else f"models:/{name}/{version}")
+
+    def list_models(self) -> list[dict]:
+        rows = []
+        for rm in self.client.search_registered_models():
+            # version search results do not carry aliases (SQL store); the registered model's map does
+            by_version: dict[str, list[str]] = {}
+            for alias, version in (rm.aliases or {}).items():
+                by_version.setdefault(str(version), []).append(alias)
+            for mv in self.client.search_model_versions(f"name='{rm.name}'"):
+                rows.append({"name": rm.name, "version": mv.version, "aliases": sorted(by_version.get(str(mv.version), [])),
+                             "run_id": mv.run_id, "tags": dict(mv.tags or {})})
+        return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+    def resolve_version(self, ref: str):
+        """``NAME`` (latest version), ``NAME@ALIAS`` or ``NAME/VERSION`` (``models:/`` optional) to a ModelVersion."""
+        from mlflow.exceptions import MlflowException
+
+        ref = ref.removeprefix("models:/")
+        try:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                return self.client.get_model_version_by_alias(name, alias)
+            if "/" in ref:
+                name, version = ref.split("/", 1)
+                return self.client.get_model_version(name, version)
+            versions = self.client.search_model_versions(f"name='{ref}'")
+        except MlflowException as e:
+            raise TrackingError(f"no registered model matches {ref!r} in {self.uri}: {e.message}") from e
+        if not versions:
+            raise TrackingError(f"no registered model named {ref!r} in {self.uri}")
+        return max(versions, key=lambda v: int(v.version))
+
+    def download_safetensors(self, ref: str, out: str | Path) -> Path:
+        """Fetch the purified safetensors file (and sidecar) behind a registry reference to `out`,
+        refusing a file whose SHA-256 differs from the one recorded at registration."""
+        mv = self.resolve_version(ref)
+        tags = mv.tags or {}
+        artifact = tags.get("safetensors_artifact", SAFETENSORS_ARTIFACT)
+        folder, filename = artifact.rsplit("/", 1)
+        out = Path(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(self.client.download_artifacts(mv.run_id, folder, tmp))
+            src = local / filename
+            expected = tags.get("safetensors_sha256")
+            if expected and file_sha256(src) != expected:
+                raise TrackingError(f"{ref}: the stored file {artifact} of run {mv.run_id} does not match the SHA-256 "
+                                    f"recorded at registration ({expected[:12]}...): refusing it")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out)
+            if src.with_suffix(".json").is_file():
+                shutil.copyfile(src.with_suffix(".json"), out.with_suffix(".json"))
+        return out
+
+    def promote(self, name: str, version: str, alias: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_registered_model_alias(name, alias, str(version))
+        except MlflowException as e:
+            raise TrackingError(f"cannot set alias {alias!r} on {name} version {version}: {e.message}") from e
+

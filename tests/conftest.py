@@ -15,6 +15,16 @@ def tiny_spec():
     return ModelSpec("preactresnet18", num_classes=10, in_channels=1, image_size=8, width=0.0625)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on one thread: the float reduction order, and so a chaotic toy run, is then the same
+    whatever the machine's core count or what an earlier test set."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     import socket
 
@@ -25,7 +35,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3 API on loopback (moto's server), with credentials and endpoint in the environment."""
+    """A real S3 API on loopback (moto's server); dummy credentials in the environment, where boto3 looks."""
     import os
 
     import boto3
@@ -36,10 +46,18 @@ def s3_endpoint():
     server.start()
     url = f"http://127.0.0.1:{port}"
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "FIP_S3_ENDPOINT_URL": url})
+                       "AWS_DEFAULT_REGION": "us-east-1"})
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="fip-test")
     yield url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_store(s3_endpoint):
+    """A storage handle bound to the loopback S3 endpoint."""
+    from pipeline.storage import Storage, StorageSettings
+
+    return Storage(StorageSettings(s3_endpoint=s3_endpoint))
 
 
 @pytest.fixture(scope="session")

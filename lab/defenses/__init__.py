@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lab.defenses.common import CleanSet, DefenseError, DefenseResult, TuneSettings
+from lab.defenses.common import CleanSet, DefenseError, DefenseResult, FinetuneSettings
+from lab.defenses.finetuning import fst, ft_sam, nad, vanilla_finetune
 from lab.defenses.ibau import ibau
 from lab.defenses.pruning import anp, fine_pruning
-from lab.defenses.tuning import fst, ft_sam, nad, vanilla_finetune
 
 
 def _fip(method: str):
-    def run(model: nn.Module, clean: CleanSet, s: TuneSettings, **params):
+    def run(model: nn.Module, clean: CleanSet, s: FinetuneSettings, **params):
         from fip.purify import PurifyConfig, purify
 
         cfg = PurifyConfig(method=method, iterations=s.steps, batch_size=s.batch_size, seed=s.seed,
@@ -34,7 +34,7 @@ def _fip(method: str):
 @dataclass(frozen=True)
 class DefenseSpec:
     run: Callable
-    settings: dict  # TuneSettings overrides: each method's own step budget and learning rate
+    settings: dict  # FinetuneSettings overrides: each method's own step budget and learning rate
     params: dict  # method-specific defaults
     returns_info: bool = False
 
@@ -59,11 +59,11 @@ def run_defense(name: str, model: nn.Module, clean: CleanSet, settings: dict | N
     if name not in DEFENSES:
         raise DefenseError(f"unknown defense {name!r}; known: {', '.join(DEFENSES)}")
     spec = DEFENSES[name]
-    s = TuneSettings(**{**spec.settings, **(settings or {})})
+    s = FinetuneSettings(**{**spec.settings, **(settings or {})})
     start = time.perf_counter()
     out = spec.run(model, clean, s, **{**spec.params, **(params or {})})
     model_out, info = out if spec.returns_info else (out, {})
     return DefenseResult(model_out.eval(), time.perf_counter() - start, info)
 
 
-__all__ = ["DEFENSES", "CleanSet", "DefenseError", "DefenseResult", "TuneSettings", "run_defense"]
+__all__ = ["DEFENSES", "CleanSet", "DefenseError", "DefenseResult", "FinetuneSettings", "run_defense"]

@@ -7,10 +7,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fip.purify import BatchSampler, cosine_lr
+from fip.training import BatchSampler, SGDSettings, cosine_lr, cross_entropy
 from lab.metrics import accuracy_from_predictions, predict
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,17 +31,12 @@ class CleanSet:
 
 
 @dataclass
-class TuneSettings:
+class FinetuneSettings(SGDSettings):
     """Fine-tuning on D_val: batches of `batch_size` drawn with replacement, augmented, SGD + cosine."""
 
     steps: int = 300
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     augment: bool = True
     augment_pad: int = 4
-    seed: int = 0
 
 
 @dataclass
@@ -50,10 +44,6 @@ class DefenseResult:
     model: nn.Module
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
-
-
-def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
 
 
 def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -65,14 +55,14 @@ def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 def finetune(
     model: nn.Module,
     clean: CleanSet,
-    s: TuneSettings,
+    s: FinetuneSettings,
     loss_fn: LossFn = cross_entropy,
     params: Sequence[torch.Tensor] | None = None,
     step_fn: Callable[[nn.Module, torch.optim.Optimizer, LossFn, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Fine-tune `model` in place on D_val with `loss_fn`; `step_fn` replaces the plain SGD step (SAM)."""
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    opt = s.optimizer(params)
     sampler = BatchSampler(clean.x, clean.y, s.batch_size, s.seed, s.augment, s.augment_pad)
     model.train()
     for step in range(s.steps):

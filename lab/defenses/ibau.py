@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip.purify import BatchSampler
-from lab.defenses.common import CleanSet, TuneSettings, fresh_copy
+from fip.training import BatchSampler
+from lab.defenses.common import CleanSet, FinetuneSettings, fresh_copy
 
 
 def _inner_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, bound: float) -> torch.Tensor:
@@ -63,7 +63,7 @@ def implicit_hypergradient(
     ]
 
 
-def ibau(model: nn.Module, clean: CleanSet, s: TuneSettings, inner_steps: int = 5,
+def ibau(model: nn.Module, clean: CleanSet, s: FinetuneSettings, inner_steps: int = 5,
          inner_lr: float = 0.1, bound: float = 10.0, k: int = 5, outer_lr: float = 0.001) -> nn.Module:
     """Run `s.steps` unlearning steps (one inner maximisation + one implicit outer update each)."""
     work = fresh_copy(model).eval()  # fixed norm statistics, as I-BAU runs the model in eval mode

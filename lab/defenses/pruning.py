@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip.purify import BatchSampler
+from fip.training import BatchSampler
 from lab.defenses.common import (
     CleanSet,
     DefenseError,
-    TuneSettings,
+    FinetuneSettings,
     finetune,
     fresh_copy,
     most_aggressive_within,
@@ -35,7 +35,7 @@ def _prune_head_inputs(model: nn.Module, channels: torch.Tensor) -> nn.Module:
     return pruned
 
 
-def fine_pruning(model: nn.Module, clean: CleanSet, s: TuneSettings, max_drop: float = 0.10,
+def fine_pruning(model: nn.Module, clean: CleanSet, s: FinetuneSettings, max_drop: float = 0.10,
                  step_fraction: float = 0.05) -> tuple[nn.Module, dict]:
     """Fine-Pruning (Liu et al. RAID 2018): prune the last conv layer's channels in order of rising mean
     activation on D_val while D_val accuracy stays within `max_drop`, then fine-tune."""
@@ -84,7 +84,7 @@ class _Perturbed:
             h.remove()
 
 
-def anp(model: nn.Module, clean: CleanSet, s: TuneSettings, eps: float = 0.4, alpha: float = 0.2,
+def anp(model: nn.Module, clean: CleanSet, s: FinetuneSettings, eps: float = 0.4, alpha: float = 0.2,
         mask_lr: float = 0.2, max_drop: float = 0.10) -> tuple[nn.Module, dict]:
     """ANP (Wu & Wang NeurIPS 2021): learn per-neuron masks that keep D_val loss low even under
     adversarial neuron perturbations, then prune the neurons with small masks. The threshold is the

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fipcli.main import main
 
 
@@ -31,8 +33,9 @@ def test_bad_input_is_one_line(capsys):
     assert main(["attack", "--attack", "badnets", "--dataset", "digits", "--poison-rate", "2", "--out", "/tmp/x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "fip attack: error: poison rate must be in (0, 1), got 2.0"
-    assert main(["attack", "--attack", "nope", "--dataset", "digits"]) == 2
-    assert "unknown attack 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the attack names are the parser's own choices
+        main(["attack", "--attack", "nope", "--dataset", "digits"])
+    assert e.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
     assert main(["smoothness", "--model", "/nonexistent.safetensors"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -41,20 +44,50 @@ def test_purify_flags_take_their_types_from_the_config():
     import argparse
     from dataclasses import dataclass
 
-    from fipcli.pipeline_cmds import add_purify_flags, purify_config_from_args
+    from fipcli.config_flags import add_config_flags, config_overrides
 
     @dataclass
     class Knobs:
         share: float | None = None
         count: int | None = None
+        on: bool = False
 
     p = argparse.ArgumentParser()
-    add_purify_flags(p, Knobs)
-    args = p.parse_args(["--share", "0.5", "--count", "3"])
-    assert args.share == 0.5 and args.count == 3
-    p = argparse.ArgumentParser()
-    from fip.purify import PurifyConfig
+    add_config_flags(p, {"knobs": Knobs})
+    args = p.parse_args(["--share", "0.5", "--count", "3", "--on", "yes"])
+    assert config_overrides(args, {"knobs": Knobs}) == {"knobs": {"share": 0.5, "count": 3, "on": True}}
+    assert config_overrides(p.parse_args(["--count", "none"]), {"knobs": Knobs}) == {"knobs": {"count": None}}
+    assert config_overrides(p.parse_args([]), {"knobs": Knobs}) == {}
+    with __import__("pytest").raises(SystemExit):
+        p.parse_args(["--on", "maybe"])
 
-    add_purify_flags(p, PurifyConfig)
-    cfg = purify_config_from_args(p.parse_args(["--crop-until", "0.4", "--eta-r", "0.5", "--iterations", "7"]))
-    assert (cfg.crop_until, cfg.eta_r, cfg.iterations) == (0.4, 0.5, 7)
+
+def test_purify_layers_preset_file_and_flags(tmp_path, capsys):
+    import yaml
+
+    (tmp_path / "job.yaml").write_text("inputs: {model: m.safetensors, clean: shards}\npurify: {eta_r: 2.0, iterations: 50}\n")
+    rc = main(["purify", "--preset", "demo", "--config", str(tmp_path / "job.yaml"), "--iterations", "7",
+               "--register-as", "none", "--print-config"])
+    assert rc == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    # flags > file > preset > defaults
+    assert cfg["purify"]["iterations"] == 7 and cfg["purify"]["eta_r"] == 2.0 and cfg["purify"]["eta_kl"] == 1.0
+    assert cfg["purify"]["eta_f"] == 1e-4 and cfg["tracking"]["register_as"] is None
+
+
+def test_purify_config_errors_are_one_line(tmp_path, capsys):
+    bad = {"unknown.yaml": "inputs: {model: m, clean: c}\npurify: {etaf: 1}\n",
+           "float.yaml": "inputs: {model: m, clean: c}\npurify: {iterations: 30.5}\n",
+           "bool.yaml": "inputs: {model: m, clean: c}\npurify: {augment: 'no'}\n",
+           "list.yaml": "- a\n- b\n",
+           "syntax.yaml": "inputs: {model: m\n"}
+    expected = {"unknown.yaml": "unknown setting 'purify.etaf'", "float.yaml": "purify.iterations: expected an integer",
+                "bool.yaml": "purify.augment: expected true or false", "list.yaml": "expected a mapping of sections",
+                "syntax.yaml": "is not valid YAML"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        assert main(["purify", "--config", str(tmp_path / name), "--print-config"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected[name] in err and "\n" not in err, err
+    assert main(["purify", "--model", "m", "--clean", "c", "--checkpoint-every", "0", "--print-config"]) == 2
+    assert "checkpoint_every must be >= 1" in capsys.readouterr().err

@@ -9,11 +9,14 @@ import torch
 
 from fip.fisher import FisherDiag, fisher_diag
 from fip.io import load_model
-from fip.purify import Purifier, PurifyConfig, finalize_model, prepare_model
+from fip.purify import Purifier, finalize_model, prepare_model
+from lab.backdoor import attack_from_record
 from lab.datasets import CleanSplit, load_dataset
-from pipeline.job import JobConfig, JobError, run_job, validate
+from pipeline.config import JobConfig
+from pipeline.driver import JobError, plan_job, run_job
+from pipeline.evaluation import evaluate_shards
 from pipeline.shards import open_shards, read_all, write_shards
-from pipeline.stages import StageConfig, _step_batches, evaluate_shards
+from pipeline.stages import StageContext, step_batches
 
 pytestmark = pytest.mark.slow
 
@@ -22,29 +25,34 @@ PURIFY = dict(eval_every=6, eta_f=0.002, eta_r=1.0, lr=0.01, iterations=12, batc
 
 
 @pytest.fixture(scope="module")
-def shards(digits_lab, s3_endpoint, tmp_path_factory):
+def shards(digits_lab, s3_store, tmp_path_factory):
     split = CleanSplit.load(digits_lab.dval_path)
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     clean = "s3://fip-test/e2e/dval"
-    write_shards(train.subset(split.indices), clean, maxcount=30, indices=split.indices)  # uneven: 30,...,20
+    write_shards(train.subset(split.indices), clean, maxcount=30, indices=split.indices, store=s3_store)  # 30,...,20
     test_dir = tmp_path_factory.mktemp("test-shards") / "test"
     write_shards(test, str(test_dir), maxcount=100)
     return clean, str(test_dir)
 
 
-def _job(digits_lab, shards, tmp, **kw) -> JobConfig:
+def _job(digits_lab, shards, tmp, s3_endpoint, **sections) -> JobConfig:
     clean, test = shards
-    settings = dict(model=str(digits_lab.model_path), clean=clean, test=test, attack_record=str(digits_lab.record_path),
-                    purify=PurifyConfig(**PURIFY), workers=2, work_dir=str(tmp / "jobs"),
-                    tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", checkpoint_every=4,
-                    esd_samples=16, esd_steps=4)
-    return JobConfig(**{**settings, **kw})
+    base = {"inputs": {"model": str(digits_lab.model_path), "clean": clean, "test": test,
+                       "attack_record": str(digits_lab.record_path)},
+            "purify": PURIFY, "resources": {"workers": 2},
+            "run": {"work_dir": str(tmp / "jobs"), "checkpoint_every": 4},
+            "storage": {"s3_endpoint": s3_endpoint},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+            "analysis": {"esd_samples": 16, "esd_steps": 4}}
+    from pipeline.config import merge
+
+    return JobConfig.from_dict(merge(base, sections))
 
 
 @pytest.fixture(scope="module")
-def job(ray_session, digits_lab, shards, tmp_path_factory):
+def job(ray_session, digits_lab, shards, tmp_path_factory, s3_endpoint):
     tmp = tmp_path_factory.mktemp("job")
-    cfg = _job(digits_lab, shards, tmp)
+    cfg = _job(digits_lab, shards, tmp, s3_endpoint)
     return cfg, run_job(cfg), tmp
 
 
@@ -59,17 +67,16 @@ def test_job_reports_before_and_after(job, digits_lab):
     assert [e["step"] for e in result.evaluations] == [6, 12]
     assert result.model_uri == "models:/fip-purified@candidate"
     # the reported metrics are those of the saved model, not of a mix of the ranks' copies
-    stage = StageConfig(model_url=cfg.model, clean=cfg.clean, test=cfg.test, fisher_url="", purify=cfg.purify.to_dict(),
-                        attack_record=json.loads(Path(cfg.attack_record).read_text()), eval_samples=None)
-    own = evaluate_shards(load_model(result.purified_path).model, stage)
+    attack = attack_from_record(json.loads(Path(cfg.inputs.attack_record).read_text()))
+    own = evaluate_shards(load_model(result.purified_path).model, open_shards(cfg.inputs.test), attack)
     assert own == {"acc": m["acc_after"], "asr": m["asr_after"], "ra": m["ra_after"]}
 
 
-def test_fisher_from_two_workers_equals_one_process(job):
+def test_fisher_from_two_workers_equals_one_process(job, s3_store):
     cfg, result, _ = job
-    two = FisherDiag.load(result.fisher_url)
-    x, y, _ = read_all(open_shards(cfg.clean))
-    work = prepare_model(load_model(cfg.model).model, cfg.purify)
+    two = FisherDiag.load(s3_store.fetch(result.fisher_url, result.purified_path.parent / "check"))
+    x, y, _ = read_all(open_shards(cfg.inputs.clean, s3_store))
+    work = prepare_model(load_model(cfg.inputs.model).model, cfg.purify)
     one = fisher_diag(work, [(x.float() / 255, y)])
     assert two.count == one.count
     num = sum(float((two.sums[n] - one.sums[n]).pow(2).sum()) for n in one.sums) ** 0.5
@@ -77,13 +84,14 @@ def test_fisher_from_two_workers_equals_one_process(job):
     assert num / den < 1e-5
 
 
-def test_fip_on_two_workers_matches_one_process_with_the_same_global_batch(job):
+def test_fip_on_two_workers_matches_one_process_with_the_same_global_batch(job, s3_store):
     cfg, result, _ = job
     pcfg = cfg.purify
-    work = prepare_model(load_model(cfg.model).model, pcfg)
-    purifier = Purifier(work, FisherDiag.load(result.fisher_url).mean(), pcfg)
-    stage = StageConfig(model_url=cfg.model, clean=cfg.clean, test=None, fisher_url="", purify=pcfg.to_dict())
-    ranks = [_step_batches(stage, pcfg, r, 2, 0) for r in range(2)]
+    work = prepare_model(load_model(cfg.inputs.model).model, pcfg)
+    fisher = FisherDiag.load(s3_store.fetch(result.fisher_url, result.purified_path.parent / "check"))
+    purifier = Purifier(work, fisher.mean(), pcfg)
+    ctx = StageContext(result.config, "check", result.fisher_url, str(result.purified_path.parent / "check"))
+    ranks = [step_batches(ctx, r, 2, 0) for r in range(2)]
     for _ in range(pcfg.iterations):
         (_, x0, y0), (_, x1, y1) = next(ranks[0]), next(ranks[1])
         purifier.step(torch.cat([x0, x1]), torch.cat([y0, y1]))
@@ -91,12 +99,13 @@ def test_fip_on_two_workers_matches_one_process_with_the_same_global_batch(job):
     distributed = load_model(result.purified_path).model.state_dict()
     for name, ref in single.items():
         assert torch.allclose(distributed[name], ref, rtol=1e-4, atol=1e-6), name
-    assert any(not torch.equal(v, load_model(cfg.model).model.state_dict()[k]) for k, v in single.items())
+    assert any(not torch.equal(v, load_model(cfg.inputs.model).model.state_dict()[k]) for k, v in single.items())
 
 
-def test_killed_worker_resumes_to_the_same_result(job, digits_lab, shards, tmp_path):
+def test_killed_worker_resumes_to_the_same_result(job, digits_lab, shards, tmp_path, s3_endpoint):
     cfg, result, _ = job
-    again = _job(digits_lab, shards, tmp_path, fail_at_step=6, register_as=None, esd_samples=0, max_failures=1)
+    again = _job(digits_lab, shards, tmp_path, s3_endpoint, run={"fail_at_step": 6, "max_failures": 1},
+                 tracking={"register_as": None}, analysis={"esd_samples": 0})
     resumed = run_job(again)
     a = load_model(result.purified_path).model.state_dict()
     b = load_model(resumed.purified_path).model.state_dict()
@@ -111,12 +120,10 @@ def test_mlflow_run_artifacts_and_registry_cli(job, tmp_path, capsys):
     from fipcli.main import main
 
     cfg, result, _ = job
-    # other jobs in this module point MLflow's global registry elsewhere; look in this job's store
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_registry_uri(cfg.tracking_uri)
-    client = mlflow.MlflowClient(cfg.tracking_uri, registry_uri=cfg.tracking_uri)
+    uri_ = cfg.tracking.tracking_uri
+    client = mlflow.MlflowClient(uri_, registry_uri=uri_)
     run = client.get_run(result.run_id)
-    assert run.data.params["purify.eta_f"] == str(PURIFY["eta_f"]) and run.data.params["job.workers"] == "2"
+    assert run.data.params["purify.eta_f"] == str(PURIFY["eta_f"]) and run.data.params["resources.workers"] == "2"
     assert run.data.tags["method"] == "fip" and len(run.data.tags["source_sha256"]) == 64
     assert len(client.get_metric_history(result.run_id, "ce")) == 12
     assert [m.step for m in client.get_metric_history(result.run_id, "eval_asr")] == [0, 6, 12]
@@ -125,7 +132,7 @@ def test_mlflow_run_artifacts_and_registry_cli(job, tmp_path, capsys):
     mv = client.get_model_version_by_alias("fip-purified", "candidate")
     assert mv.tags["method"] == "fip" and float(mv.tags["ASR"]) == pytest.approx(result.metrics["asr_after"], abs=1e-4)
 
-    uri = ["--tracking-uri", cfg.tracking_uri]
+    uri = ["--tracking-uri", uri_]
     assert main(["models", *uri, "list"]) == 0
     assert "fip-purified  v1  aliases=candidate" in capsys.readouterr().out
     out = tmp_path / "got.safetensors"
@@ -134,27 +141,32 @@ def test_mlflow_run_artifacts_and_registry_cli(job, tmp_path, capsys):
     assert main(["models", *uri, "promote", "fip-purified", "1", "production"]) == 0
     assert "production" in client.get_model_version("fip-purified", "1").aliases
     assert main(["models", *uri, "get", "fip-purified@nope", "-o", str(out)]) == 2
-    # the MLflow pytorch flavour loads too (a torch.export program)
+    assert main(["models", "list", *uri]) == 0  # the flag after the sub-command works too
+    # the MLflow flavours load it as MLflow users do, at any batch size
+    mlflow.set_tracking_uri(uri_)
+    mlflow.set_registry_uri(uri_)
     loaded = mlflow.pytorch.load_model("models:/fip-purified@candidate")
-    x = torch.zeros(1, 1, 8, 8)
-    assert torch.allclose(loaded(x), load_model(result.purified_path).model(x), atol=1e-5)
+    pyfunc = mlflow.pyfunc.load_model("models:/fip-purified@candidate")
+    ours = load_model(result.purified_path).model
+    for batch in (1, 8):
+        x = torch.rand(batch, 1, 8, 8)
+        assert torch.allclose(loaded(x), ours(x), atol=1e-5)
+        assert torch.allclose(torch.as_tensor(pyfunc.predict(x.numpy())), ours(x), atol=1e-5)
 
 
-def test_mismatched_model_is_refused_before_workers_start(digits_lab, shards, tmp_path):
-    from fip.io import save_model
+def test_mismatched_model_is_refused_before_workers_start(digits_lab, shards, tmp_path, s3_endpoint):
     from fip.models import ModelSpec, build_model
+    from fip.io import save_model
+    from pipeline.config import ConfigError
 
     spec = ModelSpec("vit-small", num_classes=5, in_channels=1, image_size=8, width=0.25)
     wrong = save_model(build_model(spec), spec, tmp_path / "five.safetensors")
-    cfg = _job(digits_lab, shards, tmp_path)
-    cfg.model = str(wrong)
+    cfg = _job(digits_lab, shards, tmp_path, s3_endpoint, inputs={"model": str(wrong)})
     with pytest.raises(JobError, match="clean shards have 10 classes but the model .* has 5"):
-        validate(cfg)
+        plan_job(cfg)
     spec = ModelSpec("vit-small", num_classes=10, in_channels=3, image_size=8, width=0.25)
-    cfg.model = str(save_model(build_model(spec), spec, tmp_path / "rgb.safetensors"))
+    rgb = str(save_model(build_model(spec), spec, tmp_path / "rgb.safetensors"))
     with pytest.raises(JobError, match=r"hold \(1, 8, 8\) images but the model expects \(3, 8, 8\)"):
-        validate(cfg)
-    cfg.model = str(digits_lab.model_path)
-    cfg.workers = 3
-    with pytest.raises(JobError, match="global batch 16 must be divisible by 3 workers"):
-        validate(cfg)
+        plan_job(cfg.replace(inputs={"model": rgb}))
+    with pytest.raises(ConfigError, match="global batch 16 must be divisible by 3 workers"):
+        cfg.replace(resources={"workers": 3})

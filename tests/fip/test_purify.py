@@ -10,7 +10,7 @@ from fip.fisher import fisher_diag
 from fip.purify import NonFiniteLossError, PurifyConfig, purify
 
 
-def test_fip_lowers_fisher_trace_and_trigger_success_while_accuracy_holds():
+def test_fip_lowers_fisher_trace_and_trigger_success_while_accuracy_holds(one_thread):
     model = train_backdoored()
     acc0, asr0 = acc_asr(model)
     assert acc0 > 0.9 and asr0 > 0.85  # the toy model really is backdoored
@@ -58,7 +58,7 @@ def test_config_rejects_bad_values():
 
 
 def test_augment_batch_crops_only_the_requested_share_and_keeps_the_rest_in_place():
-    from fip.purify import augment_batch
+    from fip.training import augment_batch
 
     x = torch.rand(400, 1, 8, 8) + 0.1  # no zeros, so a shifted crop always shows padding
     def unmoved(out: torch.Tensor) -> torch.Tensor:

@@ -99,18 +99,12 @@ def test_unknown_defense_is_named(digits_bn_lab):
         run_defense("magic", torch.nn.Linear(1, 1), clean)
 
 
-def test_defense_table_quick_mode_runs_end_to_end(tmp_path, monkeypatch):
+def test_defense_table_quick_mode_runs_end_to_end(tmp_path):
     """The benchmark harness itself (2 attacks on real Fashion-MNIST, small) so it cannot rot."""
-    monkeypatch.setenv("FIP_RESULTS_DIR", str(tmp_path / "results"))
-    import importlib
-
-    import benchmarks.common
     import benchmarks.defense_table as table
 
-    importlib.reload(benchmarks.common)
-    importlib.reload(table)
-    monkeypatch.setattr(table, "CACHE", tmp_path / "cache")
-    out = table.run(["badnets", "blend"], ["ft", "fip", "fast-fip", "anp"], quick=True, steps=3, progress=False)
+    out = table.run(["badnets", "blend"], ["ft", "fip", "fast-fip", "anp"], quick=True, steps=3, progress=False,
+                    cache=tmp_path / "cache", results=tmp_path / "results")
     assert len(out["rows"]) == 8 and set(out["means"]) == {"ft", "fip", "fast-fip", "anp"}
     assert "fast_fip_time_over_fip" in out["ratios"] and "fip_time_over_anp" in out["ratios"]
     assert (tmp_path / "results" / "defenses-fashion-mnist-quick.md").read_text().startswith("# Defenses")

@@ -13,7 +13,7 @@ import torch
 RANK = """
 import sys, torch, torch.distributed as dist
 from torch import nn
-from pipeline.stages import sync_buffers
+from pipeline.workers import sync_buffers
 rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 torch.manual_seed(rank)

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fip.training import cross_entropy
 from lab.defenses.common import (
     CleanSet,
     DefenseError,
+    FinetuneSettings,
     LossFn,
-    TuneSettings,
-    cross_entropy,
     finetune,
     fresh_copy,
     penultimate_head,
@@ -21,7 +21,7 @@ from lab.defenses.common import (
 )
 
 
-def vanilla_finetune(model: nn.Module, clean: CleanSet, s: TuneSettings) -> nn.Module:
+def vanilla_finetune(model: nn.Module, clean: CleanSet, s: FinetuneSettings) -> nn.Module:
     """FT: plain cross-entropy fine-tuning of all weights on D_val."""
     return finetune(fresh_copy(model), clean, s)
 
@@ -53,7 +53,7 @@ def sam_step(rho: float, adaptive: bool = True):
     return step
 
 
-def ft_sam(model: nn.Module, clean: CleanSet, s: TuneSettings, rho: float = 2.0, adaptive: bool = True) -> nn.Module:
+def ft_sam(model: nn.Module, clean: CleanSet, s: FinetuneSettings, rho: float = 2.0, adaptive: bool = True) -> nn.Module:
     """FT-SAM (Zhu et al. ICCV 2023): fine-tuning with (adaptive) SAM and a large radius rho, which
     shrinks the norms of backdoor-related neurons."""
     return finetune(fresh_copy(model), clean, s, step_fn=sam_step(rho, adaptive))
@@ -77,14 +77,14 @@ def _capture(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, torch.Te
 def nad(
     model: nn.Module,
     clean: CleanSet,
-    s: TuneSettings,
+    s: FinetuneSettings,
     teacher_steps: int = 150,
     layers: Sequence[str] = ("layer2", "layer3", "layer4"),
     betas: Sequence[float] = (500.0, 1000.0, 1000.0),
     p: int = 2,
 ) -> nn.Module:
     """NAD (Li et al. ICLR 2021): fine-tune a teacher, then distil its attention maps into the student."""
-    teacher = finetune(fresh_copy(model), clean, TuneSettings(**{**s.__dict__, "steps": teacher_steps}))
+    teacher = finetune(fresh_copy(model), clean, FinetuneSettings(**{**s.__dict__, "steps": teacher_steps}))
     student = fresh_copy(model)
     t_store, t_handles = _capture(teacher, layers)
     s_store, s_handles = _capture(student, layers)
@@ -105,7 +105,7 @@ def nad(
             h.remove()
 
 
-def fst(model: nn.Module, clean: CleanSet, s: TuneSettings, alpha: float = 0.2) -> nn.Module:
+def fst(model: nn.Module, clean: CleanSet, s: FinetuneSettings, alpha: float = 0.2) -> nn.Module:
     """FST (Min et al. NeurIPS 2023): re-initialise the linear head and fine-tune everything while
     penalising the new head's alignment with the original one (``alpha * <w, w_orig>``), keeping the
     head's norm at the original's; the feature extractor is pushed away from backdoor features."""

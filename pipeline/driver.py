@@ -1,0 +1,269 @@
+"""The pipeline's public driver: one job config in, one result out.
+
+:func:`run_job` is the call the CLI, a Ray Tune trial and a submitted Ray job all make. It runs in
+clear steps: :func:`plan_job` (check the inputs fit together, resolve paths, before any worker
+starts), then each stage of :data:`STAGES` through :func:`fit_stage` (a Ray Train ``TorchTrainer``),
+then the analysis, then MLflow logging and registration, which the config can switch off
+(``tracking.log_to_mlflow``, ``tracking.register_as``). Nothing here reads the environment or sets
+process-wide state: storage and MLflow are explicit handles built from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fip.io import LoadedModel, load_model
+from pipeline.analysis import plot_curves, spectral_analysis
+from pipeline.config import JobConfig, Resources, RunSettings
+from pipeline.shards import ShardSource, open_shards
+from pipeline.stages import StageContext, fisher_stage, purify_stage
+from pipeline.storage import Storage, is_s3, join
+from pipeline.tracking import Registered, Tracker, default_tracking_uri, local_root
+
+StageFn = Callable[[dict], dict]
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named per-worker function; its metrics and files come back through its last checkpoint."""
+
+    name: str
+    fn: StageFn
+
+
+# The job's stages, in order. A new stage is its function in pipeline/stages.py and one line here.
+STAGES: tuple[Stage, ...] = (
+    Stage("fisher", fisher_stage),
+    Stage("purify", purify_stage),
+)
+
+
+class JobError(ValueError):
+    """The job was refused before any worker started (inputs do not fit together)."""
+
+
+@dataclass
+class StageOutput:
+    metrics: dict
+    files: dict[str, bytes]
+
+
+@dataclass
+class JobPlan:
+    """What :func:`plan_job` resolved: the normalised config, the stages' context and the local outputs."""
+
+    config: JobConfig
+    context: StageContext
+    suspect: LoadedModel
+    clean: ShardSource
+    out_dir: Path
+    storage_path: str
+
+
+@dataclass
+class JobResult:
+    metrics: dict
+    run_id: str | None
+    model_uri: str | None
+    purified_path: Path
+    fisher_url: str
+    history: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
+    config: JobConfig | None = None
+
+
+def _absolute(url: str | None) -> str | None:
+    if url is None or "://" in url:
+        return url
+    return str(Path(url).resolve())
+
+
+def plan_job(cfg: JobConfig) -> JobPlan:
+    """Refuse mismatched inputs before Ray starts (model vs shards: classes, image shape; sizes) and
+    resolve every path the workers will need, so they receive one self-contained config."""
+    inputs, run = cfg.inputs, cfg.run
+    cfg = cfg.replace(inputs={k: _absolute(v) for k, v in vars(inputs).items()},
+                      run={"work_dir": run.work_dir if is_s3(run.work_dir) else str(Path(run.work_dir).resolve()),
+                           "run_name": run.run_name or f"{cfg.purify.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+                                                       f"-{uuid.uuid4().hex[:6]}"})
+    store = Storage(cfg.storage)
+    cache_dir = str(local_root(cfg.run.work_dir) / "cache")
+    suspect = load_model(store.fetch(cfg.inputs.model, cache_dir))
+    spec = suspect.spec
+    expected = [spec.in_channels, spec.image_size, spec.image_size]
+    sources = {"clean": open_shards(cfg.inputs.clean, store)}
+    if cfg.inputs.test:
+        sources["test"] = open_shards(cfg.inputs.test, store)
+    for role, src in sources.items():
+        m = src.manifest
+        if m.num_classes != spec.num_classes:
+            raise JobError(f"{role} shards have {m.num_classes} classes but the model {cfg.inputs.model} "
+                           f"has {spec.num_classes}")
+        if list(m.image_shape) != expected:
+            raise JobError(f"{role} shards hold {tuple(m.image_shape)} images but the model expects {tuple(expected)}")
+    if sources["clean"].total < cfg.resources.workers:
+        raise JobError(f"{sources['clean'].total} clean samples cannot be split across {cfg.resources.workers} workers")
+    record, tensors = None, {}
+    if cfg.inputs.attack_record:
+        record = json.loads(store.read_bytes(cfg.inputs.attack_record))
+        rec_classes = record.get("model_spec", {}).get("num_classes")
+        if rec_classes not in (None, spec.num_classes):
+            raise JobError(f"attack record {cfg.inputs.attack_record} is for {rec_classes} classes, "
+                           f"the model has {spec.num_classes}")
+        if record.get("trigger_path"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(store.fetch(record["trigger_path"], cache_dir))
+    work = join(cfg.run.work_dir, cfg.run.run_name)
+    out_dir = Path(work) if not is_s3(work) else local_root(cfg.run.work_dir) / "jobs" / cfg.run.run_name
+    context = StageContext(cfg, cfg.run.run_name, join(work, "fisher.safetensors"), cache_dir, record, tensors)
+    storage_path = cfg.run.storage_path or join(cfg.run.work_dir, "ray")
+    return JobPlan(cfg, context, suspect, sources["clean"], out_dir, storage_path)
+
+
+def ensure_ray(resources: Resources) -> None:
+    """Connect to `resources.address`, or start a local Ray sized for the job when none is running."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if resources.address:
+        ray.init(address=resources.address, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, int(resources.workers * resources.cpus_per_worker + 0.999))
+        ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=True)
+
+
+def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, run: RunSettings, name: str,
+              storage_path: str, callbacks: list | None = None) -> StageOutput:
+    """Run one stage on `resources.workers` Ray Train workers (gloo on CPU, NCCL on GPU) and return the
+    metrics and files of its last checkpoint; a dead worker is replaced up to `run.max_failures` times."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        stage_fn,
+        train_loop_config={"context": context},
+        torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=bool(resources.gpus_per_worker),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {name} finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+    return StageOutput(json.loads(files.pop("metrics.json")), files)
+
+
+def _tags(plan: JobPlan) -> dict:
+    import mlflow
+    import ray
+    import torch
+    import webdataset
+
+    cfg = plan.config
+    return {"source_sha256": plan.suspect.sha256, "method": cfg.purify.method, "seed": cfg.purify.seed,
+            "fisher_kind": cfg.purify.fisher_kind, "torch": torch.__version__, "ray": ray.__version__,
+            "mlflow": mlflow.__version__, "webdataset": getattr(webdataset, "__version__", "?")}
+
+
+def run_job(cfg: JobConfig, parent_run_id: str | None = None, progress: Progress = print,
+            callbacks: list | None = None) -> JobResult:
+    """Run the whole job; returns the metrics (before/after), the MLflow run and the registered model URI.
+
+    `parent_run_id` nests the job's MLflow run under a sweep's; `callbacks` go to each stage's Ray
+    Train run (a Tune trial forwards intermediate reports with them).
+    """
+    t0 = time.perf_counter()
+    plan = plan_job(cfg)
+    cfg, ctx = plan.config, plan.context
+    progress(f"[fip] job {ctx.run_name}: {cfg.purify.method} on {cfg.resources.workers} worker(s), "
+             f"{plan.clean.total} clean samples, model {cfg.inputs.model}")
+    tracker = run_id = None
+    if cfg.tracking.log_to_mlflow:
+        root = local_root(cfg.run.work_dir)
+        tracker = Tracker(cfg.tracking.tracking_uri or default_tracking_uri(cfg.run.work_dir), root / "mlartifacts")
+        run_id = tracker.start_run(cfg.tracking.experiment, ctx.run_name, cfg.to_dict(), _tags(plan), parent_run_id)
+    try:
+        result = _execute(plan, tracker, run_id, progress, callbacks, t0)
+    except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.finish(run_id, "KILLED")
+        raise
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(run_id, "FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish(run_id)
+    return result
+
+
+def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progress: Progress,
+             callbacks: list | None, t0: float) -> JobResult:
+    cfg, ctx = plan.config, plan.context
+    ensure_ray(cfg.resources)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    if tracker is not None and ctx.attack_record:
+        tracker.log_json(run_id, ctx.attack_record, "attack_record.json")
+    metrics: dict = {}
+    for i, stage in enumerate(STAGES, 1):
+        progress(f"[fip] stage {i}/{len(STAGES)}: {stage.name}")
+        out = fit_stage(stage.fn, ctx, cfg.resources, cfg.run, f"{ctx.run_name}-{stage.name}", plan.storage_path,
+                        callbacks)
+        metrics.update(out.metrics)
+        for name, data in out.files.items():
+            (plan.out_dir / name).write_bytes(data)
+        if tracker is not None:
+            tracker.log_metrics(run_id, out.metrics)
+            for name in out.files:
+                if name != "purified.json":  # the sidecar goes with the model at registration
+                    tracker.log_artifact(run_id, plan.out_dir / name)
+    logs = json.loads((plan.out_dir / "history.json").read_text())
+    start_eval = [{"step": 0, **{k.removesuffix("_before"): v for k, v in metrics.items() if k.endswith("_before")}}]
+    evaluations = (start_eval if len(start_eval[0]) > 1 else []) + logs["evaluations"]
+    curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
+    purified_path = plan.out_dir / "purified.safetensors"
+    purified = load_model(purified_path).model
+    esd = spectral_analysis(plan.suspect.model, purified, plan.clean, cfg.analysis, cfg.purify.seed,
+                            plan.out_dir / "esd.png")
+    metrics.update(esd)
+    metrics["seconds"] = time.perf_counter() - t0
+    model_uri = None
+    if tracker is not None:
+        tracker.log_history(run_id, logs["history"], evaluations)
+        tracker.log_artifact(run_id, curves)
+        if esd:
+            tracker.log_artifact(run_id, plan.out_dir / "esd.png")
+        tracker.log_metrics(run_id, {**esd, "seconds": metrics["seconds"]})
+        if cfg.tracking.register_as:
+            reg = register(tracker, run_id, plan, purified, purified_path, metrics)
+            model_uri, metrics["model_version"] = reg.model_uri, reg.version
+    return JobResult(metrics, run_id, model_uri, purified_path, ctx.fisher_url, logs["history"], logs["evaluations"],
+                     cfg)
+
+
+def register(tracker: Tracker, run_id: str, plan: JobPlan, purified, purified_path: Path, metrics: dict) -> Registered:
+    """A new registry version of the purified model, tagged with its source and (benchmark mode) metrics."""
+    spec = plan.suspect.spec
+    tags = {"source_sha256": plan.suspect.sha256, "method": plan.config.purify.method}
+    for key, tag in (("acc_after", "ACC"), ("asr_after", "ASR"), ("ra_after", "RA")):
+        if key in metrics:
+            tags[tag] = f"{metrics[key]:.4f}"
+    return tracker.register(run_id, purified, purified_path, (spec.in_channels, spec.image_size, spec.image_size),
+                            plan.config.tracking.register_as, tags)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def _sections() -> dict[str, type]:
@@ -33,14 +34,38 @@ def register(sub) -> None:
     from fipcli.config_flags import add_config_flags
     from pipeline.config import preset_names
 
-    p = sub.add_parser("shard", help="write a data set (or its D_val) as WebDataset tar shards, locally or to s3://")
-    p.add_argument("source", help="data set name: fashion-mnist, cifar10, imagenet-folder, gtsrb, digits")
-    p.add_argument("dest", help="folder or s3://bucket/prefix")
+    p = sub.add_parser(
+        "shard", help="write a data set (or its D_val) as WebDataset tar shards, or index shards made elsewhere",
+        usage="fip shard SOURCE DEST [options]\n       fip shard index URL [URL ...] [--out URL] [options]",
+        description="Write: stream SOURCE into shards at DEST (a folder or s3://bucket/prefix) with --workers "
+                    "processes; an interrupted write resumes when rerun. Index: count and hash WebDataset shards "
+                    "written by other tools (image under jpg/jpeg/png/webp, label under cls) so that "
+                    "`fip purify --clean/--test` can split them exactly across workers.")
+    p.add_argument("source", help="data set name (fashion-mnist, cifar10, imagenet-folder, gtsrb, digits), "
+                                  "or `index`")
+    p.add_argument("dest", nargs="+", help="folder or s3://bucket/prefix; for `index`: shard URLs or brace patterns")
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--root", default=None, help="data set folder")
     p.add_argument("--indices", default=None, help="a D_val index file: write only those samples")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes writing (or indexing) shards (default: the CPU count, at most 8)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side the readers resize images of varying size to (default 224; images that all share "
+                        "one size are read as they are)")
+    p.add_argument("--dval-fraction", type=float, default=None,
+                   help="write only D_val to DEST: this share of each class, chosen while streaming")
+    p.add_argument("--dval-seed", type=int, default=0, help="seed of the D_val choice")
+    p.add_argument("--rest", default=None, help="with --dval-fraction: also write every other sample here")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier write at DEST")
+    g = p.add_argument_group("fip shard index")
+    g.add_argument("--out", default=None,
+                   help="where the index goes (default: <stem>.manifest.json beside the shards; for a read-only "
+                        "bucket a local path or another prefix, then pass that file to --clean/--test)")
+    g.add_argument("--channels", type=int, default=3, choices=[1, 3], help="channels the readers decode to")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the largest label + 1")
+    g.add_argument("--classes", default=None, help="a text file with one class name a line (label order)")
     add_store_flags(p)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(handler=run_shard)
@@ -79,6 +104,17 @@ def register(sub) -> None:
     q.set_defaults(handler=run_models_promote)
     p.add_argument("--debug", action="store_true")
 
+    p = sub.add_parser("evaluate", help="ACC (and ASR/RA with an attack record) of a saved or registered model",
+                       parents=[tracking])
+    p.add_argument("--model", required=True, help="a .safetensors file, or models:/NAME@ALIAS (or NAME/VERSION)")
+    p.add_argument("--test", required=True, help="test shards (folder, s3:// prefix or brace pattern) or a data set name "
+                                                 "(its test split)")
+    p.add_argument("--attack-record", default=None, help="attack record JSON (benchmark mode: adds ASR and RA)")
+    p.add_argument("--root", default=None, help="data set folder, when --test names a data set")
+    add_store_flags(p)
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(handler=run_evaluate)
+
     p = sub.add_parser("demo", help="the main job on embedded defaults: lab BadNets model -> shards -> Ray FIP -> MLflow")
     p.add_argument("--out", default="runs", help="where data, models, shards and the MLflow store go")
     p.add_argument("--workers", type=int, default=None)
@@ -89,27 +125,62 @@ def register(sub) -> None:
     p.set_defaults(handler=run_demo)
 
 
+def _shard_workers(args) -> int:
+    if args.workers is None:
+        return max(1, min(8, os.cpu_count() or 1))
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    return args.workers
+
+
 def run_shard(args) -> int:
-    import numpy as np
+    if args.source == "index":
+        return run_shard_index(args)
+    from lab.datasets import CleanSplit
+    from pipeline.shard_writer import DvalSplit, dataset_source, write_source
 
-    from lab.datasets import CleanSplit, load_dataset
-    from pipeline.shards import write_shards
-
+    if len(args.dest) != 1:
+        raise ValueError(f"one destination expected, got {len(args.dest)}: {' '.join(args.dest)}")
+    if args.rest and args.dval_fraction is None:
+        raise ValueError("--rest needs --dval-fraction (the rest is what D_val leaves)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    dest = args.dest[0]
     store = store_from_args(args)
-    data = load_dataset(args.source, args.split, args.root)
-    indices = np.arange(len(data))
-    meta = {}
+    source = dataset_source(args.source, args.split, args.root, args.image_size)
+    indices, meta = None, {}
     if args.indices:
         split = CleanSplit.load(args.indices)
         if split.dataset != args.source:
             raise ValueError(f"index file {args.indices} is for {split.dataset!r}, not {args.source!r}")
-        indices = np.asarray(split.indices)
+        indices = split.indices
         meta = {"dval_sha256_16": split.digest, "dval_seed": split.seed}
-    if args.limit:
-        indices = indices[: args.limit]
-    subset = data.subset(indices)
-    m = write_shards(subset, args.dest, args.maxcount, indices, args.source, args.split, meta, progress=True, store=store)
-    print(json.dumps({"dest": args.dest, "count": m.count, "shards": len(m.shards)}))
+    dval = DvalSplit(args.dval_fraction, args.dval_seed) if args.dval_fraction is not None else None
+    result = write_source(source, dest, maxcount=args.maxcount, workers=_shard_workers(args), store=store, dval=dval,
+                          rest=args.rest, indices=indices, limit=args.limit, meta=meta, progress=True,
+                          overwrite=args.overwrite)
+    s = result.stats
+    print(json.dumps({**{url: {"count": m.count, "shards": len(m.shards)} for url, m in result.manifests.items()},
+                      "shards_written": s.shards_written, "shards_reused": s.shards_reused,
+                      "samples_per_s": round(s.samples / max(s.seconds, 1e-9), 1)}))
+    return 0
+
+
+def run_shard_index(args) -> int:
+    from pathlib import Path
+
+    from pipeline.shard_writer import index_shards
+
+    classes = None
+    if args.classes:
+        classes = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+        if not classes:
+            raise ValueError(f"class file {args.classes} names no classes")
+    out, m = index_shards(args.dest, args.out, store=store_from_args(args), workers=_shard_workers(args),
+                          image_size=args.image_size, channels=args.channels, classes=classes,
+                          num_classes=args.num_classes, progress=True)
+    print(json.dumps({"index": out, "count": m.count, "shards": len(m.shards), "classes": m.num_classes,
+                      "image_shape": m.image_shape, "variable_size": m.variable_size}))
     return 0
 
 
@@ -168,6 +239,45 @@ def run_models_get(args) -> int:
 def run_models_promote(args) -> int:
     tracker_from_args(args).promote(args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    """The job's own evaluation (pipeline.evaluation over shards, lab.metrics over a data set) of one model."""
+    import tempfile
+    from pathlib import Path
+
+    from fip.io import load_model
+    from lab.backdoor import attack_from_record
+    from lab.datasets import DATASETS, load_dataset
+    from lab.metrics import evaluate_model
+    from pipeline.evaluation import evaluate_shards
+    from pipeline.shards import open_shards
+
+    store = store_from_args(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model.startswith("models:/"):
+            path = tracker_from_args(args).download_safetensors(args.model, Path(tmp) / "model.safetensors")
+        else:
+            path = store.fetch(args.model, tmp)
+        model = load_model(path).model
+        attack = None
+        if args.attack_record:
+            record = json.loads(store.read_bytes(args.attack_record))
+            tensors = None
+            if record.get("trigger_path"):
+                from safetensors.torch import load_file
+
+                tensors = load_file(store.fetch(record["trigger_path"], tmp))
+            attack = attack_from_record(record, tensors)
+    if args.test in DATASETS:
+        data = load_dataset(args.test, "test", args.root)
+        metrics = evaluate_model(model, data.floats(), data.y, *((attack.trigger_floats, attack.target_of)
+                                                                  if attack else (None, None)))
+    else:
+        metrics = evaluate_shards(model, open_shards(args.test, store), attack)
+    print("  ".join(f"{k.upper()} {100 * v:.2f}%" for k, v in metrics.items()), file=sys.stderr)
+    print(json.dumps({"model": args.model, "test": args.test, **metrics}))
     return 0
 
 

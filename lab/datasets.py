@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,8 +192,17 @@ def _load_image(path: Path, size: int | None, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def read_image_folder(root: str | Path, split: str = "train", image_size: int = 224, channels: int = 3) -> ImageSet:
-    """ImageNet-style ``root/<split>/<class>/<image>`` (also ``root/<class>/...`` when no split folder)."""
+@dataclass
+class FolderClass:
+    """One class of an image-folder data set: its label, folder name and image files (sorted)."""
+
+    label: int
+    name: str
+    files: list[Path]
+
+
+def image_folder_classes(root: str | Path, split: str = "train") -> tuple[Path, list[str]]:
+    """The folder holding ``<class>/<image>`` for `split`, and its class names (sorted: the labels)."""
     root = Path(root)
     base = root / _split_folder(root, split)
     if not base.is_dir():
@@ -201,15 +210,33 @@ def read_image_folder(root: str | Path, split: str = "train", image_size: int = 
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise DatasetError(f"{base} has no class sub-folders: expected <class>/<image> files")
-    xs, ys = [], []
+    return base, classes
+
+
+def iter_image_folder(root: str | Path, split: str = "train") -> Iterator[FolderClass]:
+    """ImageNet-style ``root/<split>/<class>/<image>`` one class at a time, images unread.
+
+    A shard writer streaming ImageNet holds one class's file names (about 1,300), never the split."""
+    base, classes = image_folder_classes(root, split)
+    found = False
     for label, cls in enumerate(classes):
-        for f in sorted((base / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                xs.append(_load_image(f, image_size, channels))
-                ys.append(label)
-    if not xs:
+        files = sorted(f for f in (base / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        found = found or bool(files)
+        yield FolderClass(label, cls, files)
+    if not found:
         raise DatasetError(f"{base}: class folders hold no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys), classes, f"{root.name}/{split}")
+
+
+def read_image_folder(root: str | Path, split: str = "train", image_size: int = 224, channels: int = 3) -> ImageSet:
+    """An image folder in memory, every image resized to `image_size`: for small sets only (ImageNet
+    goes to shards with ``fip shard imagenet-folder``, which streams)."""
+    xs, ys, classes = [], [], []
+    for group in iter_image_folder(root, split):
+        classes.append(group.name)
+        for f in group.files:
+            xs.append(_load_image(f, image_size, channels))
+            ys.append(group.label)
+    return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys), classes, f"{Path(root).name}/{split}")
 
 
 def read_gtsrb(root: str | Path, split: str = "train", image_size: int = 32) -> ImageSet:

@@ -1,24 +1,30 @@
-"""WebDataset tar shards: written from any lab data set, read back split exactly across ranks.
+"""WebDataset tar shards: located, counted and read back split exactly across ranks.
 
-Layout: ``DEST/000000.tar, 000001.tar, ...`` plus ``DEST/manifest.json`` (counts, classes, image
-shape, per-shard SHA-256). Each sample holds ``png`` (lossless image), ``cls`` (label) and ``idx``
-(index in the source split). DEST is a local folder or ``s3://bucket/prefix``.
+Any standard WebDataset shard is read: a sample is the tar members sharing a key, with an image
+under ``jpg``, ``jpeg``, ``png`` or ``webp`` and its label under ``cls`` (``idx``, the index in the
+source split, is optional). Shards written here (:mod:`pipeline.shard_writer`, ``fip shard``) are
+``DEST/000000.tar, 000001.tar, ...`` plus ``DEST/manifest.json``; a source JPEG keeps its bytes,
+raw arrays are lossless PNG. DEST is a local folder or ``s3://bucket/prefix``.
+
+The exact rank split needs each shard's sample count before reading, so every shard set has a
+manifest (counts, classes, image shape, per-shard SHA-256): ours beside our shards, or for shards
+made by other tools an index that ``fip shard index`` writes beside them
+(``<stem>.manifest.json``) or anywhere else (a read-only bucket), whose path is then the spec.
 
 Reading splits the *samples* (not just the shards) across ranks: rank r of W owns the contiguous
 global positions ``[r*N/W, (r+1)*N/W)`` and opens only the shards overlapping them; DataLoader
 workers split a rank's range the same way. Every rank yields exactly ``ceil(N/W)`` samples (short
 ranks repeat a few of their own, flagged as padding), so every rank gets the same number of batches
-and DDP never waits on a rank that ran out of data.
+and DDP never waits on a rank that ran out of data. Decoding and the transform to a fixed size
+(:mod:`pipeline.transforms`) run where the samples are read: in the DataLoader's workers.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,10 +32,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fip.training import generator
-from lab.datasets import ImageSet, decode_png, encode_png
+from lab.datasets import ImageSet
 from pipeline.storage import Storage, StorageError, join
+from pipeline.transforms import IMAGE_KEYS, KEEP, ImageDecodeError, Transform, eval_transform, train_transform
 
 MANIFEST = "manifest.json"
+PARTIAL_MANIFEST = "manifest.partial.json"  # an unfinished write's progress (pipeline.shard_writer)
+INDEX_SUFFIX = ".manifest.json"
 SHARD_NAME = "{:06d}.tar"
 
 
@@ -42,6 +51,8 @@ class ShardInfo:
     name: str
     count: int
     sha256: str
+    source_digest: str = ""  # what went in (our writer): a resumed write keeps a shard whose digest matches
+    meta: dict = field(default_factory=dict)  # stored formats and image sizes
 
 
 @dataclass
@@ -49,10 +60,11 @@ class ShardManifest:
     dataset: str
     split: str
     classes: list[str]
-    image_shape: list[int]
+    image_shape: list[int]  # what a reader yields: (C, S, S), after the transform when sizes vary
     count: int
     shards: list[ShardInfo]
     meta: dict = field(default_factory=dict)
+    base: str | None = None  # where the shards live, when the manifest is kept elsewhere (read-only bucket)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -70,19 +82,13 @@ class ShardManifest:
     def num_classes(self) -> int:
         return len(self.classes)
 
-
-# ---------------------------------------------------------------- writing
-def _shard_bytes(data: ImageSet, rows: np.ndarray, indices: np.ndarray) -> bytes:
-    import webdataset as wds
-
-    buf = io.BytesIO()
-    with wds.TarWriter(buf) as sink:
-        for r in rows:
-            sink.write({"__key__": f"{int(indices[r]):09d}", "png": encode_png(data.x[r]), "cls": int(data.y[r]),
-                        "idx": str(int(indices[r])).encode()})
-    return buf.getvalue()
+    @property
+    def variable_size(self) -> bool:
+        """Stored images differ in size (source JPEGs): readers resize them to ``image_shape``."""
+        return bool(self.meta.get("variable_size"))
 
 
+# ---------------------------------------------------------------- writing (in-memory data sets)
 def write_shards(
     data: ImageSet,
     dest: str,
@@ -93,53 +99,57 @@ def write_shards(
     meta: dict | None = None,
     progress: bool = False,
     store: Storage | None = None,
+    workers: int = 1,
 ) -> ShardManifest:
-    """Write `data` as tar shards of at most `maxcount` samples to a folder or s3:// prefix."""
-    store = store or Storage()
+    """Write an in-memory `data` set as PNG shards of at most `maxcount` samples (replacing what is
+    at `dest`). Folders of files and large sets stream through :func:`pipeline.shard_writer.write_source`."""
+    from pipeline.shard_writer import imageset_source, write_source
+
     if len(data) == 0:
         raise ShardError(f"refusing to write shards of an empty data set to {dest}")
-    if maxcount < 1:
-        raise ShardError(f"maxcount must be >= 1, got {maxcount}")
     indices = np.arange(len(data)) if indices is None else np.asarray(indices)
     if len(indices) != len(data):
         raise ShardError(f"{len(indices)} source indices for {len(data)} samples")
-    infos = []
-    chunks = range(0, len(data), maxcount)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(data), desc=f"shards -> {dest}", unit="img")
-    for n, start in enumerate(chunks):
-        rows = np.arange(start, min(start + maxcount, len(data)))
-        payload = _shard_bytes(data, rows, indices)
-        name = SHARD_NAME.format(n)
-        store.write_bytes(join(dest, name), payload)
-        infos.append(ShardInfo(name, len(rows), hashlib.sha256(payload).hexdigest()))
-        if bar is not None:
-            bar.update(len(rows))
-    if bar is not None:
-        bar.close()
-    manifest = ShardManifest(dataset or data.name, split, list(data.classes), list(data.shape), len(data), infos,
-                             {"indices_sha256_16": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest()[:16],
-                              **(meta or {})})
-    store.write_bytes(join(dest, MANIFEST), manifest.to_json().encode())
-    return manifest
+    source = imageset_source(data, indices, dataset or data.name, split)
+    result = write_source(source, dest, maxcount=maxcount, workers=workers, store=store, meta=meta,
+                          progress=progress, overwrite=True)
+    return result.manifests[dest]
 
 
 # ---------------------------------------------------------------- locating shards
 def expand_braces(pattern: str) -> list[str]:
-    """``a/{000000..000003}.tar`` -> four URLs (zero padding kept); no braces -> [pattern]."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    """``a/{000000..000003}.tar`` -> four URLs (zero padding kept), ``{a,b}`` -> two; no braces -> [pattern]."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
-    lo, hi = m.group(1), m.group(2)
-    width = len(lo)
-    return [
-        url
-        for i in range(int(lo), int(hi) + 1)
-        for url in expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
-    ]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        if int(hi) < int(lo):
+            raise ShardError(f"brace range {{{body}}} in {pattern!r} runs backwards")
+        choices = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        raise ShardError(f"cannot expand {{{body}}} in {pattern!r}: expected {{000..009}} or {{a,b}}")
+    return [url for c in choices for url in expand_braces(pattern[: m.start()] + c + pattern[m.end() :])]
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(folder, name) of a shard or manifest URL."""
+    return (url.rsplit("/", 1)[0], url.rsplit("/", 1)[1]) if "/" in url else (".", url)
+
+
+def index_name(pattern: str) -> str:
+    """The index file ``fip shard index`` writes for a shard pattern: ``imagenet-train-{000000..001281}.tar``
+    -> ``imagenet-train.manifest.json`` (one folder may hold several shard sets)."""
+    name = _split_url(pattern)[1]
+    stem = re.sub(r"\{[^{}]*\}.*$", "", name)
+    if stem == name:  # a single shard: its name without .tar
+        stem = name.removesuffix(".tar")
+    stem = stem.rstrip("-_.")
+    return f"{stem}{INDEX_SUFFIX}" if stem else MANIFEST
 
 
 @dataclass
@@ -153,39 +163,85 @@ class ShardSource:
     @property
     def counts(self) -> list[int]:
         by_name = {s.name: s.count for s in self.manifest.shards}
-        return [by_name[u.rsplit("/", 1)[-1]] for u in self.urls]
+        return [by_name[_split_url(u)[1]] for u in self.urls]
 
     @property
     def total(self) -> int:
         return sum(self.counts)
 
+    @property
+    def channels(self) -> int:
+        return int(self.manifest.image_shape[0])
+
+
+def _read_manifest(url: str, store: Storage) -> ShardManifest | None:
+    try:
+        return ShardManifest.from_json(store.read_bytes(url).decode(), url)
+    except StorageError:
+        return None
+
 
 def open_shards(spec: str, store: Storage | None = None) -> ShardSource:
-    """Resolve a folder/prefix holding ``manifest.json``, or a brace pattern beside one."""
+    """Resolve a shard set: a folder/prefix holding ``manifest.json``; a brace pattern or ``.tar`` with
+    a manifest or a ``fip shard index`` index beside it; or the path of a manifest/index file."""
     store = store or Storage()
-    spec = str(spec)
-    if spec.endswith(".tar") or "{" in spec:
-        base = spec.rsplit("/", 1)[0] if "/" in spec else "."
+    spec = str(spec).strip()
+    if spec.endswith(".json"):
+        manifest = _read_manifest(spec, store)
+        if manifest is None:
+            raise ShardError(f"no shard manifest at {spec}")
+        base = (manifest.base or _split_url(spec)[0]).rstrip("/")
+        urls = [join(base, s.name) for s in manifest.shards]
+        where = spec
+    elif spec.endswith(".tar") or "{" in spec:
         urls = expand_braces(spec)
+        folders = {_split_url(u)[0] for u in urls}
+        if len(folders) != 1:
+            raise ShardError(f"{spec}: shards of one set must share a folder, found {len(folders)}")
+        base = folders.pop()
+        candidates = [join(base, index_name(spec)), join(base, MANIFEST)]
+        manifest, where = None, candidates[0]
+        for url in dict.fromkeys(candidates):
+            manifest = _read_manifest(url, store)
+            if manifest is not None:
+                where = url
+                break
+        if manifest is None:
+            raise ShardError(f"no index for {spec}: looked for {' and '.join(dict.fromkeys(candidates))}; run "
+                             f"`fip shard index '{spec}'` (with --out for a read-only bucket, then pass that file)")
     else:
-        base, urls = spec.rstrip("/"), None
-    manifest_url = join(base, MANIFEST)
-    try:
-        manifest = ShardManifest.from_json(store.read_bytes(manifest_url).decode(), manifest_url)
-    except StorageError as e:
-        raise ShardError(f"no shard manifest at {manifest_url} ({e}); write shards with `fip shard`") from e
-    if urls is None:
+        base = spec.rstrip("/")
+        where = join(base, MANIFEST)
+        manifest = _read_manifest(where, store)
+        if manifest is None:
+            hint = ("an interrupted write left " + PARTIAL_MANIFEST + ": rerun `fip shard` to finish it"
+                    if store.exists(join(base, PARTIAL_MANIFEST)) else "write shards with `fip shard`, or index "
+                    "shards made elsewhere with `fip shard index`")
+            raise ShardError(f"no shard manifest at {where} ({hint})")
         urls = [join(base, s.name) for s in manifest.shards]
     known = {s.name: s for s in manifest.shards}
     for u in urls:
-        name = u.rsplit("/", 1)[-1]
+        name = _split_url(u)[1]
         if name not in known:
-            raise ShardError(f"shard {u} is not listed in {manifest_url}")
+            raise ShardError(f"shard {u} is not listed in {where}")
         if known[name].count == 0:
             raise ShardError(f"shard {u} is empty (0 samples in the manifest)")
     if not urls:
         raise ShardError(f"{spec}: no shards to read")
     return ShardSource(urls, manifest, store)
+
+
+def default_transform(manifest: ShardManifest) -> Transform:
+    """What a plain reader does: decode only, or resize + centre crop when stored sizes vary."""
+    if manifest.variable_size:
+        return eval_transform(int(manifest.image_shape[-1]))
+    return KEEP
+
+
+def train_transform_for(manifest: ShardManifest) -> Transform | None:
+    """The fine-tuning transform: random-resized crop + flip when stored sizes vary; None (decode
+    only) for fixed-size shards, whose augmentation is FIP's own batch crop and flip."""
+    return train_transform(int(manifest.image_shape[-1])) if manifest.variable_size else None
 
 
 # ---------------------------------------------------------------- reading
@@ -195,8 +251,32 @@ class ReadStats:
     skipped_shards: list[str] = field(default_factory=list)
 
 
-def _iter_shard(url: str, channels: int, store: Storage) -> Iterator[tuple[torch.Tensor, int, int]]:
-    """Decoded (image uint8, label, source index) of one shard, in order; errors name the shard."""
+@dataclass
+class RawSample:
+    """One sample as stored: encoded image bytes, label, source index (None when the shard has no ``idx``)."""
+
+    key: str
+    image: bytes
+    label: int
+    index: int | None
+
+
+def _raw_sample(sample: dict, url: str) -> RawSample:
+    key = sample.get("__key__")
+    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if image is None:
+        raise ShardError(f"shard {url}: sample {key!r} is malformed (no image under {', '.join(IMAGE_KEYS)}; "
+                         f"members: {', '.join(k for k in sample if not k.startswith('__'))})")
+    try:
+        label = int(sample["cls"].strip())
+        index = int(sample["idx"]) if "idx" in sample else None
+    except (KeyError, ValueError) as e:
+        raise ShardError(f"shard {url}: sample {key!r} is malformed (label or index: {e!r})") from e
+    return RawSample(key, image, label, index)
+
+
+def iter_raw_shard(url: str, store: Storage) -> Iterator[RawSample]:
+    """The samples of one shard in order, undecoded; errors name the shard."""
     import tarfile
 
     from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -208,12 +288,13 @@ def _iter_shard(url: str, channels: int, store: Storage) -> Iterator[tuple[torch
     try:
         files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
         for sample in group_by_keys(files):
-            try:
-                yield decode_png(sample["png"], channels), int(sample["cls"]), int(sample["idx"])
-            except (KeyError, ValueError, OSError) as e:
-                raise ShardError(f"shard {url}: sample {sample.get('__key__')!r} is malformed ({e})") from e
+            yield _raw_sample(sample, url)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"shard {url} is corrupt or truncated: {e}") from e
+    except ValueError as e:  # group_by_keys: a duplicate member
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(f"shard {url} is malformed: {e}") from e
     finally:
         stream.close()
 
@@ -225,27 +306,53 @@ def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
     return (total * rank) // world, (total * (rank + 1)) // world
 
 
+def _decode(source: ShardSource, url: str, raw: RawSample, transform: Transform, g) -> torch.Tensor:
+    try:
+        img = transform(raw.image, source.channels, g)
+    except ImageDecodeError as e:
+        raise ShardError(f"shard {url}: sample {raw.key!r} is malformed ({e})") from e
+    if transform.mode == "keep" and list(img.shape) != list(source.manifest.image_shape):
+        raise ShardError(f"shard {url}: sample {raw.key!r} is {tuple(img.shape)}, the manifest says "
+                         f"{tuple(source.manifest.image_shape)} (images of varying size need a resizing transform)")
+    return img
+
+
 def iter_range(
-    source: ShardSource, start: int, stop: int, skip_corrupt: bool = False, stats: ReadStats | None = None
+    source: ShardSource, start: int, stop: int, skip_corrupt: bool = False, stats: ReadStats | None = None,
+    transform: Transform | None = None, rng: Callable[[int], torch.Generator] | None = None,
 ) -> Iterator[tuple[torch.Tensor, int, int]]:
-    """Samples at global positions [start, stop), opening only the shards that overlap them.
+    """(uint8 image, label, source index) at global positions [start, stop), opening only the shards
+    that overlap them. `transform` defaults to :func:`default_transform`; `rng(position)` seeds a
+    random one (so a sample's augmentation does not depend on which worker reads it).
 
     A shard that yields fewer samples than its manifest count is truncated: an error, or with
-    `skip_corrupt` the missing samples are counted in `stats` and the stream goes on.
+    `skip_corrupt` the missing samples are counted in `stats` and the stream goes on; so is a
+    sample that does not decode.
     """
-    channels = source.manifest.image_shape[0]
+    transform = transform or default_transform(source.manifest)
+    num_classes = source.manifest.num_classes
     offset = 0
     for url, count in zip(source.urls, source.counts, strict=True):
         lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
             seen = 0
             try:
-                for pos, sample in enumerate(_iter_shard(url, channels, source.store)):
+                for pos, raw in enumerate(iter_raw_shard(url, source.store)):
                     seen = pos + 1
                     if pos >= count:
                         raise ShardError(f"shard {url} holds more samples than its manifest count {count}")
                     if lo <= offset + pos < hi:
-                        yield sample
+                        try:
+                            if not 0 <= raw.label < num_classes:
+                                raise ShardError(f"shard {url}: sample {raw.key!r} has label {raw.label}, the "
+                                                 f"manifest has {num_classes} classes")
+                            img = _decode(source, url, raw, transform, rng(offset + pos) if rng else None)
+                        except ShardError:
+                            if not skip_corrupt:
+                                raise
+                            _note_skip(stats, url, 1)
+                        else:
+                            yield img, raw.label, offset + pos if raw.index is None else raw.index
                     if offset + pos + 1 >= hi:
                         break
                 if offset + seen < hi:
@@ -253,26 +360,35 @@ def iter_range(
             except ShardError:
                 if not skip_corrupt:
                     raise
-                missing = hi - max(lo, offset + seen)
-                if stats is not None:
-                    stats.skipped += max(missing, 0)
-                    stats.skipped_shards.append(url)
+                _note_skip(stats, url, max(hi - max(lo, offset + seen), 0))
         offset += count
         if offset >= stop:
             break
 
 
+def _note_skip(stats: ReadStats | None, url: str, n: int) -> None:
+    if stats is not None:
+        stats.skipped += n
+        if url not in stats.skipped_shards:
+            stats.skipped_shards.append(url)
+
+
 class RankStream(IterableDataset):
-    """This rank's samples as (image float, label, is_padding), split again across DataLoader workers.
+    """This rank's samples as (image, label, is_padding), split again across DataLoader workers.
 
     Yields exactly ``ceil(N / world)`` items per epoch on every rank. With `shuffle`, a buffer
-    shuffle seeded by (seed, epoch, rank, worker) reorders them.
+    shuffle seeded by (seed, epoch, rank, worker) reorders them. Images are float in [0, 1], or
+    uint8 with `as_uint8` (converted on the model's device); `transform` defaults to the manifest's
+    (:func:`default_transform`), a random one is seeded by (seed, epoch, sample position).
     """
 
     def __init__(self, source: ShardSource, rank: int, world: int, shuffle: bool = False, seed: int = 0,
-                 buffer: int = 1000, skip_corrupt: bool = False, limit: int | None = None) -> None:
+                 buffer: int = 1000, skip_corrupt: bool = False, limit: int | None = None,
+                 transform: Transform | None = None, as_uint8: bool = False) -> None:
         self.source, self.rank, self.world = source, rank, world
         self.shuffle, self.seed, self.buffer, self.skip_corrupt = shuffle, seed, buffer, skip_corrupt
+        self.transform = transform or default_transform(source.manifest)
+        self.as_uint8 = as_uint8
         total = source.total if limit is None else min(limit, source.total)
         self.start, self.stop = rank_range(total, rank, world)
         self.length = math.ceil(total / world)
@@ -291,6 +407,9 @@ class RankStream(IterableDataset):
             return 0, self.length
         return rank_range(self.length, info.id, info.num_workers)
 
+    def _rng(self, position: int) -> torch.Generator:
+        return generator(self.seed, "transform", self.epoch, position)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, bool]]:
         lo, hi = self._worker_slice()
         real = self.stop - self.start
@@ -299,7 +418,15 @@ class RankStream(IterableDataset):
         # positions [lo, hi) of this rank's padded sequence; those past `real` repeat earlier samples
         real_lo, real_hi = self.start + min(lo, real), self.start + min(hi, real)
         stream = self._padded(real_lo, real_hi, hi - lo)
-        return self._shuffled(stream) if self.shuffle else stream
+        if self.shuffle:
+            stream = self._shuffled(stream)
+        if self.as_uint8:
+            return stream
+        return ((img.float() / 255.0, label, pad) for img, label, pad in stream)
+
+    def _range(self, a: int, b: int, stats: ReadStats | None):
+        return iter_range(self.source, a, b, self.skip_corrupt, stats, self.transform,
+                          self._rng if self.transform.random else None)
 
     def _padded(self, a: int, b: int, length: int) -> Iterator[tuple[torch.Tensor, int, bool]]:
         """Samples at positions [a, b), then padding (repeats of the first ones, flagged) up to `length`.
@@ -307,20 +434,18 @@ class RankStream(IterableDataset):
         Skipped (corrupt) samples are replaced by padding too, so every rank yields its full length."""
         first: list = []
         produced = 0
-        for img, label, _ in iter_range(self.source, a, b, self.skip_corrupt, self.stats):
-            item = (img.float() / 255.0, label, False)
+        for img, label, _ in self._range(a, b, self.stats):
             if len(first) < 64:
-                first.append(item)
+                first.append((img, label))
             produced += 1
-            yield item
+            yield img, label, False
         need = length - produced
         if need and not first:
-            first = [(img.float() / 255.0, label, False) for img, label, _ in
-                     iter_range(self.source, self.start, min(self.stop, self.start + 64), self.skip_corrupt)]
+            first = [(img, label) for img, label, _ in self._range(self.start, min(self.stop, self.start + 64), None)]
             if not first:
                 raise ShardError(f"rank {self.rank}: every shard in its range is unreadable")
         for k in range(need):
-            img, label, _ = first[k % len(first)]
+            img, label = first[k % len(first)]
             yield img, label, True
 
     def _shuffled(self, stream):
@@ -338,23 +463,35 @@ class RankStream(IterableDataset):
 
 def _collate(items):
     xs, ys, pads = zip(*items, strict=True)
+    shapes = {tuple(x.shape) for x in xs}
+    if len(shapes) > 1:
+        raise ShardError(f"images of different sizes in one batch ({sorted(shapes)[:3]}): read them through a "
+                         f"transform to a fixed size (pipeline.transforms)")
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long), torch.tensor(pads, dtype=torch.bool)
 
 
-def rank_loader(stream: RankStream, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """Batches of (x, y, is_padding) for this rank; same batch count on every rank."""
+def rank_loader(stream: RankStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                prefetch_factor: int | None = None) -> DataLoader:
+    """Batches of (x, y, is_padding) for this rank; same batch count on every rank.
+
+    With `num_workers`, decoding and transforms run in that many worker processes, each keeping
+    `prefetch_factor` batches ready; `pin_memory` (CUDA only) lets batches cross to the GPU
+    asynchronously."""
+    extra = {"prefetch_factor": prefetch_factor or 2} if num_workers > 0 else {}
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                      persistent_workers=False)
+                      persistent_workers=False, pin_memory=pin_memory and torch.cuda.is_available(), **extra)
 
 
-def read_all(source: ShardSource, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_all(source: ShardSource, limit: int | None = None,
+             transform: Transform | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every sample in order as (uint8 images, labels, source indices): for small sets and tests."""
     total = source.total if limit is None else min(limit, source.total)
     xs, ys, idx = [], [], []
-    for img, label, i in iter_range(source, 0, total):
+    for img, label, i in iter_range(source, 0, total, transform=transform):
         xs.append(img)
         ys.append(label)
         idx.append(i)
     if not xs:
         raise ShardError("no samples read")
     return torch.stack(xs), torch.tensor(ys), torch.tensor(idx)
+

@@ -47,11 +47,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def sample_labels(logits: torch.Tensor, kind: FisherKind, labels: torch.Tensor, generator=None) -> torch.Tensor:
-    """The labels whose log-likelihood is differentiated: the true ones, or draws from the model."""
+    """The labels whose log-likelihood is differentiated: the true ones, or draws from the model.
+
+    Draws happen on the generator's device (a CUDA generator with a model on the GPU; a CPU one
+    still works there, through a copy of the probabilities) and land on the logits' device."""
     if kind == "empirical":
         return labels
     if kind == "true":
         probs = torch.softmax(logits.detach().float(), dim=-1)
+        if generator is not None and generator.device != probs.device:
+            return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     raise ValueError(f"unknown Fisher kind {kind!r}; expected 'empirical' or 'true'")
 
@@ -212,7 +217,9 @@ def fisher_diag(
     if not params:
         raise ValueError("model has no trainable parameters to estimate a Fisher for")
     num_classes = _num_classes(model)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # the true Fisher's labels are drawn where the model runs (a CPU generator cannot feed CUDA multinomial)
+    on = torch.device(device) if device is not None else next(iter(params.values())).device
+    generator = torch.Generator(device=on).manual_seed(seed)
     est = FisherDiag.zeros_like(params, kind)
     for x, y in batches:
         if max_samples is not None and est.count >= max_samples:

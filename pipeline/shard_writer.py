@@ -49,11 +49,16 @@ if TYPE_CHECKING:
     from pipeline.shards import ShardInfo, ShardManifest
 
 MAX_SIZES = 4  # distinct image sizes remembered per shard (more: the shard is "varied")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image members a sample may carry, in preference order
 DEFAULT_IMAGE_SIZE = 224
 
 
 class SourceImageError(ValueError):
     """A source file is not a readable image; names the file."""
+
+
+class MalformedSample(ValueError):
+    """A shard's sample lacks an image or a label; names the shard and the key."""
 
 
 # ---------------------------------------------------------------- sources
@@ -237,6 +242,50 @@ def _encoded(sample: tuple) -> tuple[str, bytes, tuple[int, int]]:
             return "png", _png(arr), im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise SourceImageError(f"{path} is not a readable image: {e}") from e
+
+
+def iter_tar_samples(stream) -> Iterator[dict]:
+    """A tar stream's members grouped into samples as WebDataset groups them: the key is a member's
+    path up to the first dot of its file name, the extension (lower-cased) names the field, and
+    consecutive members sharing a key form one sample. Names starting with ``__`` are metadata.
+
+    Plain ``tarfile`` (webdataset's own iterator imports torch: a second in every worker)."""
+    import tarfile
+
+    current: dict | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            folder, _, fname = info.name.rpartition("/")
+            stem, dot, ext = fname.partition(".")
+            if info.isreg() and dot and stem and not fname.startswith("__"):
+                key = f"{folder}/{stem}" if folder else stem
+                data = tar.extractfile(info).read()
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key}
+                ext = ext.lower()
+                if ext in current:
+                    raise ValueError(f"{info.name}: a second {ext!r} member for key {key!r}")
+                current[ext] = data
+            tar.members = []  # a stream of any length: keep no member list
+    if current is not None:
+        yield current
+
+
+def parse_sample(sample: dict, url: str) -> tuple[str, bytes, int, int | None]:
+    """(key, image bytes, label, source index or None) of one grouped sample."""
+    key = sample.get("__key__")
+    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if image is None:
+        raise MalformedSample(f"shard {url}: sample {key!r} is malformed (no image under {', '.join(IMAGE_KEYS)}; "
+                              f"members: {', '.join(k for k in sample if not k.startswith('__'))})")
+    try:
+        label = int(sample["cls"].strip())
+        index = int(sample["idx"]) if "idx" in sample else None
+    except (KeyError, ValueError) as e:
+        raise MalformedSample(f"shard {url}: sample {key!r} is malformed (label or index: {e!r})") from e
+    return key, image, label, index
 
 
 class _HashingWriter:
@@ -620,44 +669,40 @@ def _limited(groups: Iterator[tuple[str, list[Sample]]], keep: set[int] | None,
 # ---------------------------------------------------------------- indexing shards made elsewhere
 def index_shard_task(url: str, settings: StorageSettings) -> dict:
     """Worker entry point: one shard read through once: sample count, SHA-256, labels, formats, sizes."""
+    import tarfile
+
     from PIL import Image
 
-    from pipeline.shards import iter_raw_shard
-
-    store = Storage(settings)
-    hashing = _HashingReader(store, url)
     count, lo, hi = 0, None, None
     formats: dict[str, int] = {}
     sizes: list[list[int]] = []
     varied = False
-    for raw in iter_raw_shard(url, hashing):
-        count += 1
-        lo = raw.label if lo is None else min(lo, raw.label)
-        hi = raw.label if hi is None else max(hi, raw.label)
-        kind = _sniff(raw.image) or "other"
-        formats[kind] = formats.get(kind, 0) + 1
-        try:
-            with Image.open(io.BytesIO(raw.image)) as im:
-                size = list(im.size)
-        except Exception as e:  # noqa: BLE001 (any decoder error: named with the sample)
-            raise SourceImageError(f"shard {url}: sample {raw.key!r} is not a readable image ({e})") from e
-        if size not in sizes:
-            if len(sizes) < MAX_SIZES:
-                sizes.append(size)
-            else:
-                varied = True
-    return {"count": count, "sha256": hashing.sha.hexdigest(), "min_label": lo, "max_label": hi,
+    sha = hashlib.sha256()
+    stream = _HashedStream(Storage(settings).open_read(url), sha)
+    try:
+        for sample in iter_tar_samples(stream):
+            key, image, label, _ = parse_sample(sample, url)
+            count += 1
+            lo = label if lo is None else min(lo, label)
+            hi = label if hi is None else max(hi, label)
+            kind = _sniff(image) or "other"
+            formats[kind] = formats.get(kind, 0) + 1
+            try:
+                with Image.open(io.BytesIO(image)) as im:
+                    size = list(im.size)
+            except Exception as e:  # noqa: BLE001 (any decoder error: named with the sample)
+                raise SourceImageError(f"shard {url}: sample {key!r} is not a readable image ({e})") from e
+            if size not in sizes:
+                if len(sizes) < MAX_SIZES:
+                    sizes.append(size)
+                else:
+                    varied = True
+    except (tarfile.TarError, EOFError) as e:
+        raise MalformedSample(f"shard {url} is corrupt or truncated: {e}") from e
+    finally:
+        stream.close()  # hashes the end-of-archive blocks too
+    return {"count": count, "sha256": sha.hexdigest(), "min_label": lo, "max_label": hi,
             "meta": {"formats": formats, "sizes": sizes, "varied": varied}}
-
-
-class _HashingReader:
-    """A storage handle whose streams are hashed as they are read (a shard is read once)."""
-
-    def __init__(self, store: Storage, url: str) -> None:
-        self.store, self.url, self.sha = store, url, hashlib.sha256()
-
-    def open_read(self, url: str):
-        return _HashedStream(self.store.open_read(url), self.sha)
 
 
 class _HashedStream(io.RawIOBase):
@@ -732,6 +777,8 @@ def index_shards(
                 results[url] = fut.result()
             except StorageError as e:
                 raise ShardError(f"cannot read shard {url}: {e}") from e
+            except ValueError as e:  # a malformed sample or an unreadable image, named by the worker
+                raise ShardError(str(e)) from e
             if bar is not None:
                 bar.update(1)
     finally:

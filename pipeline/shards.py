@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fip.training import generator
 from lab.datasets import ImageSet
+from pipeline.shard_writer import MalformedSample, iter_tar_samples, parse_sample
 from pipeline.storage import Storage, StorageError, join
-from pipeline.transforms import IMAGE_KEYS, KEEP, ImageDecodeError, Transform, eval_transform, train_transform
+from pipeline.transforms import KEEP, ImageDecodeError, Transform, eval_transform, train_transform
 
 MANIFEST = "manifest.json"
 PARTIAL_MANIFEST = "manifest.partial.json"  # an unfinished write's progress (pipeline.shard_writer)
@@ -262,36 +263,26 @@ class RawSample:
 
 
 def _raw_sample(sample: dict, url: str) -> RawSample:
-    key = sample.get("__key__")
-    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if image is None:
-        raise ShardError(f"shard {url}: sample {key!r} is malformed (no image under {', '.join(IMAGE_KEYS)}; "
-                         f"members: {', '.join(k for k in sample if not k.startswith('__'))})")
     try:
-        label = int(sample["cls"].strip())
-        index = int(sample["idx"]) if "idx" in sample else None
-    except (KeyError, ValueError) as e:
-        raise ShardError(f"shard {url}: sample {key!r} is malformed (label or index: {e!r})") from e
-    return RawSample(key, image, label, index)
+        return RawSample(*parse_sample(sample, url))
+    except MalformedSample as e:
+        raise ShardError(str(e)) from e
 
 
 def iter_raw_shard(url: str, store: Storage) -> Iterator[RawSample]:
     """The samples of one shard in order, undecoded; errors name the shard."""
     import tarfile
 
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
     try:
         stream = store.open_read(url)
     except StorageError as e:
         raise ShardError(f"cannot open shard {url}: {e}") from e
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        for sample in group_by_keys(files):
+        for sample in iter_tar_samples(stream):
             yield _raw_sample(sample, url)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"shard {url} is corrupt or truncated: {e}") from e
-    except ValueError as e:  # group_by_keys: a duplicate member
+    except ValueError as e:  # a duplicate member
         if isinstance(e, ShardError):
             raise
         raise ShardError(f"shard {url} is malformed: {e}") from e

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the image members a sample may carry, in preference order
 EVAL_CROP_FRACTION = 0.875  # centre crop over resize: 224 of 256, the usual ImageNet evaluation
 NORMALIZATION_KEY = "input_normalization"
 TRANSFORM_KEY = "input_transforms"

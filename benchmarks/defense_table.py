@@ -71,7 +71,8 @@ def run(attacks: list[str], defenses: list[str], quick: bool = False, dataset: s
     return summarise(rows, defenses, quick, dataset, results)
 
 
-def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str, results: Path = RESULTS) -> dict:
+def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str, results: Path = RESULTS,
+              note: str = "") -> dict:
     means = {}
     for d in defenses:
         rs = [r for r in rows if r["defense"] == d]
@@ -95,7 +96,8 @@ def summarise(rows: list[dict], defenses: list[str], quick: bool, dataset: str, 
         f"# Defenses on {dataset}{' (quick mode)' if quick else ''}\n\n"
         f"Measured in one run on the same backdoored models and D_val, {torch.get_num_threads()} CPU threads; "
         f"attacks: {', '.join(dict.fromkeys(r['attack'] for r in rows))}.\n\n"
-        "## Mean over attacks\n\n"
+        + (f"{note}\n\n" if note else "")
+        + "## Mean over attacks\n\n"
         + markdown_table(["defense", "ACC %", "ACC drop", "ASR %", "RA %", "DER", "seconds"], mean_table)
         + f"\nBest mean DER: **{best_der}**.\n\nRatios: "
         + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items())

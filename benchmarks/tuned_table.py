@@ -1,0 +1,204 @@
+"""Validate the defender's sweep objective, and FIP tuned by it as a row of the defense table.
+
+    python -m benchmarks.tuned_table                      # every lab attack, 10 trials each
+    python -m benchmarks.tuned_table --attacks badnets,blend --trials 6
+
+For each backdoored model of the lab (the same cached models and D_val as benchmarks/defense_table.py),
+a sweep of FIP trials over the default search space (tuning/space.py): each trial fine-tunes on the
+``dval-train`` share of D_val, the objective (tuning/objective.py) scores it on the ``dval-holdout``
+share, and ACC/ASR/RA/DER are measured on the test set for the report only. The winner is the
+argmax of the objective, chosen without the trigger.
+
+Trials run in-process with :func:`fip.purify.purify` (the same loop the Ray Train stage runs), not
+through Ray Tune and Ray Train: eight sweeps through Ray on 2 cores would not fit the time. The
+objective code is the one `fip tune` uses.
+
+Writes ``benchmarks/results/tuned-<dataset>.{json,md}`` (every trial, Spearman rank correlation of the
+objective and of each feature with DER, per attack and pooled) and adds a ``fip-tuned`` row to
+``defenses-<dataset>.{json,md}``: per attack the chosen trial, with the whole sweep's seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
+from fip.io import load_model
+from fip.purify import PurifyConfig, purify
+from fip.training import derive_seed
+from lab.attacks import ATTACKS
+from lab.backdoor import attack_from_record, make_backdoored_model, versions
+from lab.datasets import CleanSplit, load_dataset
+from lab.metrics import defense_effectiveness_rating, evaluate_model
+from tuning.holdout import split_dval
+from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective, score
+from tuning.report import FEATURES, spearman
+from tuning.space import SearchSpace
+
+
+def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
+                 space: SearchSpace, cache: Path, progress: bool = True) -> dict:
+    from benchmarks.defense_table import lab_config
+
+    cfg = lab_config(attack_name, False, dataset)
+    art = make_backdoored_model(cfg, cache / "lab", progress=progress)
+    suspect = load_model(art.model_path).model
+    attack = attack_from_record(art.record)
+    split = CleanSplit.load(art.dval_path)
+    dval = load_dataset(dataset, "train").subset(split.indices)
+    x, y = dval.floats(), dval.y
+    train_rows, held_rows = split_dval(y, holdout_fraction, seed)
+    t0 = time.perf_counter()
+    holdout = Holdout.from_suspect(suspect, x[held_rows], y[held_rows])
+    holdout_seconds = time.perf_counter() - t0
+    test = load_dataset(dataset, "test")
+    xt, yt = test.floats(), test.y
+    before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
+    rng = random.Random(derive_seed(seed, "trials", attack_name))
+    rows = []
+    for i in range(trials):
+        params = space.sample(rng)
+        pcfg = PurifyConfig(**{**params, "seed": derive_seed(seed, "trial", i) % 2**31})
+        t = time.perf_counter()
+        res = purify(suspect, x[train_rows], y[train_rows], pcfg)
+        feats = evaluate_objective(res.model, holdout)
+        seconds = time.perf_counter() - t
+        after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)  # reporting only
+        der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
+        rows.append({"trial": i, "params": params, **feats, "acc": after["acc"], "asr": after["asr"],
+                     "ra": after["ra"], "der": der, "seconds": seconds})
+        if progress:
+            print(f"{attack_name:>12} trial {i:2d} {params['method']:>8} it {params['iterations']:3d} "
+                  f"obj {feats['objective']:+.4f} hacc {100 * feats['holdout_acc']:5.1f} agr {100 * feats['agreement']:5.1f} "
+                  f"kl {feats['kl_to_suspect']:.3f} tr {feats['trace_ratio']:.3f} | ACC {100 * after['acc']:5.2f} "
+                  f"ASR {100 * after['asr']:6.2f} DER {der:.3f} {seconds:5.1f}s", flush=True)
+    return {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
+            "holdout_size": len(held_rows), "train_size": len(train_rows), "holdout_seconds": holdout_seconds}
+
+
+def choose(sweep: dict, weights: ObjectiveWeights) -> dict:
+    """The trial the defender picks: the argmax of the objective (features only; DER is never read)."""
+    scored = [(score(t, sweep["suspect_holdout"], weights), t["trial"]) for t in sweep["trials"]]
+    best = max(scored)[1]
+    return next(t for t in sweep["trials"] if t["trial"] == best)
+
+
+def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, results: Path, space: dict | None = None) -> dict:
+    per_attack, pooled_obj, pooled_der = [], [], []
+    for s in sweeps:
+        for t in s["trials"]:
+            t["objective"] = score(t, s["suspect_holdout"], weights)
+        ders = [t["der"] for t in s["trials"]]
+        corr = {f: spearman([t[f] for t in s["trials"]], ders) for f in ("objective", *FEATURES)}
+        chosen = choose(s, weights)
+        best = max(s["trials"], key=lambda t: t["der"])
+        seconds = sum(t["seconds"] for t in s["trials"]) + s["holdout_seconds"]
+        per_attack.append({"attack": s["attack"], "spearman": corr, "chosen": chosen, "oracle": best,
+                           "sweep_seconds": seconds, "before": s["before"]})
+        pooled_obj += [t["objective"] for t in s["trials"]]
+        pooled_der += ders
+    pooled = {"objective": spearman(pooled_obj, pooled_der)}
+    for f in FEATURES:
+        pooled[f] = spearman([t[f] for s in sweeps for t in s["trials"]], pooled_der)
+    means = {}
+    if per_attack:
+        means = {k: statistics.mean(p["chosen"][k] for p in per_attack) for k in ("acc", "asr", "ra", "der")}
+        means["acc_drop"] = statistics.mean(p["before"]["acc"] - p["chosen"]["acc"] for p in per_attack)
+        means["oracle_der"] = statistics.mean(p["oracle"]["der"] for p in per_attack)
+        means["spearman_mean"] = statistics.mean(p["spearman"]["objective"] for p in per_attack)
+    corr_rows = [[p["attack"], *(round(p["spearman"][f], 2) for f in ("objective", *FEATURES))] for p in per_attack]
+    corr_rows.append(["pooled", *(round(pooled[f], 2) for f in ("objective", *FEATURES))])
+    chosen_rows = [[p["attack"], p["chosen"]["trial"], p["chosen"]["params"]["method"],
+                    100 * p["chosen"]["acc"], 100 * p["chosen"]["asr"], 100 * p["chosen"]["ra"],
+                    round(p["chosen"]["der"], 3), round(p["oracle"]["der"], 3), round(p["sweep_seconds"], 1)]
+                   for p in per_attack]
+    trial_rows = [[s["attack"], t["trial"], t["params"]["method"], t["params"]["iterations"],
+                   f"{t['params']['eta_f']:.1e}", f"{t['params']['eta_r']:.2f}", f"{t['params']['eta_kl']:.2f}",
+                   f"{t['params']['lr']:.4f}", f"{t['params']['crop_until']:.2f}", round(t["objective"], 4),
+                   100 * t["holdout_acc"], round(t["kl_to_suspect"], 3), round(t["trace_ratio"], 3),
+                   100 * t["acc"], 100 * t["asr"], round(t["der"], 3)] for s in sweeps for t in s["trials"]]
+    md = (f"# FIP tuned by the defender's objective on {dataset}\n\n"
+          "Trials run in-process (`fip.purify.purify`) on the `dval-train` share of D_val; the objective "
+          "(tuning/objective.py, weights below) reads only the `dval-holdout` share; ACC/ASR/RA/DER on the test "
+          "set are for this report. The chosen trial is the argmax of the objective.\n\n"
+          f"Weights: {json.dumps(weights.__dict__)}\n\nSearch space: {json.dumps(space)}\n\n"
+          "## Spearman rank correlation with DER over the trials\n\n"
+          + markdown_table(["attack", "objective", *FEATURES], corr_rows)
+          + "\n## The chosen trial per attack (fip-tuned)\n\n"
+          + markdown_table(["attack", "trial", "method", "ACC %", "ASR %", "RA %", "DER", "best DER in sweep",
+                            "sweep seconds"], chosen_rows)
+          + (f"\nMean: ACC {100 * means['acc']:.2f} %, ACC drop {100 * means['acc_drop']:.2f} points, "
+             f"ASR {100 * means['asr']:.2f} %, DER {means['der']:.3f} (the best trial per attack would give "
+             f"{means['oracle_der']:.3f}); mean per-attack Spearman {means['spearman_mean']:.2f}.\n" if means else "")
+          + "\n## Every trial\n\n"
+          + markdown_table(["attack", "trial", "method", "iters", "eta_f", "eta_r", "eta_kl", "lr", "crop_until",
+                            "objective", "holdout ACC %", "KL", "Tr F ratio", "ACC %", "ASR %", "DER"], trial_rows))
+    payload = {"dataset": dataset, "weights": weights.__dict__, "space": space, "sweeps": sweeps, "per_attack": per_attack,
+               "pooled_spearman": pooled, "means": means, "versions": versions()}
+    write_results(f"tuned-{dataset}", payload, md, results)
+    return payload
+
+
+def add_to_defense_table(summary: dict, dataset: str, results: Path) -> None:
+    """Put the chosen trials into the defense table as the ``fip-tuned`` row (other rows untouched)."""
+    from benchmarks.defense_table import summarise as defense_summary
+
+    path = results / f"defenses-{dataset}.json"
+    if not path.is_file():
+        return
+    table = json.loads(path.read_text())
+    rows = [r for r in table["rows"] if r["defense"] != "fip-tuned"]
+    for p in summary["per_attack"]:
+        c = p["chosen"]
+        rows.append({"attack": p["attack"], "defense": "fip-tuned", "acc_before": p["before"]["acc"],
+                     "asr_before": p["before"]["asr"], "acc": c["acc"], "asr": c["asr"], "ra": c["ra"],
+                     "der": c["der"], "seconds": p["sweep_seconds"],
+                     "info": {"trial": c["trial"], "params": c["params"], "objective": c["objective"]}})
+    defenses = list(dict.fromkeys([r["defense"] for r in rows]))
+    defense_summary(rows, defenses, False, dataset, results,
+                    note="The fip-tuned row comes from benchmarks/tuned_table.py (a separate run on the same cached "
+                         "models and D_val): per attack the trial the defender's objective picks, its seconds are "
+                         "the whole sweep's.")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--holdout-fraction", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--space", default=None, help="search space YAML (default: tuning.space.DEFAULT_SPACE_TEXT)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=KIND:A:B",
+                   help="change one setting of the space, as `fip tune --space` does (e.g. iterations=150)")
+    p.add_argument("--resummarise", action="store_true", help="recompute the tables from the saved trials only")
+    p.add_argument("--append", action="store_true", help="keep the saved sweeps of other attacks (replace these)")
+    p.add_argument("--no-defense-table", action="store_true")
+    args = p.parse_args(argv)
+    space = SearchSpace.from_yaml(args.space) if args.space else SearchSpace.default()
+    if args.set:
+        space = space.with_flags(args.set)
+    weights = ObjectiveWeights()
+    saved = RESULTS / f"tuned-{args.dataset}.json"
+    sweeps = []
+    if args.resummarise or args.append:
+        sweeps = json.loads(saved.read_text())["sweeps"] if saved.is_file() else []
+    if not args.resummarise:
+        for name in args.attacks.split(","):
+            sweeps = [s for s in sweeps if s["attack"] != name]
+            sweeps.append(sweep_attack(name, args.trials, args.dataset, args.holdout_fraction, args.seed, space, CACHE))
+            summary = summarise(sweeps, weights, args.dataset, RESULTS, space.describe())  # partial results after each attack
+    summary = summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
+    if not args.no_defense_table:
+        add_to_defense_table(summary, args.dataset, RESULTS)
+    print(json.dumps({"pooled_spearman": summary["pooled_spearman"], "means": summary["means"]}, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

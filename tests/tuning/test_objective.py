@@ -1,0 +1,85 @@
+"""The objective's pieces without Ray: the D_val split, the features, the score, the search space."""
+
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from tuning.holdout import split_dval
+from tuning.objective import Holdout, ObjectiveWeights, fisher_trace, measure, score
+from tuning.report import spearman
+from tuning.space import SearchSpace
+
+
+def test_split_is_class_balanced_disjoint_and_seeded():
+    y = torch.arange(10).repeat_interleave(20)
+    train, held = split_dval(y, 0.3, seed=1)
+    assert set(train).isdisjoint(held) and len(train) + len(held) == 200
+    assert torch.bincount(y[held], minlength=10).tolist() == [6] * 10
+    again, _ = split_dval(y, 0.3, seed=1)
+    other, _ = split_dval(y, 0.3, seed=2)
+    assert (again == train).all() and not (other == train).all()
+    with pytest.raises(ValueError, match="class 3 has 1 clean sample"):
+        split_dval(torch.tensor([0, 0, 3]), 0.3, 0)
+
+
+def test_features_against_hand_computation(one_thread):
+    torch.manual_seed(0)
+    suspect = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.rand(12, 1, 2, 2), torch.arange(12) % 3
+    holdout = Holdout.from_suspect(suspect, x, y)
+    same = measure(suspect, holdout)
+    assert same["agreement"] == 1.0 and same["kl_to_suspect"] == pytest.approx(0.0, abs=1e-7)
+    assert same["trace_ratio"] == pytest.approx(1.0)
+    # Tr(F) by a plain loop over samples
+    ref = 0.0
+    for i in range(12):
+        suspect.zero_grad()
+        nn.functional.cross_entropy(suspect(x[i : i + 1]), y[i : i + 1]).backward()
+        ref += sum(float(p.grad.pow(2).sum()) for p in suspect.parameters())
+    assert fisher_trace(suspect, x, y) == pytest.approx(ref / 12, rel=1e-5)
+    moved = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    feats = measure(moved, holdout)
+    p, q = torch.softmax(suspect(x), 1), torch.softmax(moved(x), 1)
+    assert feats["kl_to_suspect"] == pytest.approx(float((p * (p / q).log()).sum(1).mean().detach()), rel=1e-4)
+    assert feats["agreement"] == float((p.argmax(1) == q.argmax(1)).float().mean())
+
+
+def test_score_prices_accuracy_and_rewards_moving_and_flattening():
+    w = ObjectiveWeights()
+    suspect = {"acc": 0.90}
+    base = {"holdout_acc": 0.90, "kl_to_suspect": 0.0, "trace_ratio": 1.0}
+    assert score(base, suspect, w) == 0.0
+    assert score({**base, "kl_to_suspect": 0.5}, suspect, w) > 0
+    assert score({**base, "trace_ratio": 0.5}, suspect, w) == pytest.approx(w.curvature * math.log(2))
+    small = score({**base, "holdout_acc": 0.89}, suspect, w)
+    large = score({**base, "holdout_acc": 0.80}, suspect, w)
+    assert small == pytest.approx(-0.01) and large == pytest.approx(-0.1 - w.acc_excess * 0.08)
+    with pytest.raises(ValueError, match="objective weight kl must be"):
+        ObjectiveWeights(kl=-1)
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_search_space_from_text_and_flags():
+    space = SearchSpace.default().with_flags(["lr=0.02", "iterations=choice:10,20", "eta_f=loguniform:1e-4:1e-2"])
+    assert space.fixed == {"lr": 0.02} and space.dims["iterations"].args == (10, 20)
+    rng = random.Random(0)
+    for _ in range(20):
+        s = space.sample(rng)
+        assert 1e-4 <= s["eta_f"] <= 1e-2 and s["iterations"] in (10, 20) and s["method"] in ("fip", "fast-fip")
+    with pytest.raises(ValueError, match="'eta_x' is not a purify setting"):
+        SearchSpace.from_dict({"eta_x": {"uniform": [0, 1]}})
+    with pytest.raises(ValueError, match="loguniform needs low > 0"):
+        SearchSpace.from_dict({"eta_f": {"loguniform": [0, 1]}})
+    with pytest.raises(ValueError, match="method='sgd' is not a valid purify setting"):
+        SearchSpace.from_dict({"method": {"choice": ["fip", "sgd"]}})
+    with pytest.raises(ValueError, match="expected NAME=KIND"):
+        space.with_flags(["lr"])

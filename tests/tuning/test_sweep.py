@@ -1,0 +1,120 @@
+"""`fip tune` on real parts: Ray Tune around Ray Train (1 worker per trial on 2 CPUs), an MLflow SQLite
+store (one trial at a time, as SQLite needs), digits shards on disk and the lab's backdoored digits ViT.
+
+Slow (starts Ray): the two sweeps take about two to three minutes together on 2 cores."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from lab.datasets import CleanSplit, load_dataset
+from pipeline.config import JobConfig
+from pipeline.shards import write_shards
+from tuning.space import SearchSpace
+from tuning.sweep import SweepConfig, choose_winner, run_sweep
+
+pytestmark = pytest.mark.slow
+
+PURIFY = dict(eta_f=0.002, eta_r=1.0, lr=0.01, iterations=12, batch_size=16, trace_every=2, trace_estimator="exact",
+              trace_batch=16, seed=3)
+SPACE = ["iterations=choice:8,12", "lr=loguniform:0.003:0.05"]
+
+
+@pytest.fixture(scope="module")
+def shards(digits_lab, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune-shards")
+    split = CleanSplit.load(digits_lab.dval_path)
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    write_shards(train.subset(split.indices), str(root / "dval"), maxcount=60, indices=split.indices)
+    write_shards(test, str(root / "test"), maxcount=200)
+    return str(root / "dval"), str(root / "test")
+
+
+def _base(digits_lab, shards, tmp: Path, benchmark: bool) -> JobConfig:
+    clean, test = shards
+    return JobConfig.from_dict({
+        "inputs": {"model": str(digits_lab.model_path), "clean": clean,
+                   **({"test": test, "attack_record": str(digits_lab.record_path)} if benchmark else {})},
+        "purify": PURIFY, "resources": {"workers": 1, "cpus_per_worker": 0.5},
+        "run": {"work_dir": str(tmp / "jobs")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "analysis": {"esd_samples": 0}})
+
+
+def _client(base: JobConfig) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(base.tracking.tracking_uri, registry_uri=base.tracking.tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def benchmark_sweep(ray_session, digits_lab, shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    base = _base(digits_lab, shards, tmp, benchmark=True)
+    cfg = SweepConfig(name="bench", num_samples=6, searcher="optuna", scheduler="asha", grace_steps=4,
+                      report_every=4)
+    lines: list[str] = []
+    result = run_sweep(base, SearchSpace.default().with_flags(SPACE), cfg, progress=lines.append)
+    return base, cfg, result, lines
+
+
+def test_winner_is_the_best_objective_and_is_the_registered_version(benchmark_sweep):
+    base, _cfg, result, _ = benchmark_sweep
+    done = [t for t in result.trials if t["status"] == "DONE"]
+    assert len(result.trials) == 6 and done
+    assert result.winner["objective"] == max(t["objective"] for t in done)
+    assert result.model_uri == "models:/fip-purified@candidate"
+    client = _client(base)
+    mv = client.get_model_version_by_alias("fip-purified", "candidate")
+    assert mv.run_id == result.winner["child_run_id"]
+    assert mv.tags["sweep_run_id"] == result.parent_run_id and mv.tags["trial_id"] == result.winner["trial_id"]
+    assert len(client.search_model_versions("name='fip-purified'")) == 1  # trials themselves register nothing
+
+
+def test_parent_run_holds_a_child_per_trial_and_the_sweep_table(benchmark_sweep):
+    base, _cfg, result, lines = benchmark_sweep
+    client = _client(base)
+    exp = client.get_experiment_by_name(base.tracking.experiment)
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert {t["child_run_id"] for t in result.trials if t["status"] == "DONE"} <= {r.info.run_id for r in children}
+    assert len(children) == 6
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["winner_trial"] == result.winner["trial_id"]
+    assert {"sweep-table.md", "sweep-table.json", "objective-vs-der.png"} <= {
+        a.path for a in client.list_artifacts(result.parent_run_id)}
+    # benchmark mode: DER is measured per finished trial, and the trial jobs themselves never got the test
+    # shards or the attack record
+    assert all("der" in t for t in result.trials if t["status"] == "DONE")
+    for run in children:
+        assert run.data.params["inputs.test"] == "None" and run.data.params["inputs.attack_record"] == "None"
+        assert run.data.params["inputs.clean"].endswith("dval-train")
+    assert any(line.startswith("[fip tune]\ntrial") for line in lines)  # the live table
+
+
+def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(ray_session, digits_lab, shards,
+                                                                                tmp_path):
+    """No test shards and no attack record exist for this sweep: the objective alone picks the winner."""
+    base = _base(digits_lab, shards, tmp_path, benchmark=False)
+    space = SearchSpace.default().with_flags(SPACE + ["iterations=8"])
+    cfg = SweepConfig(name="plain", num_samples=2, searcher="random", scheduler="none", report_every=4,
+                      interrupt_after=1)
+    with pytest.raises(KeyboardInterrupt, match="1 of 2 trials ended"):
+        run_sweep(base, space, cfg, progress=lambda _: None)
+    client = _client(base)
+    exp = client.get_experiment_by_name(base.tracking.experiment)
+    first = {r.info.run_id for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")}
+    assert len(first) == 1  # the finished trial's job; the parent was marked KILLED
+    with pytest.raises(ValueError, match="already exists"):
+        run_sweep(base, space, cfg, progress=lambda _: None)
+
+    resumed = run_sweep(base, space, SweepConfig(name="plain", num_samples=2, searcher="random", scheduler="none",
+                                                 report_every=4), progress=lambda _: None, resume=True)
+    assert [t["status"] for t in resumed.trials] == ["DONE"] * 2
+    finished = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+    jobs = [r for r in finished if r.data.tags.get("mlflow.parentRunId") == resumed.parent_run_id]
+    assert len(jobs) == 2 and first <= {r.info.run_id for r in jobs}  # the finished trial did not run again
+    assert resumed.winner == choose_winner(resumed.trials)
+    assert resumed.winner["objective"] == max(t["objective"] for t in resumed.trials)
+    assert all("der" not in t and "asr" not in t for t in resumed.trials)
+    state = json.loads((Path(base.run.work_dir) / "plain" / "sweep-table.json").read_text())
+    assert state["winner"]["trial_id"] == resumed.winner["trial_id"]

@@ -1,0 +1,67 @@
+"""Split D_val once per sweep into the share trials train on and the share only the objective reads.
+
+A sweep that scored trials on the images they were fine-tuned on would reward over-fitting D_val.
+:func:`split_dval` draws a seeded, class-balanced held-out share; :func:`write_split` writes both
+parts as shards (``dval-train`` is every trial's ``inputs.clean``, ``dval-holdout`` is read only by
+:mod:`tuning.objective`) and reuses them when a sweep resumes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from fip.training import generator
+from lab.datasets import ImageSet
+from pipeline.shards import ShardError, open_shards, read_all, write_shards
+from pipeline.storage import Storage, join
+
+TRAIN_NAME, HOLDOUT_NAME = "dval-train", "dval-holdout"
+
+
+def split_dval(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows): about `fraction` of each class held out (at least one), seeded."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    train, held = [], []
+    for c in torch.unique(y).tolist():
+        rows = torch.nonzero(y == c).flatten()
+        if len(rows) < 2:
+            raise ValueError(f"class {c} has {len(rows)} clean sample(s) in D_val: too few to hold any out")
+        rows = rows[torch.randperm(len(rows), generator=generator(seed, "holdout", c))]
+        k = min(len(rows) - 1, max(1, int(round(fraction * len(rows)))))
+        held += rows[:k].tolist()
+        train += rows[k:].tolist()
+    return np.array(sorted(train)), np.array(sorted(held))
+
+
+def write_split(clean: str, dest: str, fraction: float, seed: int, store: Storage | None = None) -> tuple[str, str]:
+    """Write ``<dest>/dval-train`` and ``<dest>/dval-holdout`` from the clean shards (once: an existing split
+    made from the same source with the same fraction and seed is reused, a different one is refused)."""
+    store = store or Storage()
+    source = open_shards(clean, store)
+    key = {"source_indices": source.manifest.meta.get("indices_sha256_16"), "source_count": source.total,
+           "holdout_fraction": fraction, "holdout_seed": seed}
+    train_url, held_url = join(dest, TRAIN_NAME), join(dest, HOLDOUT_NAME)
+    marker = join(dest, "dval-split.json")
+    if store.exists(marker):
+        found = json.loads(store.read_bytes(marker))
+        if found != key:
+            raise ShardError(f"{dest} already holds a D_val split made differently ({found}); use another sweep folder")
+        return train_url, held_url
+    x, y, idx = read_all(source)
+    data = ImageSet(x, y, list(source.manifest.classes), source.manifest.dataset)
+    train_rows, held_rows = split_dval(y, fraction, seed)
+    for url, rows, part in ((train_url, train_rows, TRAIN_NAME), (held_url, held_rows, HOLDOUT_NAME)):
+        write_shards(data.subset(rows), url, maxcount=1000, indices=idx.numpy()[rows], dataset=source.manifest.dataset,
+                     split=source.manifest.split, meta={"part": part, **key}, store=store)
+    store.write_bytes(marker, json.dumps(key).encode())
+    return train_url, held_url
+
+
+def read_holdout(url: str, store: Storage | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out images as floats in [0, 1] and their labels."""
+    x, y, _ = read_all(open_shards(url, store))
+    return x.float() / 255.0, y

@@ -1,0 +1,187 @@
+"""The search space of a sweep: which PurifyConfig settings vary, and how they are drawn.
+
+Written in YAML (or as ``--space NAME=KIND:ARGS`` flags), one line per setting of
+:class:`fip.purify.PurifyConfig`::
+
+    eta_f: {loguniform: [1.0e-5, 1.0e-3]}
+    eta_kl: {uniform: [0.0, 1.5]}
+    iterations: {choice: [150, 300]}
+    method: {choice: [fip, fast-fip]}
+    lr: 0.01                                 # a fixed value
+
+Every value a space can produce is checked against PurifyConfig before the sweep starts, so a typo
+fails in one line, not in the tenth trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fip.purify import PurifyConfig
+
+KINDS = ("loguniform", "uniform", "choice", "randint")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One setting's distribution: loguniform/uniform over [low, high], randint over [low, high], or a choice."""
+
+    kind: str
+    args: tuple
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown distribution {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.kind == "choice":
+            if not self.args:
+                raise ValueError("a choice needs at least one value")
+            return
+        if len(self.args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in self.args):
+            raise ValueError(f"{self.kind} needs [low, high] numbers, got {list(self.args)}")
+        low, high = self.args
+        if not low < high:
+            raise ValueError(f"{self.kind} needs low < high, got {low} and {high}")
+        if self.kind == "loguniform" and low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {low}")
+        if self.kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
+            raise ValueError(f"randint needs integer bounds, got {low} and {high}")
+
+    def values_to_check(self) -> list:
+        return list(self.args) if self.kind != "randint" else [int(a) for a in self.args]
+
+    def to_tune(self):
+        from ray import tune
+
+        low_high = self.args
+        if self.kind == "loguniform":
+            return tune.loguniform(*low_high)
+        if self.kind == "uniform":
+            return tune.uniform(*low_high)
+        if self.kind == "randint":
+            return tune.randint(int(low_high[0]), int(low_high[1]) + 1)
+        return tune.choice(list(self.args))
+
+    def sample(self, rng: random.Random):
+        low_high = self.args
+        if self.kind == "loguniform":
+            return math.exp(rng.uniform(math.log(low_high[0]), math.log(low_high[1])))
+        if self.kind == "uniform":
+            return rng.uniform(*low_high)
+        if self.kind == "randint":
+            return rng.randint(int(low_high[0]), int(low_high[1]))
+        return rng.choice(list(self.args))
+
+
+def _value(text: str):
+    """A flag's value: int, float (``1e-4`` too, which YAML 1.1 reads as a string), bool/none, or text."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+# The default space: the paper's two strengths, our eta_kl, the learning rate, the crop phase, the run
+# length and the method. Ranges bracket every setting docs/calibration.md tried.
+DEFAULT_SPACE_TEXT = {
+    "eta_f": {"loguniform": [1.0e-5, 1.0e-3]},
+    "eta_r": {"loguniform": [0.05, 5.0]},
+    "eta_kl": {"uniform": [0.0, 1.5]},
+    "lr": {"loguniform": [0.002, 0.03]},
+    "crop_until": {"uniform": [0.3, 1.0]},
+    "iterations": {"choice": [150, 300]},
+    "method": {"choice": ["fip", "fast-fip"]},
+}
+
+
+@dataclass
+class SearchSpace:
+    """Varied settings (:class:`Dimension`) and fixed ones, all names of PurifyConfig fields."""
+
+    dims: dict[str, Dimension]
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "search space") -> SearchSpace:
+        if not isinstance(data, dict) or not data:
+            raise ValueError(f"{where}: expected a mapping of PurifyConfig settings to distributions")
+        known = {f.name for f in dataclasses.fields(PurifyConfig)}
+        dims, fixed = {}, {}
+        for name, spec in data.items():
+            if name not in known:
+                raise ValueError(f"{where}: {name!r} is not a purify setting; known: {', '.join(sorted(known))}")
+            if isinstance(spec, dict):
+                if len(spec) != 1:
+                    raise ValueError(f"{where}: {name} needs exactly one of {', '.join(KINDS)}, got {sorted(spec)}")
+                (kind, args), = spec.items()
+                try:
+                    args = args if isinstance(args, list | tuple) else [args]
+                    dims[name] = Dimension(kind, tuple(_value(a) if isinstance(a, str) else a for a in args))
+                except ValueError as e:
+                    raise ValueError(f"{where}: {name}: {e}") from e
+            else:
+                fixed[name] = spec
+        space = cls(dims, fixed)
+        space.check()
+        return space
+
+    @classmethod
+    def default(cls) -> SearchSpace:
+        return cls.from_dict(DEFAULT_SPACE_TEXT, "default search space")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ValueError(f"cannot read search space {path}: {e.strerror or e}") from e
+        except yaml.YAMLError as e:
+            raise ValueError(f"search space {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        return cls.from_dict(data, str(path))
+
+    def with_flags(self, flags: list[str]) -> SearchSpace:
+        """``NAME=KIND:A:B`` (``choice:a,b,c``) or ``NAME=VALUE`` flags on top of this space."""
+        data = {**{k: {d.kind: list(d.args)} for k, d in self.dims.items()}, **self.fixed}
+        for flag in flags:
+            name, eq, text = flag.partition("=")
+            if not eq or not name:
+                raise ValueError(f"--space {flag!r}: expected NAME=KIND:LOW:HIGH, NAME=choice:A,B or NAME=VALUE")
+            kind, colon, rest = text.partition(":")
+            if colon and kind in KINDS:
+                parts = rest.split(",") if kind == "choice" else rest.split(":")
+                data[name] = {kind: [_value(p) for p in parts]}
+            else:
+                data[name] = _value(text)
+        return SearchSpace.from_dict(data, "--space")
+
+    def check(self) -> None:
+        """Every bound and choice, with the fixed settings, must make a valid PurifyConfig."""
+        for name, dim in self.dims.items():
+            for value in dim.values_to_check():
+                try:
+                    PurifyConfig(**{**self.fixed, name: value})
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"search space: {name}={value!r} is not a valid purify setting: {e}") from e
+        try:
+            PurifyConfig(**self.fixed)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"search space: fixed settings {self.fixed} are invalid: {e}") from e
+
+    def to_tune(self) -> dict:
+        return {**{k: d.to_tune() for k, d in self.dims.items()}, **self.fixed}
+
+    def sample(self, rng: random.Random) -> dict:
+        return {**{k: d.sample(rng) for k, d in self.dims.items()}, **self.fixed}
+
+    def describe(self) -> dict:
+        return {**{k: {d.kind: list(d.args)} for k, d in self.dims.items()}, **self.fixed}

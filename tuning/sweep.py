@@ -1,0 +1,487 @@
+"""A Ray Tune sweep over FIP's settings, each trial one pipeline job, the winner chosen without the trigger.
+
+:func:`run_sweep` takes the base job config exactly as ``fip purify`` builds it and a
+:class:`~tuning.space.SearchSpace`, and:
+
+1. splits D_val once into ``dval-train`` (every trial's ``inputs.clean``) and ``dval-holdout`` (read
+   only by the objective, :mod:`tuning.objective`), in the sweep's folder;
+2. opens one MLflow parent run for the sweep;
+3. runs ``num_samples`` trials through Ray Tune: each is :func:`pipeline.driver.run_job` (Ray Train
+   inside the Tune trial) with a nested child run, no registration, no test shards and no attack
+   record. Intermediate checkpoints are scored on the held-out share by :class:`ObjectiveReport`, so
+   ASHA can stop weak trials early; an Optuna searcher (or random search) proposes the settings;
+4. picks the finished trial with the highest objective, registers its purified model with the alias
+   ``candidate`` and a tag naming the sweep's run, and logs the sweep table (and in benchmark mode a
+   plot of objective against DER) to the parent run.
+
+In benchmark mode (the base config has test shards and an attack record) each trial is also measured
+on the test set, after its objective is computed; those numbers go to the table, never to the choice.
+An interrupted sweep continues with ``resume=True`` (Tune's ``Tuner.restore``): finished trials are
+kept, unfinished ones run again (their Ray Train run resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.storage import Storage, is_s3, join
+from pipeline.tracking import Tracker, default_tracking_uri, local_root
+from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
+from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
+from tuning.space import SearchSpace
+
+Progress = Callable[[str], None]
+
+
+def say(msg: str) -> None:
+    """The default progress: a line on stdout, flushed (Ray may end the process before a buffer is written)."""
+    print(msg, flush=True)
+
+
+@dataclass
+class SweepConfig:
+    """How a sweep searches and where it runs; the search space is separate (:class:`SearchSpace`)."""
+
+    name: str = "sweep"
+    num_samples: int = 8
+    max_concurrent: int = 1
+    searcher: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_steps: int = 50  # ASHA: no trial is stopped before this many purify steps
+    reduction_factor: int = 2
+    report_every: int = 50  # purify steps between the intermediate objective reports (trial checkpoints)
+    trial_cpus: float = 0.25  # the Tune trial itself (it drives run_job); the workers ask for their own
+    trial_gpus: float = 0.0
+    holdout_fraction: float = 0.3
+    seed: int = 0
+    register_as: str | None = "fip-purified"
+    weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    interrupt_after: int | None = None  # tests only: the driver interrupts itself after this many finished trials
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 1:
+            raise ConfigError(f"num_samples and max_concurrent must be >= 1, got {self.num_samples}, "
+                              f"{self.max_concurrent}")
+        if self.trial_cpus <= 0 or self.trial_gpus < 0:
+            raise ConfigError(f"trial_cpus must be > 0 and trial_gpus >= 0, got {self.trial_cpus}, {self.trial_gpus}")
+        if self.grace_steps < 1 or self.report_every < 1 or self.reduction_factor < 2:
+            raise ConfigError("grace_steps and report_every must be >= 1 and reduction_factor >= 2")
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"sweep name must be a non-empty folder name, got {self.name!r}")
+
+
+@dataclass
+class SweepResult:
+    trials: list[dict]
+    winner: dict | None
+    parent_run_id: str | None
+    model_uri: str | None
+    table_path: Path
+    plot_path: Path | None
+    seconds: float
+
+
+@dataclass
+class TrialContext:
+    """What every trial receives (through Tune's object store): the base config and the sweep's fixed parts."""
+
+    base: dict
+    sweep: str
+    train_url: str
+    jobs_dir: str
+    holdout: Holdout
+    weights: ObjectiveWeights
+    report_every: int
+    parent_run_id: str | None
+    test: str | None = None
+    attack_record: str | None = None
+
+
+# ---------------------------------------------------------------- inside a trial
+def _suspect(ctx: TrialContext):
+    from fip.io import load_model
+
+    base = JobConfig.from_dict(ctx.base)
+    return load_model(Storage(base.storage).fetch(base.inputs.model, Path(ctx.jobs_dir) / "cache")).model
+
+
+def _objective_of_state(ctx: TrialContext, purify: dict, state: dict) -> dict:
+    """The objective of a trial's intermediate checkpoint (the purifier's state at that step)."""
+    from fip.purify import PurifyConfig, finalize_model, prepare_model
+
+    pcfg = PurifyConfig(**purify)
+    work = prepare_model(_suspect(ctx), pcfg)
+    work.load_state_dict(state["model"])
+    return evaluate_objective(finalize_model(work, pcfg), ctx.holdout, ctx.weights)
+
+
+def _report_callback(ctx: TrialContext, purify: dict):
+    """Ray Tune's Train callback, adding the held-out objective to each report that carries a purify checkpoint."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    suspect_row = {"step": 0, "objective": 0.0, "holdout_acc": ctx.holdout.suspect["acc"], "agreement": 1.0,
+                   "kl_to_suspect": 0.0, "trace_ratio": 1.0}
+
+    class ObjectiveReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [dict(m) for m in metrics]
+            state = None
+            if checkpoint is not None:
+                import torch
+
+                with checkpoint.as_directory() as d:
+                    state_path = Path(d) / "state.pt"
+                    if state_path.is_file():
+                        state = torch.load(state_path, map_location="cpu", weights_only=True)
+            # Tune wants the metric in every result: a report without a purify state (the Fisher stage's) is the suspect's
+            metrics[0].update(_objective_of_state(ctx, purify, state) if state is not None else suspect_row)
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ObjectiveReport()
+
+
+def run_trial(params: dict, ctx: TrialContext) -> None:
+    """One Tune trial: a pipeline job on dval-train with these purify settings, scored on dval-holdout."""
+    from ray import tune
+
+    from fip.io import load_model
+    from pipeline.driver import run_job
+
+    trial_id = tune.get_context().get_trial_id()
+    params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # numpy scalars from Tune
+    base = JobConfig.from_dict(ctx.base)
+    purify = {**base.purify.to_dict(), **params}
+    cfg = base.replace(
+        purify=params,
+        inputs={"clean": ctx.train_url, "test": None, "attack_record": None},
+        run={"work_dir": ctx.jobs_dir, "run_name": f"{ctx.sweep}-{trial_id}", "checkpoint_every": ctx.report_every},
+        tracking={"register_as": None},
+    )
+    result = run_job(cfg, parent_run_id=ctx.parent_run_id, callbacks=[_report_callback(ctx, purify)])
+    purified = load_model(result.purified_path).model
+    metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
+    if ctx.test and ctx.attack_record:
+        metrics.update(_benchmark_metrics(ctx, base, purified))
+    if result.run_id and cfg.tracking.log_to_mlflow:
+        tracker = _tracker(base)
+        tracker.log_metrics(result.run_id, metrics)
+        tracker.set_tags(result.run_id, {"sweep": ctx.sweep, "trial_id": trial_id})
+    tune.report({**metrics, "step": cfg.purify.iterations, "purified": str(result.purified_path),
+                 "child_run_id": result.run_id or "", "seconds": result.metrics.get("seconds", math.nan)})
+
+
+def _benchmark_metrics(ctx: TrialContext, base: JobConfig, purified) -> dict:
+    """ACC/ASR/RA/DER on the test shards (benchmark mode): reported, never used to choose."""
+    from lab.backdoor import attack_from_record
+    from lab.metrics import defense_effectiveness_rating
+    from pipeline.evaluation import evaluate_shards
+    from pipeline.shards import open_shards
+
+    store = Storage(base.storage)
+    record = json.loads(store.read_bytes(ctx.attack_record))
+    tensors = {}
+    if record.get("trigger_path"):
+        from safetensors.torch import load_file
+
+        tensors = load_file(store.fetch(record["trigger_path"], Path(ctx.jobs_dir) / "cache"))
+    attack = attack_from_record(record, tensors)
+    test = open_shards(ctx.test, store)
+    after = evaluate_shards(purified, test, attack)
+    before = evaluate_shards(_suspect(ctx), test, attack)
+    der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
+    return {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "der": der,
+            "acc_before": before["acc"], "asr_before": before["asr"]}
+
+
+# ---------------------------------------------------------------- the driver side
+def _tracker(base: JobConfig) -> Tracker:
+    root = local_root(base.run.work_dir)
+    return Tracker(base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir), root / "mlartifacts")
+
+
+class LiveTable:
+    """A table of the trials on the terminal, redrawn as results arrive (a Ray Tune callback)."""
+
+    COLUMNS = ("trial", "status", "step", "objective", "holdout_acc", "kl_to_suspect", "trace_ratio", "der")
+
+    def __init__(self, progress: Progress, every_s: float = 5.0, interrupt_after: int | None = None) -> None:
+        from ray.tune import Callback
+
+        table = self
+
+        class _Callback(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                table.update(trial, result, "RUNNING")
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                table.update(trial, trial.last_result or {}, "DONE", force=True)
+                table.finished += 1
+                if table.interrupt_after is not None and table.finished >= table.interrupt_after:
+                    table.interrupt_after = None
+                    os.kill(os.getpid(), signal.SIGINT)  # tests: an interrupted driver
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                table.update(trial, trial.last_result or {}, "ERROR", force=True)
+
+        self.callback = _Callback()
+        self.progress, self.every_s, self.interrupt_after = progress, every_s, interrupt_after
+        self.rows: dict[str, dict] = {}
+        self.finished = 0
+        self._last = 0.0
+
+    def update(self, trial, result: dict, status: str, force: bool = False) -> None:
+        row = self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id})
+        row["status"] = status
+        row.update({k: result[k] for k in self.COLUMNS if k in result and k not in ("trial", "status")})
+        if force or time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self.progress(self.render())
+
+    def render(self) -> str:
+        def fmt(v):
+            return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+        widths = [max(len(c), *(len(fmt(r.get(c, "-"))) for r in self.rows.values())) for c in self.COLUMNS]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(self.COLUMNS, widths))]
+        lines += ["  ".join(fmt(r.get(c, "-")).ljust(w) for c, w in zip(self.COLUMNS, widths))
+                  for r in self.rows.values()]
+        return "[fip tune]\n" + "\n".join(lines)
+
+
+def _searcher(cfg: SweepConfig):
+    if cfg.searcher == "random":
+        return None  # Tune's default: draws each trial from the space
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as e:
+        raise ValueError(f"searcher optuna needs the optuna package ({e}); pip install optuna or use --searcher random") from e
+    import optuna
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+
+
+def _scheduler(cfg: SweepConfig, space: SearchSpace, base: JobConfig):
+    if cfg.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    dim = space.dims.get("iterations")
+    longest = max(int(v) for v in dim.values_to_check()) if dim else int(space.fixed.get("iterations",
+                                                                                           base.purify.iterations))
+    return ASHAScheduler(time_attr="step", max_t=longest, grace_period=min(cfg.grace_steps, longest),
+                         reduction_factor=cfg.reduction_factor)
+
+
+def _check_store(base: JobConfig, cfg: SweepConfig) -> None:
+    uri = base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir)
+    if base.tracking.log_to_mlflow and uri.startswith("sqlite:") and cfg.max_concurrent > 1:
+        raise ConfigError(f"max_concurrent {cfg.max_concurrent} with the SQLite store {uri}: SQLite locks under "
+                          "concurrent writers; run `mlflow server` and pass its URI, or use max_concurrent 1")
+
+
+def _check_fits(base: JobConfig, cfg: SweepConfig) -> None:
+    """A trial needs its own CPUs plus its workers'; more than the cluster has would wait for ever."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0.0)
+    need = cfg.trial_cpus + base.resources.workers * base.resources.cpus_per_worker
+    if need > have:
+        raise ConfigError(f"one trial needs {need:g} CPUs (trial_cpus {cfg.trial_cpus:g} + {base.resources.workers} "
+                          f"workers x {base.resources.cpus_per_worker:g}) but the Ray cluster has {have:g}; "
+                          "lower --cpus-per-worker or --trial-cpus")
+
+
+def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tuple[str, str, Holdout]:
+    """Split D_val (once) and score the suspect on the held-out share: (train url, holdout url, holdout)."""
+    from fip.io import load_model
+    from tuning.holdout import read_holdout, write_split
+
+    store = Storage(base.storage)
+    sweep_dir = join(base.run.work_dir, cfg.name)
+    train_url, held_url = write_split(base.inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
+    x, y = read_holdout(held_url, store)
+    suspect = load_model(store.fetch(base.inputs.model, local_root(base.run.work_dir) / "cache")).model
+    holdout = Holdout.from_suspect(suspect, x, y)
+    progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
+             f"(suspect: held-out ACC {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g})")
+    return train_url, held_url, holdout
+
+
+def open_count(url: str, store: Storage) -> int:
+    from pipeline.shards import open_shards
+
+    return open_shards(url, store).total
+
+
+def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: Progress = say,
+              resume: bool = False) -> SweepResult:
+    """Run (or with `resume`, continue) the sweep; returns every trial, the winner and its registry URI."""
+    from ray import tune
+
+    from pipeline.driver import ensure_ray
+
+    t0 = time.perf_counter()
+    _check_store(base, cfg)
+    if is_s3(base.run.work_dir):
+        raise ConfigError("a sweep needs a local run.work_dir (its Tune state lives there); inputs may be on S3")
+    base = base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())})
+    sweep_dir = Path(base.run.work_dir) / cfg.name
+    state_file = sweep_dir / "sweep.json"
+    tune_dir = str(sweep_dir / "tune")
+    if resume and not state_file.is_file():
+        raise ValueError(f"nothing to resume: no sweep {cfg.name!r} in {base.run.work_dir}")
+    if not resume and state_file.is_file():
+        raise ValueError(f"sweep {cfg.name!r} already exists in {base.run.work_dir}: pass --resume or another --name")
+    train_url, _held_url, holdout = prepare(base, cfg, progress)
+
+    tracker = _tracker(base) if base.tracking.log_to_mlflow else None
+    parent = None
+    if resume:
+        parent = json.loads(state_file.read_text()).get("parent_run_id")
+    elif tracker is not None:
+        parent = tracker.start_run(base.tracking.experiment, f"sweep-{cfg.name}",
+                                   {"sweep": {**asdict(cfg), "weights": asdict(cfg.weights)},
+                                    "space": space.describe(), **base.to_dict()},
+                                   {"sweep": cfg.name, "kind": "sweep"})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"parent_run_id": parent, "sweep": asdict(cfg), "space": space.describe()},
+                                     default=str))
+
+    ctx = TrialContext(base.to_dict(), cfg.name, train_url, str(sweep_dir / "jobs"), holdout, cfg.weights,
+                       cfg.report_every, parent, base.inputs.test, base.inputs.attack_record)
+    ensure_ray(base.resources)
+    _check_fits(base, cfg)
+    resources = {"cpu": cfg.trial_cpus, **({"gpu": cfg.trial_gpus} if cfg.trial_gpus else {})}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    live = LiveTable(progress, interrupt_after=cfg.interrupt_after)
+    status = "FINISHED"
+    try:
+        if resume and tune.Tuner.can_restore(str(Path(tune_dir) / cfg.name)):
+            progress(f"[fip tune] resuming sweep {cfg.name} from {tune_dir}")
+            tuner = tune.Tuner.restore(str(Path(tune_dir) / cfg.name), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space.to_tune(),
+                tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=cfg.num_samples,
+                                            max_concurrent_trials=cfg.max_concurrent, search_alg=_searcher(cfg),
+                                            scheduler=_scheduler(cfg, space, base)),
+                run_config=tune.RunConfig(name=cfg.name, storage_path=tune_dir, callbacks=[live.callback], verbose=0),
+            )
+        grid = tuner.fit()
+        ended = grid.num_terminated + grid.num_errors
+        if ended < cfg.num_samples:  # Tune returns normally after SIGINT, with its state saved
+            raise KeyboardInterrupt(f"sweep {cfg.name} interrupted with {ended} of {cfg.num_samples} trials ended; "
+                                    "continue it with --resume")
+        return _finish(base, cfg, collect(grid), tracker, parent, sweep_dir, progress, t0)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if tracker is not None and parent is not None:
+            tracker.finish(parent, status)
+
+
+def collect(grid) -> list[dict]:
+    """One row per trial: its settings, last metrics, and whether it finished (DONE) or was stopped."""
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        done = "purified" in m and r.error is None
+        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "DONE" if done else
+               ("ERROR" if r.error is not None else "STOPPED"), **{f"p.{k}": v for k, v in (r.config or {}).items()}}
+        for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds"):
+            if k in m:
+                row[k] = m[k]
+        rows.append(row)
+    return sorted(rows, key=lambda t: t["trial_id"])
+
+
+def choose_winner(trials: list[dict]) -> dict | None:
+    """The finished trial with the highest objective (ties: the first by id). DER is never read here."""
+    done = [t for t in trials if t["status"] == "DONE" and t.get("objective") is not None
+            and math.isfinite(t["objective"])]
+    return max(done, key=lambda t: (t["objective"], [-ord(c) for c in t["trial_id"]])) if done else None
+
+
+def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Tracker | None, parent: str | None,
+            sweep_dir: Path, progress: Progress, t0: float) -> SweepResult:
+    winner = choose_winner(trials)
+    columns = ["trial_id", "status", *sorted(k for k in {k for t in trials for k in t} if k.startswith("p.")),
+               "step", "objective", *FEATURES]
+    benchmark = any("der" in t for t in trials)
+    if benchmark:
+        columns += ["acc", "asr", "der"]
+    table = sweep_dir / "sweep-table.md"
+    rho = spearman([t["objective"] for t in trials if "der" in t], [t["der"] for t in trials if "der" in t]) \
+        if benchmark else None
+    text = (f"# Sweep {cfg.name}\n\nWinner (highest objective on held-out D_val): "
+            f"{winner['trial_id'] if winner else 'none'}\n\n" + trial_table(trials, columns))
+    if rho is not None:
+        text += f"\nSpearman(objective, DER) over {sum('der' in t for t in trials)} finished trials: {rho:.3f}\n"
+    table.write_text(text)
+    (sweep_dir / "sweep-table.json").write_text(json.dumps({"trials": trials, "winner": winner}, indent=1, default=str))
+    plot = plot_objective_vs_der(trials, sweep_dir / "objective-vs-der.png", winner["trial_id"] if winner else None)
+    model_uri = None
+    if tracker is not None and parent is not None:
+        tracker.log_artifact(parent, table)
+        tracker.log_artifact(parent, sweep_dir / "sweep-table.json")
+        if plot is not None:
+            tracker.log_artifact(parent, plot)
+        if winner:
+            tracker.log_metrics(parent, {"best_objective": winner["objective"],
+                                         **({"best_der": winner["der"]} if "der" in winner else {}),
+                                         **({"spearman_objective_der": rho} if rho is not None and math.isfinite(rho)
+                                            else {})})
+            tracker.set_tags(parent, {"winner_trial": winner["trial_id"], "winner_run_id": winner.get("child_run_id", "")})
+            if cfg.register_as and winner.get("child_run_id"):
+                model_uri = _register_winner(tracker, base, cfg, winner, parent)
+    if winner:
+        progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
+                 + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))
+    return SweepResult(trials, winner, parent, model_uri, table, plot, time.perf_counter() - t0)
+
+
+def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner: dict, parent: str) -> str:
+    """Register the winner's purified file from its own child run, alias ``candidate``, tagged with the sweep."""
+    from fip.io import load_model
+
+    path = Path(winner["purified"])
+    loaded = load_model(path)
+    spec = loaded.spec
+    tags = {"sweep_run_id": parent, "sweep": cfg.name, "trial_id": winner["trial_id"],
+            "objective": f"{winner['objective']:.6f}", "method": winner.get("p.method", base.purify.method)}
+    for key, tag in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
+        if key in winner:
+            tags[tag] = f"{winner[key]:.4f}"
+    tags["source_sha256"] = loaded.sha256
+    # the sweep's winner is its candidate by construction: the alias is set here, not left to a comparison
+    # with versions chosen on other held-out splits
+    reg = tracker.register(winner["child_run_id"], loaded.model, path, (spec.in_channels, spec.image_size,
+                                                                        spec.image_size), cfg.register_as, tags,
+                           aliases=("candidate",))
+    tracker.set_tags(parent, {"registered": f"{reg.name}/{reg.version}"})
+    return reg.model_uri
+
+
+def sweep_summary(result: SweepResult) -> dict:
+    w = result.winner or {}
+    return {"winner": w.get("trial_id"), "objective": w.get("objective"), "der": w.get("der"),
+            "model_uri": result.model_uri, "parent_run_id": result.parent_run_id, "trials": len(result.trials),
+            "finished": sum(t["status"] == "DONE" for t in result.trials), "table": str(result.table_path),
+            "seconds": result.seconds}
+

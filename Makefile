@@ -40,3 +40,12 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs mlruns mlflow.db
+
+# The local stand-in for a cluster (cluster/local.py): Ray head + dashboard, mlflow server and an S3
+# API on 127.0.0.1; addresses in runs/cluster/addresses.env. Stops only what it started.
+.PHONY: cluster-up cluster-down
+cluster-up: $(STAMP)
+	$(BIN)/python -m cluster.local up
+
+cluster-down:
+	$(BIN)/python -m cluster.local down

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fipcli import lab_cmds, method_cmds, pipeline_cmds, tuning_cmds
+from fipcli import cluster_cmds, lab_cmds, method_cmds, pipeline_cmds, tuning_cmds
 
-COMMAND_MODULES = (lab_cmds, method_cmds, pipeline_cmds, tuning_cmds)
+COMMAND_MODULES = (lab_cmds, method_cmds, pipeline_cmds, tuning_cmds, cluster_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:

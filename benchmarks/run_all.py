@@ -4,12 +4,14 @@ The full tables are separate, documented commands (tens of minutes to hours on 2
 ``python -m benchmarks.attack_table`` and ``python -m benchmarks.defense_table``.
 """
 
-from benchmarks import defense_table, method_bench, shard_bench
+from benchmarks import defense_table, method_bench, scale_bench, shard_bench
 
 
 def main() -> None:
     method_bench.main()
     shard_bench.main([])
+    # ImageNet-shaped at a small size: 1,000 and 4,000 synthetic JPEGs, ResNet-50 at batch 2
+    scale_bench.main(["--images", "1000", "--model-batch", "2", "--steps", "1"])
     defense_table.main(["--quick"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from fipcli import cluster_cmds, lab_cmds, method_cmds, pipeline_cmds, tuning_cmds
@@ -21,7 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_frameworks() -> None:
+    """The terminal shows our progress and real warnings: MLflow's INFO chatter (store migrations)
+    is not for the user; Ray's own logs go to Ray's log folder (pipeline.driver.ensure_ray)."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_frameworks()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -29,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, FloatingPointError) as e:
-        if getattr(args, "debug", False):
+    except Exception as e:
+        if getattr(args, "debug", False) or not user_facing(e):
             raise
         print(f"fip {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def user_facing(error: BaseException) -> bool:
+    """Errors that name a bad input or a failed stage: one line for the user (--debug shows the traceback)."""
+    if isinstance(error, ValueError | OSError | FloatingPointError):
+        return True
+    return any(cls.__name__ == "StageError" for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":

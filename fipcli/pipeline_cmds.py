@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def _sections() -> dict[str, type]:
@@ -102,6 +103,17 @@ def register(sub) -> None:
     q.add_argument("alias")
     q.set_defaults(handler=run_models_promote)
     p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("evaluate", help="ACC (and ASR/RA with an attack record) of a saved or registered model",
+                       parents=[tracking])
+    p.add_argument("--model", required=True, help="a .safetensors file, or models:/NAME@ALIAS (or NAME/VERSION)")
+    p.add_argument("--test", required=True, help="test shards (folder, s3:// prefix or brace pattern) or a data set name "
+                                                 "(its test split)")
+    p.add_argument("--attack-record", default=None, help="attack record JSON (benchmark mode: adds ASR and RA)")
+    p.add_argument("--root", default=None, help="data set folder, when --test names a data set")
+    add_store_flags(p)
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(handler=run_evaluate)
 
     p = sub.add_parser("demo", help="the main job on embedded defaults: lab BadNets model -> shards -> Ray FIP -> MLflow")
     p.add_argument("--out", default="runs", help="where data, models, shards and the MLflow store go")
@@ -227,6 +239,45 @@ def run_models_get(args) -> int:
 def run_models_promote(args) -> int:
     tracker_from_args(args).promote(args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    """The job's own evaluation (pipeline.evaluation over shards, lab.metrics over a data set) of one model."""
+    import tempfile
+    from pathlib import Path
+
+    from fip.io import load_model
+    from lab.backdoor import attack_from_record
+    from lab.datasets import DATASETS, load_dataset
+    from lab.metrics import evaluate_model
+    from pipeline.evaluation import evaluate_shards
+    from pipeline.shards import open_shards
+
+    store = store_from_args(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model.startswith("models:/"):
+            path = tracker_from_args(args).download_safetensors(args.model, Path(tmp) / "model.safetensors")
+        else:
+            path = store.fetch(args.model, tmp)
+        model = load_model(path).model
+        attack = None
+        if args.attack_record:
+            record = json.loads(store.read_bytes(args.attack_record))
+            tensors = None
+            if record.get("trigger_path"):
+                from safetensors.torch import load_file
+
+                tensors = load_file(store.fetch(record["trigger_path"], tmp))
+            attack = attack_from_record(record, tensors)
+    if args.test in DATASETS:
+        data = load_dataset(args.test, "test", args.root)
+        metrics = evaluate_model(model, data.floats(), data.y, *((attack.trigger_floats, attack.target_of)
+                                                                  if attack else (None, None)))
+    else:
+        metrics = evaluate_shards(model, open_shards(args.test, store), attack)
+    print("  ".join(f"{k.upper()} {100 * v:.2f}%" for k, v in metrics.items()), file=sys.stderr)
+    print(json.dumps({"model": args.model, "test": args.test, **metrics}))
     return 0
 
 

@@ -10,7 +10,9 @@ process-wide state: storage and MLflow are explicit handles built from the confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from pathlib import Path
 from fip.io import LoadedModel, load_model
 from pipeline.analysis import plot_curves, spectral_analysis
 from pipeline.config import JobConfig, Resources, RunSettings
+from pipeline.progress import ProgressRelay
 from pipeline.shards import ShardSource, open_shards
 from pipeline.stages import StageContext, fisher_stage, purify_stage
 from pipeline.storage import Storage, is_s3, join
@@ -46,6 +49,34 @@ STAGES: tuple[Stage, ...] = (
 
 class JobError(ValueError):
     """The job was refused before any worker started (inputs do not fit together)."""
+
+
+class StageError(RuntimeError):
+    """A stage failed in its workers; the message names the stage, the rank and the root cause in one line."""
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The user-code exception inside Ray's wrappers (RayTaskError, WorkerGroupError, ...)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        if failures:
+            error = failures[min(failures)]
+            continue
+        inner = getattr(error, "cause", None) or getattr(error, "controller_failure", None) or error.__cause__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
+def stage_error(name: str, error: BaseException) -> StageError:
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = _root_cause(error)
+    lines = str(cause).strip().splitlines()
+    where = f" on rank {min(failures)}" if failures else ""
+    return StageError(f"stage {name} failed{where}: {type(cause).__name__}: {lines[0] if lines else ''}")
 
 
 @dataclass
@@ -135,11 +166,14 @@ def ensure_ray(resources: Resources) -> None:
 
     if ray.is_initialized():
         return
+    # workers' output and Ray's own logs stay in Ray's log folder (and dashboard); our stages relay their
+    # progress to this terminal themselves (pipeline.progress)
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if resources.address:
-        ray.init(address=resources.address, log_to_driver=True)
+        ray.init(address=resources.address, **quiet)
     else:
         cpus = max(os.cpu_count() or 1, int(resources.workers * resources.cpus_per_worker + 0.999))
-        ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, include_dashboard=False, **quiet)
 
 
 def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, run: RunSettings, name: str,
@@ -162,7 +196,14 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        from ray.train import TrainingFailedError
+
+        if isinstance(e, TrainingFailedError):
+            raise stage_error(name, e) from e
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"stage {name} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
@@ -224,8 +265,12 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     metrics: dict = {}
     for i, stage in enumerate(STAGES, 1):
         progress(f"[fip] stage {i}/{len(STAGES)}: {stage.name}")
-        out = fit_stage(stage.fn, ctx, cfg.resources, cfg.run, f"{ctx.run_name}-{stage.name}", plan.storage_path,
-                        callbacks)
+        relay = ProgressRelay(progress, stage.name)
+        try:
+            out = fit_stage(stage.fn, dataclasses.replace(ctx, relay=relay.queue), cfg.resources, cfg.run,
+                            f"{ctx.run_name}-{stage.name}", plan.storage_path, callbacks)
+        finally:
+            relay.close()
         metrics.update(out.metrics)
         for name, data in out.files.items():
             (plan.out_dir / name).write_bytes(data)
@@ -252,18 +297,30 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
             tracker.log_artifact(run_id, plan.out_dir / "esd.png")
         tracker.log_metrics(run_id, {**esd, "seconds": metrics["seconds"]})
         if cfg.tracking.register_as:
-            reg = register(tracker, run_id, plan, purified, purified_path, metrics)
+            reg = register(tracker, run_id, plan, purified, purified_path, metrics, progress)
             model_uri, metrics["model_version"] = reg.model_uri, reg.version
     return JobResult(metrics, run_id, model_uri, purified_path, ctx.fisher_url, logs["history"], logs["evaluations"],
                      cfg)
 
 
-def register(tracker: Tracker, run_id: str, plan: JobPlan, purified, purified_path: Path, metrics: dict) -> Registered:
-    """A new registry version of the purified model, tagged with its source and (benchmark mode) metrics."""
+def register(tracker: Tracker, run_id: str, plan: JobPlan, purified, purified_path: Path, metrics: dict,
+             progress: Progress = print, extra_tags: dict | None = None) -> Registered:
+    """A new registry version of the purified model (MLflow's ``NAME/latest``), tagged with its source and, in
+    benchmark mode, its metrics; ``candidate`` moves to it only if it beats the holder
+    (:meth:`pipeline.tracking.Tracker.offer_candidate`)."""
+    from lab.metrics import defense_effectiveness_rating
+
     spec = plan.suspect.spec
-    tags = {"source_sha256": plan.suspect.sha256, "method": plan.config.purify.method}
+    tags = {"source_sha256": plan.suspect.sha256, "method": plan.config.purify.method, **(extra_tags or {})}
     for key, tag in (("acc_after", "ACC"), ("asr_after", "ASR"), ("ra_after", "RA")):
         if key in metrics:
             tags[tag] = f"{metrics[key]:.4f}"
-    return tracker.register(run_id, purified, purified_path, (spec.in_channels, spec.image_size, spec.image_size),
-                            plan.config.tracking.register_as, tags)
+    if {"acc_before", "asr_before", "acc_after", "asr_after"} <= set(metrics):
+        tags["DER"] = f"{defense_effectiveness_rating(metrics['acc_before'], metrics['asr_before'], metrics['acc_after'], metrics['asr_after']):.4f}"
+    name = plan.config.tracking.register_as
+    reg = tracker.register(run_id, purified, purified_path, (spec.in_channels, spec.image_size, spec.image_size),
+                           name, tags)
+    moved, why = tracker.offer_candidate(name, reg.version, tags)
+    progress(f"[fip] registered {name} version {reg.version}; @candidate "
+             + (f"moved to it ({why})" if moved else f"stays ({why})"))
+    return Registered(reg.name, reg.version, f"models:/{name}@candidate" if moved else f"models:/{name}/{reg.version}")

@@ -29,13 +29,29 @@ import torch
 from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
 from fip.io import LoadedModel, load_model, save_model
 from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, prepare_model
-from fip.training import augment_batch, generator
+from fip.training import augment_batch, derive_seed, generator
 from lab.attacks import Attack
 from lab.backdoor import attack_from_record
 from pipeline.config import JobConfig
 from pipeline.evaluation import evaluate_shards
-from pipeline.shards import RankStream, ShardSource, open_shards, rank_loader
+from pipeline.shards import (
+    RankStream,
+    ShardSource,
+    default_transform,
+    open_shards,
+    rank_loader,
+    train_transform_for,
+)
 from pipeline.storage import Storage
+from pipeline.transforms import (
+    NORMALIZATION_KEY,
+    TRANSFORM_KEY,
+    Normalization,
+    attach_normalization,
+    batch_to_device,
+    mixed_precision,
+    prepare_for_device,
+)
 from pipeline.workers import (
     all_reduce_sum,
     broadcast_,
@@ -60,6 +76,16 @@ class StageContext:
     cache_dir: str
     attack_record: dict | None = None
     attack_tensors: dict = field(default_factory=dict)  # a learned trigger, shipped with the record
+    relay: object | None = None  # a Ray queue to the driver's terminal; None: print
+
+    def log(self, event: str | dict) -> None:
+        """Progress from rank 0: a line, or a step record the driver shows as a bar."""
+        if world()[0] != 0:
+            return
+        if self.relay is not None:
+            self.relay.put_nowait(event)
+        elif isinstance(event, str):
+            log(event)
 
     @cached_property
     def store(self) -> Storage:
@@ -69,7 +95,11 @@ class StageContext:
         return attack_from_record(self.attack_record, self.attack_tensors) if self.attack_record else None
 
     def suspect(self) -> LoadedModel:
-        return load_model(self.store.fetch(self.job.inputs.model, self.cache_dir))
+        """The suspect model; one whose metadata records an input normalisation applies it itself,
+        so shards, transforms and triggers all stay in [0, 1]."""
+        loaded = load_model(self.store.fetch(self.job.inputs.model, self.cache_dir))
+        attach_normalization(loaded.model, Normalization.from_metadata(loaded.metadata))
+        return loaded
 
     def test_shards(self) -> ShardSource | None:
         return open_shards(self.job.inputs.test, self.store) if self.job.inputs.test else None
@@ -78,8 +108,9 @@ class StageContext:
         test = self.test_shards()
         if test is None:
             return {}
-        return evaluate_shards(model, test, self.attack(), limit, self.job.run.skip_corrupt,
-                               self.job.resources.loader_workers)
+        with mixed_precision(next(model.parameters()).device):
+            return evaluate_shards(model, test, self.attack(), limit, self.job.run.skip_corrupt,
+                                   self.job.resources.loader_workers)
 
 
 def _context(config: dict) -> StageContext:
@@ -99,28 +130,31 @@ def fisher_stage(config: dict) -> dict:
     job, pcfg = ctx.job, ctx.job.purify
     rank, size = world()
     start = time.perf_counter()
-    suspect = ctx.suspect().model.to(device())
+    dev = device()
+    suspect = prepare_for_device(ctx.suspect().model, dev)
     work = prepare_model(suspect, pcfg)
     params = trainable_params(work)
     est = FisherDiag.zeros_like(params, pcfg.fisher_kind)
     stream = RankStream(open_shards(job.inputs.clean, ctx.store), rank, size, skip_corrupt=job.run.skip_corrupt,
-                        limit=pcfg.fisher_samples)
-    labels = generator(pcfg.seed, "fisher-labels", rank)
-    for x, y, pad in rank_loader(stream, 64, job.resources.loader_workers):
-        x, y = x[~pad].to(device()), y[~pad].to(device())
+                        limit=pcfg.fisher_samples, as_uint8=True)
+    # the true Fisher's labels are drawn on the model's device
+    labels = torch.Generator(device=dev).manual_seed(derive_seed(pcfg.seed, "fisher-labels", rank))
+    for x, y, pad in rank_loader(stream, 64, job.resources.loader_workers, pin_memory=dev.type == "cuda"):
+        x, y = batch_to_device(x[~pad], dev), y[~pad].to(dev)
         if len(y):
-            est.add_(squared_grad_sums(work, x, y, pcfg.fisher_kind, params, generator=labels), len(y))
+            with mixed_precision(dev):
+                est.add_(squared_grad_sums(work, x, y, pcfg.fisher_kind, params, generator=labels), len(y))
     count = all_reduce_sum(torch.tensor([float(est.count)], dtype=torch.float64))
     for t in est.sums.values():
         all_reduce_sum(t)
     est.count = int(count.item())
     if est.count == 0:
         raise ValueError(f"no clean samples reached the Fisher estimate from {job.inputs.clean}")
-    log(f"Fisher over {est.count} clean samples on {size} worker(s): Tr(Fbar) = {est.trace():.4g} "
-        f"({time.perf_counter() - start:.1f}s)")
+    ctx.log(f"Fisher over {est.count} clean samples on {size} worker(s): Tr(Fbar) = {est.trace():.4g} "
+            f"({time.perf_counter() - start:.1f}s)")
     before = ctx.evaluate(suspect)
     if before:
-        log("suspect model: " + _percent(before))
+        ctx.log("suspect model: " + _percent(before))
     metrics = {"fisher_count": est.count, "fisher_trace": est.trace(), "skipped_samples": stream.stats.skipped,
                "fisher_seconds": time.perf_counter() - start, **{f"{k}_before": v for k, v in before.items()}}
     files = None
@@ -134,27 +168,36 @@ def fisher_stage(config: dict) -> dict:
 
 
 # ---------------------------------------------------------------- stage 2: FIP fine-tuning
-def step_batches(ctx: StageContext, rank: int, size: int, first_step: int):
-    """Endless (step, x, y) over this rank's clean shards, epoch after epoch, from `first_step` on."""
+def step_batches(ctx: StageContext, rank: int, size: int, first_step: int, dev: torch.device | None = None):
+    """Endless (step, x, y) over this rank's clean shards, epoch after epoch, from `first_step` on.
+
+    x is float on `dev` (default: the CPU); shards of varying image size go through the train
+    transform (random-resized crop + flip) in the loader's workers, FIP's batch crop comes on top."""
     pcfg, job = ctx.job.purify, ctx.job
+    dev = torch.device(dev or "cpu")
     if pcfg.batch_size % size:
         raise ValueError(f"global batch {pcfg.batch_size} is not divisible by {size} workers")
     local = pcfg.batch_size // size
-    stream = RankStream(open_shards(job.inputs.clean, ctx.store), rank, size, shuffle=True, seed=pcfg.seed,
-                        skip_corrupt=job.run.skip_corrupt)
+    source = open_shards(job.inputs.clean, ctx.store)
+    stream = RankStream(source, rank, size, shuffle=True, seed=pcfg.seed, skip_corrupt=job.run.skip_corrupt,
+                        transform=train_transform_for(source.manifest) if pcfg.augment else None, as_uint8=True)
     per_epoch = max(1, len(stream) // local)
     step = first_step
     epoch, skip = divmod(first_step, per_epoch)
     while True:
         stream.set_epoch(epoch)
-        for i, (x, y, _pad) in enumerate(rank_loader(stream, local, job.resources.loader_workers)):
+        for i, (x, y, _pad) in enumerate(rank_loader(stream, local, job.resources.loader_workers,
+                                                     pin_memory=dev.type == "cuda")):
             if i >= per_epoch:
                 break  # drop the short tail batch: every step has the full global batch
             if i < skip:
                 continue
+            x = batch_to_device(x, dev)
             if pcfg.augment:
                 x = augment_batch(x, generator(pcfg.seed, "augment", step, rank), pcfg.augment_pad,
                                   crop_prob_at(pcfg, step))
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
             yield step, x, y
             step += 1
         skip = 0
@@ -192,7 +235,7 @@ def purify_stage(config: dict) -> dict:
     rank, size = world()
     dev = device()
     suspect = ctx.suspect()
-    work = prepare_model(suspect.model.to(dev), pcfg)
+    work = prepare_model(prepare_for_device(suspect.model, dev), pcfg)
     fbar = _load_fbar(ctx, trainable_params(work), rank)
     purifier = Purifier(work, fbar, pcfg, logits_fn=wrap_ddp(work), rank=rank)
     logs: dict = {"history": [], "evaluations": [], "seconds": 0.0}
@@ -200,29 +243,33 @@ def purify_stage(config: dict) -> dict:
     if resumed is not None:
         state, logs = resumed
         purifier.load_state_dict(state)
-        log(f"resumed from checkpoint at step {purifier.step_count}")
+        ctx.log(f"resumed from checkpoint at step {purifier.step_count}")
     start, first_step = time.perf_counter(), purifier.step_count
 
     def elapsed() -> float:  # over every attempt, not only this one
         return logs["seconds"] + time.perf_counter() - start
 
-    for step, x, y in step_batches(ctx, rank, size, purifier.step_count):
+    for step, x, y in step_batches(ctx, rank, size, purifier.step_count, dev):
         if step >= pcfg.iterations:
             break
         _fault_injection(ctx, step, resumed is not None, rank, size)
-        record = purifier.step(x.to(dev), y.to(dev))
+        with mixed_precision(dev):  # bf16 on CUDA; the CPU stays fp32
+            record = purifier.step(x, y.to(dev))
         logs["history"].append(record)
         done = purifier.step_count
         if done % run.log_every == 0 or done == pcfg.iterations:
             rate = (done - first_step) / max(time.perf_counter() - start, 1e-9)
-            log(f"step {done}/{pcfg.iterations} ce {record['ce']:.4f} total {record['total']:.4f}"
-                + (f" trace {record['trace']:.4g}" if "trace" in record else "")
-                + f" ({rate:.2f} steps/s, {(pcfg.iterations - done) / max(rate, 1e-9):.0f}s left)")
+            if ctx.relay is not None:
+                ctx.log({"step": done, "total": pcfg.iterations, "ce": record["ce"], "rate": rate})
+            else:
+                ctx.log(f"step {done}/{pcfg.iterations} ce {record['ce']:.4f} total {record['total']:.4f}"
+                        + (f" trace {record['trace']:.4g}" if "trace" in record else "")
+                        + f" ({rate:.2f} steps/s, {(pcfg.iterations - done) / max(rate, 1e-9):.0f}s left)")
         if pcfg.eval_every and done % pcfg.eval_every == 0 and done < pcfg.iterations:
             sync_buffers(work)
             metrics = ctx.evaluate(finalize_model(copy.deepcopy(work), pcfg), limit=run.eval_samples)
             logs["evaluations"].append({"step": done, **metrics})
-            log(f"eval at step {done}: " + _percent(metrics))
+            ctx.log(f"eval at step {done}: " + _percent(metrics))
         if done % run.checkpoint_every == 0 and done < pcfg.iterations:
             checkpoint(purifier.state_dict(), {**logs, "seconds": elapsed()},
                        {"step": done, **{k: v for k, v in record.items() if k != "step"}})
@@ -231,14 +278,20 @@ def purify_stage(config: dict) -> dict:
     after = ctx.evaluate(purified)
     if after:
         logs["evaluations"].append({"step": pcfg.iterations, **after})
-        log("purified model: " + _percent(after))
+        ctx.log("purified model: " + _percent(after))
     logs["seconds"] = elapsed()
     metrics = {"step": purifier.step_count, "purify_seconds": logs["seconds"], **{f"{k}_after": v for k, v in after.items()}}
     files = None
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
+            manifest = open_shards(ctx.job.inputs.clean, ctx.store).manifest
+            train = train_transform_for(manifest)
+            inputs = {NORMALIZATION_KEY: suspect.metadata.get(NORMALIZATION_KEY),  # None: [0, 1] inputs as they are
+                      TRANSFORM_KEY: {"eval": default_transform(manifest).describe(),
+                                      "train": train.describe() if train is not None else None}}
             path = save_model(purified.cpu(), suspect.spec, Path(tmp) / "purified.safetensors",
-                              {"source_sha256": suspect.sha256, "method": pcfg.method, "run_name": ctx.run_name})
+                              {"source_sha256": suspect.sha256, "method": pcfg.method, "run_name": ctx.run_name,
+                               **inputs})
             files = {"purified.safetensors": path.read_bytes(), "purified.json": path.with_suffix(".json").read_bytes(),
                      "history.json": json.dumps(logs).encode(), "metrics.json": json.dumps(metrics).encode()}
     report(metrics, files)

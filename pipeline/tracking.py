@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ class Registered:
     name: str
     version: str
     model_uri: str
+
+
+# torch.export traces through process-wide dispatch modes: two exports at once in one process (two jobs
+# registering together) corrupt each other's trace, so they take turns
+_EXPORT_LOCK = threading.Lock()
 
 
 def _requirements() -> list[str]:
@@ -150,7 +156,7 @@ class Tracker:
 
     # ------------------------------------------------------------ registry
     def register(self, run_id: str, model: nn.Module, safetensors_path: Path, input_shape: tuple[int, ...],
-                 name: str, tags: dict[str, str], aliases: Iterable[str] = ("candidate",)) -> Registered:
+                 name: str, tags: dict[str, str], aliases: Iterable[str] = ()) -> Registered:
         """Log the model (MLflow's pytorch flavour, any batch size) and our safetensors file, register a
         new version under `name` with `tags` and the file's SHA-256, and point `aliases` at it."""
         import mlflow.pytorch
@@ -168,7 +174,7 @@ class Tracker:
         example = np.zeros((2, *input_shape), dtype=np.float32)
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _EXPORT_LOCK:
             mlflow.pytorch.save_model(model.cpu().eval(), str(Path(tmp) / "model"), input_example=example,
                                       signature=signature, pip_requirements=_requirements())
             self.client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
@@ -188,6 +194,40 @@ class Tracker:
         first = next(iter(aliases), None)
         return Registered(name, version, f"models:/{name}@{first}" if first else f"models:/{name}/{version}")
 
+    def offer_candidate(self, name: str, version: str, tags: dict[str, str]) -> tuple[bool, str]:
+        """Move alias ``candidate`` to `version` only if it is better than the current holder.
+
+        Aliases (docs/registry.md): MLflow's own ``models:/NAME/latest`` is always the newest version;
+        ``candidate`` is the best version so far for its source model; ``production`` moves only by
+        ``fip models promote``.
+        "Better" compares a score both versions carry: the sweep's defender objective (tag
+        ``objective``), else in benchmark mode the DER (tag ``DER``). A holder purified from another
+        source model, or no holder at all, gives way. Returns (moved, why)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            holder = self.client.get_model_version_by_alias(name, "candidate")
+        except MlflowException:
+            holder = None
+        moved, why = True, "no earlier candidate"
+        if holder is not None and str(holder.version) != str(version):
+            old = holder.tags or {}
+            if old.get("source_sha256") != tags.get("source_sha256"):
+                why = f"version {holder.version} was purified from another source model"
+            else:
+                key = next((k for k in ("objective", "DER") if k in old and k in tags), None)
+                if key is None:
+                    moved, why = False, (f"version {holder.version} holds it and the two share no score "
+                                         "(objective or DER) to compare")
+                elif float(tags[key]) > float(old[key]):
+                    why = f"{key} {float(tags[key]):.4f} beats version {holder.version}'s {float(old[key]):.4f}"
+                else:
+                    moved, why = False, (f"version {holder.version}'s {key} {float(old[key]):.4f} is at least "
+                                         f"this one's {float(tags[key]):.4f}")
+        if moved:
+            self.client.set_registered_model_alias(name, "candidate", str(version))
+        return moved, why
+
     def list_models(self) -> list[dict]:
         rows = []
         for rm in self.client.search_registered_models():
@@ -201,7 +241,8 @@ class Tracker:
         return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 
     def resolve_version(self, ref: str):
-        """``NAME`` (latest version), ``NAME@ALIAS`` or ``NAME/VERSION`` (``models:/`` optional) to a ModelVersion."""
+        """``NAME`` or ``NAME/latest`` (the newest version), ``NAME@ALIAS`` or ``NAME/VERSION`` (``models:/``
+        optional) to a ModelVersion."""
         from mlflow.exceptions import MlflowException
 
         ref = ref.removeprefix("models:/")
@@ -209,10 +250,10 @@ class Tracker:
             if "@" in ref:
                 name, alias = ref.split("@", 1)
                 return self.client.get_model_version_by_alias(name, alias)
-            if "/" in ref:
+            if "/" in ref and not ref.endswith("/latest"):
                 name, version = ref.split("/", 1)
                 return self.client.get_model_version(name, version)
-            versions = self.client.search_model_versions(f"name='{ref}'")
+            versions = self.client.search_model_versions(f"name='{ref.removesuffix('/latest')}'")
         except MlflowException as e:
             raise TrackingError(f"no registered model matches {ref!r} in {self.uri}: {e.message}") from e
         if not versions:

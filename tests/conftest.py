@@ -65,7 +65,7 @@ def ray_session(s3_endpoint):
     """One local Ray for the whole test session (2 CPUs, small object store)."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

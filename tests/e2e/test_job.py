@@ -170,3 +170,36 @@ def test_mismatched_model_is_refused_before_workers_start(digits_lab, shards, tm
         plan_job(cfg.replace(inputs={"model": rgb}))
     with pytest.raises(ConfigError, match="global batch 16 must be divisible by 3 workers"):
         cfg.replace(resources={"workers": 3})
+
+
+PINNED = Path(__file__).parent / "pinned" / "tiny_job.json"
+
+
+def test_figures_match_the_pinned_ones(job):
+    """The tiny job's figures against values recorded when they were last checked by hand: a change that
+    moves results fails here and has to say so (re-record with the printed values if it is intended)."""
+    _, result, _ = job
+    pinned = json.loads(PINNED.read_text())
+    got = {**{k: result.metrics[k] for k in pinned["metrics"]}, "final_ce": result.history[-1]["ce"]}
+    want = {**pinned["metrics"], "final_ce": pinned["final_ce"]}
+    tol = pinned["tolerance"]
+    off = {k: (got[k], v) for k, v in want.items()
+           if abs(got[k] - v) > tol["abs"] + tol["rel"] * abs(v)}
+    assert not off, f"moved from the pinned figures (got, pinned): {off}; all got: {json.dumps(got)}"
+
+
+def test_a_worker_error_reaches_the_user_as_one_line(ray_session, digits_lab, tmp_path, capsys):
+    """A shard that breaks inside a worker ends the job with one line naming the stage, rank and cause."""
+    from fipcli.main import main
+
+    split = CleanSplit.load(digits_lab.dval_path)
+    dest = tmp_path / "dval"
+    write_shards(load_dataset("digits", "train").subset(split.indices), str(dest), maxcount=70)
+    last = sorted(dest.glob("*.tar"))[-1]
+    last.write_bytes(last.read_bytes()[:3000])  # truncated: rank 1's share breaks mid-stream
+    rc = main(["purify", "--model", str(digits_lab.model_path), "--clean", str(dest), "--batch-size", "16",
+               "--iterations", "2", "--max-failures", "0", "--work-dir", str(tmp_path / "jobs"),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--esd-samples", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("fip purify: error: stage fisher failed on rank 1: ShardError:"), err

@@ -1,0 +1,76 @@
+"""The job's own progress on the driver's terminal, relayed from rank 0 of each stage.
+
+Ray forwards every worker's output (and Ray Train's own chatter) to the driver when asked to; the
+driver asks it not to (:func:`pipeline.driver.ensure_ray`), so that output stays in Ray's log folder
+and dashboard, and our stages send their progress through a small Ray queue instead. Step records
+become one bar per stage on a terminal, or a line every tenth of the run when output is a file.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+
+Progress = Callable[[str], None]
+
+
+class ProgressRelay:
+    """A Ray queue that stage workers write to, drained by a thread that shows what arrives."""
+
+    def __init__(self, progress: Progress, stage: str) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.progress, self.stage = progress, stage
+        self.bar = None
+        self.last_line_step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name=f"fip-progress-{stage}", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                self._show(self.queue.get(timeout=0.5))
+            except Empty:
+                if self._stop.is_set():
+                    return
+            except Exception:  # the queue's actor is gone (Ray shut down): nothing more will come
+                return
+
+    def _show(self, event) -> None:
+        if isinstance(event, str):
+            if self.bar is not None:
+                self.bar.write(f"[fip] {event}")
+            else:
+                self.progress(f"[fip] {event}")
+            return
+        done, total = int(event["step"]), int(event["total"])
+        if self.progress is print and sys.stdout.isatty():
+            if self.bar is None:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=f"[fip] {self.stage}", unit="step", initial=0)
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(ce=f"{event['ce']:.3f}")
+        elif done - self.last_line_step >= max(total // 10, 1) or done == total:
+            self.last_line_step = done
+            left = (total - done) / max(event["rate"], 1e-9)
+            self.progress(f"[fip] {self.stage}: step {done}/{total}, ce {event['ce']:.4f}, "
+                          f"{event['rate']:.2f} steps/s, {left:.0f}s left")
+
+    def close(self) -> None:
+        """Show what is still queued, then stop."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self.bar is not None:
+            self.bar.close()
+        try:
+            import ray
+
+            ray.kill(self.queue.actor)
+        except Exception:
+            pass

@@ -1,0 +1,87 @@
+"""Two jobs at once in one Python process, each with its own S3 endpoint and MLflow store, and a stage
+added to the driver by one line: nothing the jobs need is process-wide."""
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lab.datasets import CleanSplit, load_dataset
+from pipeline import driver
+from pipeline.config import JobConfig
+from pipeline.shards import write_shards
+from pipeline.storage import Storage, StorageSettings
+from pipeline.tracking import Tracker
+from pipeline.workers import report, world
+
+pytestmark = pytest.mark.slow
+
+
+def summary_stage(config: dict) -> dict:
+    """An extra stage for the test: reports the run name and the world size it ran on."""
+    ctx = config["context"]
+    metrics = {"summary_world": world()[1]}
+    files = {"summary.txt": ctx.run_name.encode(), "metrics.json": __import__("json").dumps(metrics).encode()}
+    report(metrics, files if world()[0] == 0 else None)
+    return metrics
+
+
+@pytest.fixture
+def second_s3():
+    """Another S3 API on loopback, holding different data under the same URL."""
+    from conftest import free_port
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, s3_endpoint, second_s3, tmp_path,
+                                                    monkeypatch):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import a test module
+    monkeypatch.setattr(driver, "STAGES", driver.STAGES + (driver.Stage("summary", summary_stage),))
+    split = CleanSplit.load(digits_lab.dval_path)
+    dval = load_dataset("digits", "train").subset(split.indices)
+    sizes = {"a": 60, "b": 50}
+    configs = {}
+    for (name, endpoint), size in zip({"a": s3_endpoint, "b": second_s3}.items(), sizes.values(), strict=True):
+        store = Storage(StorageSettings(s3_endpoint=endpoint))
+        if name == "b":
+            store.s3_client().create_bucket(Bucket="fip-test")
+        write_shards(dval.subset(range(size)), "s3://fip-test/concurrent/dval", maxcount=25, store=store)
+        configs[name] = JobConfig.from_dict({
+            "inputs": {"model": str(digits_lab.model_path), "clean": "s3://fip-test/concurrent/dval"},
+            "purify": {"iterations": 4, "batch_size": 16, "eta_f": 0.002, "trace_every": 2, "trace_batch": 8},
+            "resources": {"workers": 2, "cpus_per_worker": 0.5},
+            "run": {"work_dir": str(tmp_path / name / "jobs"), "run_name": f"job-{name}", "checkpoint_every": 2},
+            "storage": {"s3_endpoint": endpoint},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / name / 'mlflow.db'}", "register_as": f"model-{name}"},
+            "analysis": {"esd_samples": 0},
+        })
+    def run(name):
+        start = time.monotonic()
+        result = driver.run_job(configs[name], progress=lambda msg: None)
+        return name, result, (start, time.monotonic())
+
+    with ThreadPoolExecutor(2) as pool:
+        results = {name: (result, span) for name, result, span in pool.map(run, configs)}
+    (a_start, a_end), (b_start, b_end) = results["a"][1], results["b"][1]
+    assert a_start < b_end and b_start < a_end  # both were in flight together
+    for name, (result, _) in results.items():
+        other = "b" if name == "a" else "a"
+        m = result.metrics
+        assert m["fisher_count"] == sizes[name]  # read from its own endpoint: same URL, different data
+        assert m["summary_world"] == 2 and (result.purified_path.parent / "summary.txt").read_text() == f"job-{name}"
+        tracker = Tracker(configs[name].tracking.tracking_uri, create=False)
+        run = tracker.client.get_run(result.run_id)
+        assert run.info.run_name == f"job-{name}" and run.info.status == "FINISHED"
+        assert "summary.txt" in {a.path for a in tracker.client.list_artifacts(result.run_id)}
+        assert [r["name"] for r in tracker.list_models()] == [f"model-{name}"]
+        names = [r.info.run_name for r in tracker.client.search_runs([run.info.experiment_id])]
+        assert names == [f"job-{name}"] and f"job-{other}" not in names

@@ -36,13 +36,15 @@ from lab.backdoor import attack_from_record, make_backdoored_model, versions
 from lab.datasets import CleanSplit, load_dataset
 from lab.metrics import defense_effectiveness_rating, evaluate_model
 from tuning.holdout import split_dval
-from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective, score
+from tuning.objective import A_PRIORI_WEIGHTS, Holdout, ObjectiveWeights, evaluate_objective, score
 from tuning.report import FEATURES, spearman
 from tuning.space import SearchSpace
 
+COLUMNS = ("objective", "objective_a_priori", *FEATURES)
+
 
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
-                 space: SearchSpace, cache: Path, progress: bool = True) -> dict:
+                 space: SearchSpace, cache: Path, progress: bool = True, on_trial=None) -> dict:
     from benchmarks.defense_table import lab_config
 
     cfg = lab_config(attack_name, False, dataset)
@@ -60,7 +62,9 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
     xt, yt = test.floats(), test.y
     before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
     rng = random.Random(derive_seed(seed, "trials", attack_name))
-    rows = []
+    rows: list[dict] = []
+    sweep = {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
+             "holdout_size": len(held_rows), "train_size": len(train_rows), "holdout_seconds": holdout_seconds}
     for i in range(trials):
         params = space.sample(rng)
         pcfg = PurifyConfig(**{**params, "seed": derive_seed(seed, "trial", i) % 2**31})
@@ -77,8 +81,37 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
                   f"obj {feats['objective']:+.4f} hacc {100 * feats['holdout_acc']:5.1f} agr {100 * feats['agreement']:5.1f} "
                   f"kl {feats['kl_to_suspect']:.3f} tr {feats['trace_ratio']:.3f} | ACC {100 * after['acc']:5.2f} "
                   f"ASR {100 * after['asr']:6.2f} DER {der:.3f} {seconds:5.1f}s", flush=True)
-    return {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
-            "holdout_size": len(held_rows), "train_size": len(train_rows), "holdout_seconds": holdout_seconds}
+        if on_trial is not None:
+            on_trial(sweep)  # a long run that is stopped keeps its finished trials
+    return sweep
+
+
+def run_baselines(attack_name: str, names: list[str], dataset: str, cache: Path, progress: bool = True) -> dict:
+    """The table's defenses on exactly this sweep's suspect and full D_val (the cached models can differ from
+    the ones the defense table measured)."""
+    import torch
+
+    from benchmarks.defense_table import lab_config
+    from lab.defenses import CleanSet, run_defense
+
+    art = make_backdoored_model(lab_config(attack_name, False, dataset), cache / "lab", progress=progress)
+    suspect = load_model(art.model_path).model
+    attack = attack_from_record(art.record)
+    dval = load_dataset(dataset, "train").subset(CleanSplit.load(art.dval_path).indices)
+    test = load_dataset(dataset, "test")
+    xt, yt = test.floats(), test.y
+    before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
+    out = {}
+    for name in names:
+        torch.manual_seed(0)
+        res = run_defense(name, suspect, CleanSet(dval.floats(), dval.y))
+        after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)
+        out[name] = {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "seconds": res.seconds,
+                     "der": defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])}
+        if progress:
+            print(f"{attack_name:>12} baseline {name:>8}: ACC {100 * after['acc']:5.2f} ASR {100 * after['asr']:6.2f} "
+                  f"DER {out[name]['der']:.3f}", flush=True)
+    return out
 
 
 def choose(sweep: dict, weights: ObjectiveWeights) -> dict:
@@ -89,21 +122,21 @@ def choose(sweep: dict, weights: ObjectiveWeights) -> dict:
 
 
 def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, results: Path, space: dict | None = None) -> dict:
-    per_attack, pooled_obj, pooled_der = [], [], []
+    per_attack, pooled_der = [], []
     for s in sweeps:
         for t in s["trials"]:
             t["objective"] = score(t, s["suspect_holdout"], weights)
+            t["objective_a_priori"] = score(t, s["suspect_holdout"], A_PRIORI_WEIGHTS)
         ders = [t["der"] for t in s["trials"]]
-        corr = {f: spearman([t[f] for t in s["trials"]], ders) for f in ("objective", *FEATURES)}
+        corr = {f: spearman([t[f] for t in s["trials"]], ders) for f in COLUMNS}
         chosen = choose(s, weights)
         best = max(s["trials"], key=lambda t: t["der"])
         seconds = sum(t["seconds"] for t in s["trials"]) + s["holdout_seconds"]
         per_attack.append({"attack": s["attack"], "spearman": corr, "chosen": chosen, "oracle": best,
                            "sweep_seconds": seconds, "before": s["before"]})
-        pooled_obj += [t["objective"] for t in s["trials"]]
         pooled_der += ders
-    pooled = {"objective": spearman(pooled_obj, pooled_der)}
-    for f in FEATURES:
+    pooled = {}
+    for f in COLUMNS:
         pooled[f] = spearman([t[f] for s in sweeps for t in s["trials"]], pooled_der)
     means = {}
     if per_attack:
@@ -111,8 +144,8 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
         means["acc_drop"] = statistics.mean(p["before"]["acc"] - p["chosen"]["acc"] for p in per_attack)
         means["oracle_der"] = statistics.mean(p["oracle"]["der"] for p in per_attack)
         means["spearman_mean"] = statistics.mean(p["spearman"]["objective"] for p in per_attack)
-    corr_rows = [[p["attack"], *(round(p["spearman"][f], 2) for f in ("objective", *FEATURES))] for p in per_attack]
-    corr_rows.append(["pooled", *(round(pooled[f], 2) for f in ("objective", *FEATURES))])
+    corr_rows = [[p["attack"], *(round(p["spearman"][f], 2) for f in COLUMNS)] for p in per_attack]
+    corr_rows.append(["pooled", *(round(pooled[f], 2) for f in COLUMNS)])
     chosen_rows = [[p["attack"], p["chosen"]["trial"], p["chosen"]["params"]["method"],
                     100 * p["chosen"]["acc"], 100 * p["chosen"]["asr"], 100 * p["chosen"]["ra"],
                     round(p["chosen"]["der"], 3), round(p["oracle"]["der"], 3), round(p["sweep_seconds"], 1)]
@@ -120,15 +153,17 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
     trial_rows = [[s["attack"], t["trial"], t["params"]["method"], t["params"]["iterations"],
                    f"{t['params']['eta_f']:.1e}", f"{t['params']['eta_r']:.2f}", f"{t['params']['eta_kl']:.2f}",
                    f"{t['params']['lr']:.4f}", f"{t['params']['crop_until']:.2f}", round(t["objective"], 4),
+                   round(t["objective_a_priori"], 4),
                    100 * t["holdout_acc"], round(t["kl_to_suspect"], 3), round(t["trace_ratio"], 3),
                    100 * t["acc"], 100 * t["asr"], round(t["der"], 3)] for s in sweeps for t in s["trials"]]
     md = (f"# FIP tuned by the defender's objective on {dataset}\n\n"
           "Trials run in-process (`fip.purify.purify`) on the `dval-train` share of D_val; the objective "
           "(tuning/objective.py, weights below) reads only the `dval-holdout` share; ACC/ASR/RA/DER on the test "
           "set are for this report. The chosen trial is the argmax of the objective.\n\n"
-          f"Weights: {json.dumps(weights.__dict__)}\n\nSearch space: {json.dumps(space)}\n\n"
+          f"Weights: {json.dumps(weights.__dict__)}; a priori (before any validation): "
+          f"{json.dumps(A_PRIORI_WEIGHTS.__dict__)}\n\nSearch space: {json.dumps(space)}\n\n"
           "## Spearman rank correlation with DER over the trials\n\n"
-          + markdown_table(["attack", "objective", *FEATURES], corr_rows)
+          + markdown_table(["attack", *COLUMNS], corr_rows)
           + "\n## The chosen trial per attack (fip-tuned)\n\n"
           + markdown_table(["attack", "trial", "method", "ACC %", "ASR %", "RA %", "DER", "best DER in sweep",
                             "sweep seconds"], chosen_rows)
@@ -137,11 +172,38 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
              f"{means['oracle_der']:.3f}); mean per-attack Spearman {means['spearman_mean']:.2f}.\n" if means else "")
           + "\n## Every trial\n\n"
           + markdown_table(["attack", "trial", "method", "iters", "eta_f", "eta_r", "eta_kl", "lr", "crop_until",
-                            "objective", "holdout ACC %", "KL", "Tr F ratio", "ACC %", "ASR %", "DER"], trial_rows))
-    payload = {"dataset": dataset, "weights": weights.__dict__, "space": space, "sweeps": sweeps, "per_attack": per_attack,
+                            "objective", "a-priori objective", "holdout ACC %", "KL", "Tr F ratio", "ACC %", "ASR %",
+                            "DER"], trial_rows))
+    same = compare_on_same_attacks(sweeps, per_attack)
+    if same:
+        md += ("\n## Against the table's defenses on the same suspects\n\n"
+               f"Means over {', '.join(p['attack'] for p in per_attack)} only; every defense run here on the "
+               "same cached suspects and full D_val (benchmarks.defense_table's settings):\n\n"
+               + markdown_table(["defense", "ACC %", "ACC drop", "ASR %", "DER"],
+                                [[d, 100 * m["acc"], 100 * m["acc_drop"], 100 * m["asr"], round(m["der"], 3)]
+                                 for d, m in same.items()]))
+    payload = {"dataset": dataset, "weights": weights.__dict__, "same_attacks": same, "space": space, "sweeps": sweeps, "per_attack": per_attack,
                "pooled_spearman": pooled, "means": means, "versions": versions()}
     write_results(f"tuned-{dataset}", payload, md, results)
     return payload
+
+
+def compare_on_same_attacks(sweeps: list[dict], per_attack: list[dict]) -> dict:
+    """Means over the swept attacks of each baseline run on the same suspects, with fip-tuned beside them."""
+    rows = []
+    for s, p in zip(sweeps, per_attack):
+        for name, m in s.get("baselines", {}).items():
+            rows.append({"defense": name, **m, "acc_before": s["before"]["acc"]})
+        rows.append({"defense": "fip-tuned", "acc": p["chosen"]["acc"], "asr": p["chosen"]["asr"],
+                     "der": p["chosen"]["der"], "acc_before": s["before"]["acc"]})
+    out = {}
+    for d in dict.fromkeys(r["defense"] for r in rows):
+        rs = [r for r in rows if r["defense"] == d]
+        if len(rs) != len(per_attack):
+            continue  # a baseline missing on some attack would not be compared like for like
+        out[d] = {k: statistics.mean(r[k] for r in rs) for k in ("acc", "asr", "der")}
+        out[d]["acc_drop"] = statistics.mean(r["acc_before"] - r["acc"] for r in rs)
+    return out
 
 
 def add_to_defense_table(summary: dict, dataset: str, results: Path) -> None:
@@ -177,22 +239,42 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="NAME=KIND:A:B",
                    help="change one setting of the space, as `fip tune --space` does (e.g. iterations=150)")
     p.add_argument("--resummarise", action="store_true", help="recompute the tables from the saved trials only")
+    p.add_argument("--baselines-only", action="store_true", help="only run the missing baselines of the saved sweeps")
     p.add_argument("--append", action="store_true", help="keep the saved sweeps of other attacks (replace these)")
     p.add_argument("--no-defense-table", action="store_true")
+    p.add_argument("--baselines", default="ft,ft-sam,fip", help="defenses re-run on the same suspects for comparison")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared, loaded machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     space = SearchSpace.from_yaml(args.space) if args.space else SearchSpace.default()
     if args.set:
         space = space.with_flags(args.set)
     weights = ObjectiveWeights()
     saved = RESULTS / f"tuned-{args.dataset}.json"
     sweeps = []
-    if args.resummarise or args.append:
+    if args.resummarise or args.append or args.baselines_only:
         sweeps = json.loads(saved.read_text())["sweeps"] if saved.is_file() else []
-    if not args.resummarise:
+    if not (args.resummarise or args.baselines_only):
         for name in args.attacks.split(","):
             sweeps = [s for s in sweeps if s["attack"] != name]
-            sweeps.append(sweep_attack(name, args.trials, args.dataset, args.holdout_fraction, args.seed, space, CACHE))
+
+            def partial(sweep: dict, done: list[dict] = sweeps) -> None:
+                summarise([*done, sweep], weights, args.dataset, RESULTS, space.describe())
+
+            sweeps.append(sweep_attack(name, args.trials, args.dataset, args.holdout_fraction, args.seed, space, CACHE,
+                                       on_trial=partial))
             summary = summarise(sweeps, weights, args.dataset, RESULTS, space.describe())  # partial results after each attack
+    if args.baselines and not args.resummarise:
+        wanted = args.baselines.split(",")
+        for s in sweeps:
+            if set(wanted) - set(s.get("baselines", {})) and s["attack"] in args.attacks.split(","):
+                s["baselines"] = {**s.get("baselines", {}),
+                                  **run_baselines(s["attack"], [n for n in wanted if n not in s.get("baselines", {})],
+                                                  args.dataset, CACHE)}
+                summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
     summary = summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
     if not args.no_defense_table:
         add_to_defense_table(summary, args.dataset, RESULTS)

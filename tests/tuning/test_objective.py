@@ -48,7 +48,7 @@ def test_features_against_hand_computation(one_thread):
 
 
 def test_score_prices_accuracy_and_rewards_moving_and_flattening():
-    w = ObjectiveWeights()
+    w = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl=0.1, kl_cap=1.0, curvature=0.1)
     suspect = {"acc": 0.90}
     base = {"holdout_acc": 0.90, "kl_to_suspect": 0.0, "trace_ratio": 1.0}
     assert score(base, suspect, w) == 0.0
@@ -57,6 +57,11 @@ def test_score_prices_accuracy_and_rewards_moving_and_flattening():
     small = score({**base, "holdout_acc": 0.89}, suspect, w)
     large = score({**base, "holdout_acc": 0.80}, suspect, w)
     assert small == pytest.approx(-0.01) and large == pytest.approx(-0.1 - w.acc_excess * 0.08)
+    # the defaults: no curvature term, a 3-point accuracy budget, KL as the credit
+    d = ObjectiveWeights()
+    assert score({**base, "trace_ratio": 0.5}, suspect, d) == 0.0
+    assert score({**base, "holdout_acc": 0.88, "kl_to_suspect": 0.2}, suspect, d) > score(base, suspect, d)
+    assert score({**base, "holdout_acc": 0.85, "kl_to_suspect": 0.2}, suspect, d) < score(base, suspect, d)
     with pytest.raises(ValueError, match="objective weight kl must be"):
         ObjectiveWeights(kl=-1)
 

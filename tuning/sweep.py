@@ -449,15 +449,16 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                                             else {})})
             tracker.set_tags(parent, {"winner_trial": winner["trial_id"], "winner_run_id": winner.get("child_run_id", "")})
             if cfg.register_as and winner.get("child_run_id"):
-                model_uri = _register_winner(tracker, base, cfg, winner, parent)
+                model_uri = _register_winner(tracker, base, cfg, winner, parent, progress)
     if winner:
         progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
                  + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))
     return SweepResult(trials, winner, parent, model_uri, table, plot, time.perf_counter() - t0)
 
 
-def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner: dict, parent: str) -> str:
-    """Register the winner's purified file from its own child run, alias ``candidate``, tagged with the sweep."""
+def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner: dict, parent: str,
+                     progress: Progress) -> str:
+    """Register the winner's purified file from its own child run, tagged with the sweep and its objective."""
     from fip.io import load_model
 
     path = Path(winner["purified"])
@@ -468,14 +469,23 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     for key, tag in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
         if key in winner:
             tags[tag] = f"{winner[key]:.4f}"
-    tags["source_sha256"] = loaded.sha256
-    # the sweep's winner is its candidate by construction: the alias is set here, not left to a comparison
-    # with versions chosen on other held-out splits
+    # the suspect's hash, as the purify stage wrote it into the file (the candidate rule compares by source)
+    source = loaded.metadata.get("source_sha256") or _suspect_sha256(base)
+    tags["source_sha256"] = source
     reg = tracker.register(winner["child_run_id"], loaded.model, path, (spec.in_channels, spec.image_size,
-                                                                        spec.image_size), cfg.register_as, tags,
-                           aliases=("candidate",))
-    tracker.set_tags(parent, {"registered": f"{reg.name}/{reg.version}"})
-    return reg.model_uri
+                                                                        spec.image_size), cfg.register_as, tags)
+    # the house rule for @candidate (docs/registry.md): it moves when the objective beats the holder's
+    moved, why = tracker.offer_candidate(reg.name, reg.version, tags)
+    tracker.set_tags(parent, {"registered": f"{reg.name}/{reg.version}", "candidate_moved": moved})
+    progress(f"[fip tune] registered {reg.name} version {reg.version}; @candidate "
+             f"{'moves to it' if moved else 'stays'} ({why})")
+    return f"models:/{reg.name}@candidate" if moved else f"models:/{reg.name}/{reg.version}"
+
+
+def _suspect_sha256(base: JobConfig) -> str:
+    from fip.io import file_sha256
+
+    return file_sha256(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
 
 
 def sweep_summary(result: SweepResult) -> dict:

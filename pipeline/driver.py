@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from fip.io import LoadedModel, load_model
 from pipeline.analysis import plot_curves, spectral_analysis
@@ -29,6 +31,7 @@ from pipeline.storage import Storage, is_s3, join
 from pipeline.tracking import Registered, Tracker, default_tracking_uri, local_root
 
 StageFn = Callable[[dict], dict]
+T = TypeVar("T")
 Progress = Callable[[str], None]
 
 
@@ -197,7 +200,7 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
-        result = trainer.fit()
+        result = _off_main_thread(trainer.fit)
     except Exception as e:
         from ray.train import TrainingFailedError
 
@@ -209,6 +212,31 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
     with result.checkpoint.as_directory() as d:
         files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
     return StageOutput(json.loads(files.pop("metrics.json")), files)
+
+
+def _off_main_thread(fn: Callable[[], T]) -> T:
+    """Run `fn` in a helper thread and wait for it on this one.
+
+    Ray Train replaces the process's SIGINT handler when ``fit()`` runs on the main thread (and keeps
+    it, exiting 0 on a third Ctrl-C). Off the main thread it leaves signals alone, so Ctrl-C raises
+    KeyboardInterrupt here at once: the job is marked killed and the command exits non-zero."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="fip-stage", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _tags(plan: JobPlan) -> dict:

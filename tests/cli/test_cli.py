@@ -91,3 +91,13 @@ def test_purify_config_errors_are_one_line(tmp_path, capsys):
         assert expected[name] in err and "\n" not in err, err
     assert main(["purify", "--model", "m", "--clean", "c", "--checkpoint-every", "0", "--print-config"]) == 2
     assert "checkpoint_every must be >= 1" in capsys.readouterr().err
+
+
+def test_purify_help_lists_choices_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["purify", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for choices in ("{fip,fast-fip}", "{exact,signed,hutchinson}", "{empirical,true}", "{constant,cosine}"):
+        assert choices in out
+    assert "--augment BOOL default: True" in out and "--eta-f ETA_F default: 0.0001" in out
+    assert "--preset {demo,paper,paper-300}" in out

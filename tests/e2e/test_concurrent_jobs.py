@@ -10,7 +10,7 @@ import pytest
 from lab.datasets import CleanSplit, load_dataset
 from pipeline import driver
 from pipeline.config import JobConfig
-from pipeline.shards import write_shards
+from pipeline.shards import open_shards, write_shards
 from pipeline.storage import Storage, StorageSettings
 from pipeline.tracking import Tracker
 from pipeline.workers import report, world
@@ -40,8 +40,7 @@ def second_s3():
     server.stop()
 
 
-def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, s3_endpoint, second_s3, tmp_path,
-                                                    monkeypatch):
+def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, two_s3, tmp_path, monkeypatch):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import a test module
@@ -50,11 +49,11 @@ def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, s3_
     dval = load_dataset("digits", "train").subset(split.indices)
     sizes = {"a": 60, "b": 50}
     configs = {}
-    for (name, endpoint), size in zip({"a": s3_endpoint, "b": second_s3}.items(), sizes.values(), strict=True):
+    for (name, endpoint), size in zip({"a": two_s3[0], "b": two_s3[1]}.items(), sizes.values(), strict=True):
         store = Storage(StorageSettings(s3_endpoint=endpoint))
-        if name == "b":
-            store.s3_client().create_bucket(Bucket="fip-test")
+        store.s3_client().create_bucket(Bucket="fip-test")
         write_shards(dval.subset(range(size)), "s3://fip-test/concurrent/dval", maxcount=25, store=store)
+        assert open_shards("s3://fip-test/concurrent/dval", store).total == size
         configs[name] = JobConfig.from_dict({
             "inputs": {"model": str(digits_lab.model_path), "clean": "s3://fip-test/concurrent/dval"},
             "purify": {"iterations": 4, "batch_size": 16, "eta_f": 0.002, "trace_every": 2, "trace_batch": 8},

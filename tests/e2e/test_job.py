@@ -142,6 +142,13 @@ def test_mlflow_run_artifacts_and_registry_cli(job, tmp_path, capsys):
     assert "production" in client.get_model_version("fip-purified", "1").aliases
     assert main(["models", *uri, "get", "fip-purified@nope", "-o", str(out)]) == 2
     assert main(["models", "list", *uri]) == 0  # the flag after the sub-command works too
+    # `fip evaluate` on the registered model reports what the job reported
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "models:/fip-purified@candidate", *uri, "--test", cfg.inputs.test,
+                 "--attack-record", cfg.inputs.attack_record]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: evaluated[k] for k in ("acc", "asr", "ra")} == {
+        "acc": result.metrics["acc_after"], "asr": result.metrics["asr_after"], "ra": result.metrics["ra_after"]}
     # the MLflow flavours load it as MLflow users do, at any batch size
     mlflow.set_tracking_uri(uri_)
     mlflow.set_registry_uri(uri_)

@@ -28,16 +28,36 @@ def summary_stage(config: dict) -> dict:
 
 
 @pytest.fixture
-def second_s3():
-    """Another S3 API on loopback, holding different data under the same URL."""
-    from conftest import free_port
-    from moto.server import ThreadedMotoServer
+def two_s3():
+    """Two S3 APIs on loopback, each in its own process (moto's servers in one process share their
+    buckets), to hold different data under the same URL."""
+    import subprocess
+    import urllib.request
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    from conftest import free_port
+
+    servers, urls = [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            servers.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=2)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"moto server at {url} did not start") from None
+                    time.sleep(0.3)
+        yield urls
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, two_s3, tmp_path, monkeypatch):

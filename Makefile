@@ -5,7 +5,7 @@ BIN       := $(VENV)/bin
 FMNIST    ?= /usr/share/datasets/fashion-mnist
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test test-heavy demo bench lint clean
 
 setup: $(STAMP) data
 
@@ -27,7 +27,11 @@ data:
 	fi
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not heavy"
+
+# the Ray Tune sweeps and the cluster submission end to end (several minutes each on 2 cores)
+test-heavy: setup
+	$(BIN)/python -m pytest -q -m heavy
 
 demo: setup
 	$(BIN)/fip demo

@@ -32,7 +32,7 @@ from pipeline.evaluation import evaluate_shards
 from pipeline.shards import open_shards, write_shards
 from pipeline.storage import Storage, StorageSettings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 FIP = str(Path(sys.executable).parent / "fip")
 SENTINEL = f"sentinel-{uuid.uuid4().hex}"  # the submitter's secrets: must appear nowhere

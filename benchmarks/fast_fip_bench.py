@@ -17,12 +17,13 @@ ASR here is for reporting only; nothing is chosen with it.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import CACHE, markdown_table, write_results
+from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
 from fip.fisher import trainable_params
 from fip.models import ModelSpec, build_model
 from fip.purify import Purifier, PurifyConfig, prepare_model
@@ -92,9 +93,10 @@ def step_profile(spec: ModelSpec, batch: int, repeat: int = 2) -> dict:
     return out
 
 
-def run_to_target(target: float, steps: int = 300, every: int = 25, test_samples: int = 2000) -> dict:
+def run_to_target(target: float, acc_bar: float = 0.86, steps: int = 300, every: int = 10,
+                  test_samples: int = 2000) -> dict:
     from fip.io import load_model
-    from fip.purify import purify
+    from fip.purify import estimate_fbar, purify
     from lab.attacks import AttackConfig
     from lab.backdoor import LabConfig, attack_from_record, make_backdoored_model
     from lab.datasets import CleanSplit, load_dataset
@@ -107,7 +109,7 @@ def run_to_target(target: float, steps: int = 300, every: int = 25, test_samples
     dval = load_dataset("fashion-mnist", "train").subset(CleanSplit.load(art.dval_path).indices)
     test = load_dataset("fashion-mnist", "test").subset(range(test_samples))
     xt, yt = test.floats(), test.y
-    out: dict = {"target_asr": target, "steps": steps, "eval_every": every}
+    out: dict = {"target_asr": target, "acc_bar": acc_bar, "steps": steps, "eval_every": every}
     for method in ("fip", "fast-fip"):
         params = dict(DEFENSES[method].params)  # as the defense table runs them
         cfg = PurifyConfig(method=method, iterations=steps, eval_every=every, seed=0, **params)
@@ -119,19 +121,28 @@ def run_to_target(target: float, steps: int = 300, every: int = 25, test_samples
             spent["eval"] += time.perf_counter() - t
             return m
 
+        t = time.perf_counter()
+        estimate_fbar(prepare_model(suspect, cfg), dval.floats(), dval.y, cfg)  # what purify() does first
+        fisher_s = time.perf_counter() - t
         torch.manual_seed(0)
         t = time.perf_counter()
         result = purify(suspect, dval.floats(), dval.y, cfg, evaluate)
         wall = time.perf_counter() - t - spent["eval"]
         curve = [{"step": e["step"], "acc": e["acc"], "asr": e["asr"]} for e in result.evaluations]
         reached = next((e for e in curve if e["asr"] <= target), None)
-        per_step = wall / steps  # Fisher estimate included, spread over the steps
-        out[method] = {"params": params, "seconds": wall, "seconds_per_step": per_step, "curve": curve,
-                       "steps_to_target": reached["step"] if reached else None,
-                       "seconds_to_target": reached["step"] * per_step if reached else None,
-                       "acc_at_target": reached["acc"] if reached else None}
+        good = next((e for e in curve if e["asr"] <= target / 2 and e["acc"] >= acc_bar), None)
+        per_step = max(wall - fisher_s, 0.0) / steps
+        out[method] = {"params": params, "seconds": wall, "fisher_seconds": fisher_s, "seconds_per_step": per_step,
+                       "curve": curve, "steps_to_target": reached["step"] if reached else None,
+                       "seconds_to_target": fisher_s + reached["step"] * per_step if reached else None,
+                       "acc_at_target": reached["acc"] if reached else None,
+                       "steps_to_good": good["step"] if good else None}
     a, b = out["fip"]["seconds_to_target"], out["fast-fip"]["seconds_to_target"]
     out["fip_over_fast_fip_at_target"] = a / b if a and b else None
+    a, b = out["fip"]["steps_to_target"], out["fast-fip"]["steps_to_target"]
+    out["fip_over_fast_fip_steps"] = a / b if a and b else None
+    a, b = out["fip"]["steps_to_good"], out["fast-fip"]["steps_to_good"]
+    out["fip_over_fast_fip_steps_good"] = a / b if a and b else None
     return out
 
 
@@ -140,11 +151,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier timings on a busy machine)")
     p.add_argument("--target", type=float, default=0.10, help="ASR both methods must reach")
     p.add_argument("--skip-run", action="store_true", help="per-step profile only")
+    p.add_argument("--skip-profile", action="store_true", help="the runs to the target only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     payload: dict = {"threads": args.threads, "profiles": {}}
+    if args.skip_profile:  # keep the profiles of the last full run
+        payload["profiles"] = json.loads((RESULTS / "fast_fip.json").read_text())["profiles"]
     for label, spec in (("lab x0.125 28x28", ModelSpec("preactresnet18", 10, 1, 28, 0.125)),
                         ("paper width 1 32x32", ModelSpec("preactresnet18", 10, 3, 32, 1.0))):
+        if args.skip_profile:
+            break
         payload["profiles"][label] = step_profile(spec, 128)
         print(f"[fast-fip] profiled {label}", flush=True)
     if not args.skip_run:
@@ -177,15 +193,24 @@ def render(payload: dict) -> str:
         for m in ("fip", "fast-fip"):
             r = run[m]
             final = r["curve"][-1]
-            rows.append([m, f"{r['seconds_per_step'] * 1e3:.0f}", r["steps_to_target"] or "not reached",
+            rows.append([m, f"{r['fisher_seconds']:.1f}", f"{r['seconds_per_step'] * 1e3:.0f}",
+                         r["steps_to_target"] or "not reached",
                          f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] else "-",
                          f"{100 * r['acc_at_target']:.2f}" if r["acc_at_target"] else "-",
+                         r["steps_to_good"] or "not reached",
                          f"{100 * final['acc']:.2f} / {100 * final['asr']:.2f}"])
-        ratio = run["fip_over_fast_fip_at_target"]
-        md += (f"## Per run: lab BadNets (Fashion-MNIST), ASR <= {100 * run['target_asr']:.0f} %\n\n"
-               + markdown_table(["method", "ms/step (Fisher incl.)", "steps to target", "seconds to target",
-                                 "ACC % there", f"ACC / ASR % after {run['steps']}"], rows)
-               + f"\nFIP time / Fast FIP time at the target: {f'{ratio:.2f}x' if ratio else 'n/a'}.\n")
+        ratio, steps = run["fip_over_fast_fip_at_target"], run["fip_over_fast_fip_steps"]
+        md += (f"## Per run: lab BadNets (Fashion-MNIST), ASR <= {100 * run['target_asr']:.0f} % "
+               f"(evaluated every {run['eval_every']} steps)\n\n"
+               + markdown_table(["method", "Fisher s", "ms/step", "steps to target", "seconds to target",
+                                 "ACC % there", f"steps to ASR <= {50 * run['target_asr']:.0f} % at ACC >= "
+                                 f"{100 * run['acc_bar']:.0f} %", f"ACC / ASR % after {run['steps']}"], rows)
+               + f"\nFIP / Fast FIP at the target: {f'{steps:.2f}x' if steps else 'n/a'} the steps, "
+                 f"{f'{ratio:.2f}x' if ratio else 'n/a'} the seconds (per-step times here are from a shared, "
+                 f"loaded machine; the profile above measures them side by side). At ASR <= "
+                 f"{50 * run['target_asr']:.0f} % with ACC >= {100 * run['acc_bar']:.0f} %: "
+                 + (f"{run['fip_over_fast_fip_steps_good']:.2f}x" if run["fip_over_fast_fip_steps_good"] else "n/a")
+                 + " the steps.\n")
     return md
 
 

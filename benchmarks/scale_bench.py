@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, write_results
+from benchmarks.common import RESULTS, markdown_table, write_results
 
 POOL = 64  # distinct JPEGs behind the synthetic set
 
@@ -158,6 +158,13 @@ def resnet50_rates(batch: int, steps: int, size: int = 224) -> dict:
     with FlopCounterMode(display=False) as counter:
         squared_grad_sums(work, x, y, chunk_size=batch)
     out["fisher_flops_per_sample"] = counter.get_total_flops() / batch
+    # Fast FIP rebuilds every W' = U diag(relu(s + delta)) V^T each forward: work that does not shrink with the batch
+    from fip.spectral import SpectralShift
+
+    layers = [m for m in w.modules() if isinstance(m, SpectralShift)]
+    with FlopCounterMode(display=False) as counter:
+        sum(m.shifted_weight().sum() for m in layers).backward()
+    out["fast-fip"]["rebuild_flops_fwd_bwd"] = counter.get_total_flops()
     return out
 
 
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model-batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="timed repetitions of each model measurement")
     p.add_argument("--skip-model", action="store_true", help="data path only")
+    p.add_argument("--skip-data", action="store_true",
+                   help="model part only; the data part is kept from benchmarks/results/scale.json")
     p.add_argument("--keep", default=None, help="keep the synthetic set and shards in this folder")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model part (default: torch's)")
     args = p.parse_args(argv)
@@ -184,16 +193,22 @@ def main(argv: list[str] | None = None) -> dict:
                      "threads": torch.get_num_threads(), "load_before": os.getloadavg()[0], "writes": {},
                      "reads": {}}
     try:
-        for n in (args.images, 4 * args.images):
+        if args.skip_data:
+            old = json.loads((RESULTS / "scale.json").read_text())
+            payload.update({k: old[k] for k in ("images", "classes", "size", "writes", "reads", "load_before")})
+            payload["writes"] = {int(k): v for k, v in payload["writes"].items()}
+            args.images, args.classes, args.size = old["images"], old["classes"], old["size"]
+        for n in () if args.skip_data else (args.images, 4 * args.images):
             root = synthetic_imagenet(work / f"inet-{n}", n, args.classes, args.size)
             dest = work / f"shards-{n}"
             shutil.rmtree(dest, ignore_errors=True)
             payload["writes"][n] = _write_in_fresh_process(root, dest, args.workers, args.maxcount)
             print(f"[scale] wrote {n} images: {payload['writes'][n]['samples_per_s']:.0f}/s", flush=True)
         dest = work / f"shards-{args.images}"
-        payload["reads"]["raw_tar_samples_per_s"] = raw_read_rate(dest)
-        payload["reads"]["loader"] = [loader_rate(dest, w) for w in args.loader_workers]
-        print(f"[scale] read: raw {payload['reads']['raw_tar_samples_per_s']:.0f}/s", flush=True)
+        if not args.skip_data:
+            payload["reads"]["raw_tar_samples_per_s"] = raw_read_rate(dest)
+            payload["reads"]["loader"] = [loader_rate(dest, w) for w in args.loader_workers]
+            print(f"[scale] read: raw {payload['reads']['raw_tar_samples_per_s']:.0f}/s", flush=True)
         if not args.skip_model:
             payload["resnet50"] = resnet50_rates(args.model_batch, args.steps)
     finally:
@@ -214,7 +229,7 @@ def render(payload: dict, args) -> str:
     n, n4 = args.images, 4 * args.images
     rows = [[f"{k:,}", f"{v['samples_per_s']:,.0f}", f"{v['bytes'] / 1e6:,.0f}", v["peak_buffered_samples"],
              f"{v['rss_writer_mb']:,.0f}", f"{v['rss_worker_mb']:,.0f}"] for k, v in ((n, w[n]), (n4, w[n4]))]
-    md = (f"# Scale benchmark ({payload['cpus']} CPUs, {payload['threads']} torch threads; load average "
+    md = (f"# Scale benchmark ({payload['cpus']} CPUs, model part on {payload['threads']} torch thread(s); load average "
           f"{payload['load_before']:.1f} before, {payload['load_after']:.1f} after: other work shared the CPUs)\n\n"
           f"Synthetic ImageNet-shaped set: {args.classes} classes, JPEG q90, sides {int(0.8 * args.size)}-"
           f"{int(1.3 * args.size)} px; shards of {args.maxcount}, {args.workers} writing processes.\n\n"
@@ -237,7 +252,9 @@ def render(payload: dict, args) -> str:
             rows.append([f"{method} step (trace every 5th)", f"{row['steps_per_s']:.3f} steps/s",
                          f"{row['avg_step_flops'] / 1e9:.1f} GFLOP/step",
                          f"{row['trainable']:,} trainable; plain {row['plain_step_s']:.2f}s, trace "
-                         f"{row['trace_step_s']:.2f}s, prepare {row['prepare_s']:.1f}s"])
+                         f"{row['trace_step_s']:.2f}s, prepare {row['prepare_s']:.1f}s"
+                         + (f"; rebuilding every W' (fwd+bwd): {row['rebuild_flops_fwd_bwd'] / 1e9:.1f} GFLOP, "
+                            "whatever the batch" if "rebuild_flops_fwd_bwd" in row else "")])
         md += (f"\n## ResNet-50 at 224, batch {m['batch']}, fp32 CPU ({m['threads']} threads)\n\n"
                + markdown_table(["measure", "rate", "work", "notes"], rows))
     return md

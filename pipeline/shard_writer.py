@@ -347,6 +347,18 @@ def _put_file(store: Storage, url: str, path: Path) -> None:
     store.with_retries(f"writing {url}", put)
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux ``VmHWM``: unlike ``ru_maxrss`` it is not inherited
+    from the parent a spawned worker was forked from); None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def write_shard_task(task: dict, settings: StorageSettings) -> dict:
     """Worker entry point: one shard, written to a temporary file and then moved (local) or uploaded
     (S3), so a shard at its final name is always whole."""
@@ -360,16 +372,16 @@ def write_shard_task(task: dict, settings: StorageSettings) -> dict:
             tmp.replace(final)
         finally:
             tmp.unlink(missing_ok=True)
-        return info
-    fd, name = tempfile.mkstemp(suffix=".tar", dir=task.get("tmp_dir"))
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        info = write_shard_file(task["samples"], tmp)
-        _put_file(Storage(settings), url, tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return info
+    else:
+        fd, name = tempfile.mkstemp(suffix=".tar", dir=task.get("tmp_dir"))
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            info = write_shard_file(task["samples"], tmp)
+            _put_file(Storage(settings), url, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return {**info, "worker_rss_mb": peak_rss_mb()}
 
 
 class _Inline:
@@ -405,6 +417,7 @@ class WriteStats:
     samples: int = 0
     bytes_written: int = 0
     peak_buffered: int = 0  # samples the writer held at once: open shards + queued and in-flight shards
+    peak_worker_rss_mb: float | None = None  # the largest peak resident memory of a writing process
     seconds: float = 0.0
 
 
@@ -575,6 +588,8 @@ def write_source(
         out.done[number] = ShardInfo(out.shard_name_for(number), info["count"], info["sha256"], digest, info["meta"])
         stats.shards_written += 1
         stats.bytes_written += info["bytes"]
+        if info.get("worker_rss_mb") is not None:
+            stats.peak_worker_rss_mb = max(stats.peak_worker_rss_mb or 0.0, info["worker_rss_mb"])
         if bar is not None:
             bar.update(n)
         out.save_partial(every=save_every)

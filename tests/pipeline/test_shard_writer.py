@@ -96,6 +96,8 @@ def test_writing_4n_images_buffers_no_more_than_n(tmp_path):
                            extra=False)
         r = write_source(folder_source(root), str(tmp_path / f"out{n_per_class}"), maxcount=maxcount, workers=workers)
         assert r.stats.samples == 4 * n_per_class and r.stats.shards_written == 4 * n_per_class // maxcount
+        # workers import neither torch nor webdataset (about 250 MB each): a few tens of MB (None off Linux)
+        assert r.stats.peak_worker_rss_mb is None or r.stats.peak_worker_rss_mb < 150, r.stats.peak_worker_rss_mb
         peaks.append(r.stats.peak_buffered)
     assert all(maxcount <= p <= bound for p in peaks), peaks
     assert peaks[1] <= bound < 192

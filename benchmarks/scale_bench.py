@@ -229,8 +229,10 @@ def render(payload: dict, args) -> str:
     n, n4 = args.images, 4 * args.images
     rows = [[f"{k:,}", f"{v['samples_per_s']:,.0f}", f"{v['bytes'] / 1e6:,.0f}", v["peak_buffered_samples"],
              f"{v['rss_writer_mb']:,.0f}", f"{v['rss_worker_mb']:,.0f}"] for k, v in ((n, w[n]), (n4, w[n4]))]
+    busy = max(payload["load_before"], payload["load_after"]) > 0.5 * (payload["cpus"] or 1)
     md = (f"# Scale benchmark ({payload['cpus']} CPUs, model part on {payload['threads']} torch thread(s); load average "
-          f"{payload['load_before']:.1f} before, {payload['load_after']:.1f} after: other work shared the CPUs)\n\n"
+          f"{payload['load_before']:.1f} before, {payload['load_after']:.1f} after"
+          + (": other work shared the CPUs" if busy else "") + ")\n\n"
           f"Synthetic ImageNet-shaped set: {args.classes} classes, JPEG q90, sides {int(0.8 * args.size)}-"
           f"{int(1.3 * args.size)} px; shards of {args.maxcount}, {args.workers} writing processes.\n\n"
           "## Writing (source JPEG bytes kept)\n\n"

@@ -206,8 +206,8 @@ def render(payload: dict) -> str:
                                  "ACC % there", f"steps to ASR <= {50 * run['target_asr']:.0f} % at ACC >= "
                                  f"{100 * run['acc_bar']:.0f} %", f"ACC / ASR % after {run['steps']}"], rows)
                + f"\nFIP / Fast FIP at the target: {f'{steps:.2f}x' if steps else 'n/a'} the steps, "
-                 f"{f'{ratio:.2f}x' if ratio else 'n/a'} the seconds (per-step times here are from a shared, "
-                 f"loaded machine; the profile above measures them side by side). At ASR <= "
+                 f"{f'{ratio:.2f}x' if ratio else 'n/a'} the seconds (per-step times from these runs; the "
+                 f"profile above measures the two side by side). At ASR <= "
                  f"{50 * run['target_asr']:.0f} % with ACC >= {100 * run['acc_bar']:.0f} %: "
                  + (f"{run['fip_over_fast_fip_steps_good']:.2f}x" if run["fip_over_fast_fip_steps_good"] else "n/a")
                  + " the steps.\n")

@@ -5,7 +5,7 @@ BIN       := $(VENV)/bin
 FMNIST    ?= /usr/share/datasets/fashion-mnist
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup test test-heavy demo bench lint clean
+.PHONY: setup test test-heavy demo bench lint clean reliability
 
 setup: $(STAMP) data
 
@@ -33,6 +33,10 @@ test: setup
 test-heavy: setup
 	$(BIN)/python -m pytest -q -m heavy
 
+# every bad-input, fault, concurrency and secret case (slow ones included) -> benchmarks/results/reliability.md
+reliability: setup
+	$(BIN)/python -m pytest -q tests/reliability --reliability-report benchmarks/results/reliability.md
+
 demo: setup
 	$(BIN)/fip demo
 
@@ -47,7 +51,7 @@ clean:
 
 # The local stand-in for a cluster (cluster/local.py): Ray head + dashboard, mlflow server and an S3
 # API on 127.0.0.1; addresses in runs/cluster/addresses.env. Stops only what it started.
-.PHONY: cluster-up cluster-down
+.PHONY: cluster-up cluster-down reliability
 cluster-up: $(STAMP)
 	$(BIN)/python -m cluster.local up
 

@@ -8,6 +8,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reliability-report", default=None, metavar="PATH",
+                     help="write the reliability suite's verdicts to PATH (markdown) and PATH's .json")
+
+
 @pytest.fixture
 def tiny_spec():
     from fip.models import ModelSpec

@@ -1,0 +1,46 @@
+"""Bad settings, from YAML files and from flags: each is refused in one line naming the setting,
+before anything starts (nothing runs, so these are cheap and all run in `make test`)."""
+
+import pytest
+from reliability.harness import judge_error, run_main
+
+YAML_CASES = {
+    "unknown_key": ("inputs: {model: m, clean: c}\npurify: {etaf: 1}\n", "purify.etaf"),
+    "float_for_int": ("inputs: {model: m, clean: c}\npurify: {iterations: 30.5}\n", "purify.iterations"),
+    "string_for_bool": ("inputs: {model: m, clean: c}\npurify: {augment: 'no'}\n", "purify.augment"),
+    "top_level_list": ("- a\n- b\n", "mapping"),
+    "syntax_error": ("inputs: {model: m\n", "YAML"),
+    "section_not_a_mapping": ("inputs: {model: m, clean: c}\npurify: 3\n", "purify"),
+    "unknown_section": ("purity: {eta_f: 1}\n", "purity"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(YAML_CASES))
+def test_yaml_config(name, tmp_path, verdict):
+    text, names = YAML_CASES[name]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    obs = run_main(["purify", "--config", str(path), "--print-config"])
+    verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"config file: {name}")
+
+
+FLAG_CASES = {
+    "checkpoint_every_0": (["--checkpoint-every", "0"], "checkpoint_every"),
+    "eval_every_negative": (["--eval-every", "-1"], "eval_every"),
+    "fisher_samples_0": (["--fisher-samples", "0"], "fisher_samples"),
+    "augment_pad_negative": (["--augment-pad", "-2"], "augment_pad"),
+    "max_failures_negative": (["--max-failures", "-1"], "max_failures"),
+    "cpus_per_worker_0": (["--cpus-per-worker", "0"], "cpus_per_worker"),
+    "workers_0": (["--workers", "0"], "workers"),
+    "augment_maybe": (["--augment", "maybe"], "--augment"),
+    "iterations_float": (["--iterations", "30.5"], "--iterations"),
+    "unknown_method": (["--method", "slow-fip"], "--method"),
+    "negative_eta_r": (["--eta-r", "-1"], "eta_r"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAG_CASES))
+def test_flag(name, verdict):
+    flags, names = FLAG_CASES[name]
+    obs = run_main(["purify", "--model", "m", "--clean", "c", *flags, "--print-config"])
+    verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"flag: {' '.join(flags)}")

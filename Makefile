@@ -51,7 +51,7 @@ clean:
 
 # The local stand-in for a cluster (cluster/local.py): Ray head + dashboard, mlflow server and an S3
 # API on 127.0.0.1; addresses in runs/cluster/addresses.env. Stops only what it started.
-.PHONY: cluster-up cluster-down reliability
+.PHONY: cluster-up cluster-down
 cluster-up: $(STAMP)
 	$(BIN)/python -m cluster.local up
 

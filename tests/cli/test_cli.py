@@ -75,24 +75,6 @@ def test_purify_layers_preset_file_and_flags(tmp_path, capsys):
     assert cfg["purify"]["eta_f"] == 1e-4 and cfg["tracking"]["register_as"] is None
 
 
-def test_purify_config_errors_are_one_line(tmp_path, capsys):
-    bad = {"unknown.yaml": "inputs: {model: m, clean: c}\npurify: {etaf: 1}\n",
-           "float.yaml": "inputs: {model: m, clean: c}\npurify: {iterations: 30.5}\n",
-           "bool.yaml": "inputs: {model: m, clean: c}\npurify: {augment: 'no'}\n",
-           "list.yaml": "- a\n- b\n",
-           "syntax.yaml": "inputs: {model: m\n"}
-    expected = {"unknown.yaml": "unknown setting 'purify.etaf'", "float.yaml": "purify.iterations: expected an integer",
-                "bool.yaml": "purify.augment: expected true or false", "list.yaml": "expected a mapping of sections",
-                "syntax.yaml": "is not valid YAML"}
-    for name, text in bad.items():
-        (tmp_path / name).write_text(text)
-        assert main(["purify", "--config", str(tmp_path / name), "--print-config"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert expected[name] in err and "\n" not in err, err
-    assert main(["purify", "--model", "m", "--clean", "c", "--checkpoint-every", "0", "--print-config"]) == 2
-    assert "checkpoint_every must be >= 1" in capsys.readouterr().err
-
-
 def test_purify_help_lists_choices_and_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["purify", "--help"])

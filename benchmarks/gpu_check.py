@@ -267,7 +267,7 @@ def ray_sharing(workers: tuple[int, ...] = (1, 2), use_gpu: bool = True, batch: 
             for k in workers:
                 per = {"CPU": 1, **({"GPU": 1 / k} if use_gpu else {})}
                 row: dict = {"workers": k}
-                # NCCL refuses two ranks on one GPU; the pipeline's driver would pick NCCL for any GPU share
+                # NCCL refuses two ranks on one GPU (the driver picks gloo for a share); try it to record why
                 for backend in (("nccl", "gloo") if use_gpu and k > 1 else ("nccl",) if use_gpu else ("gloo",)):
                     try:
                         t = time.perf_counter()

@@ -46,7 +46,7 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 1
-    loader_workers: int = 0
+    loader_workers: int | None = None  # DataLoader processes per worker; None: see loader_processes()
     address: str | None = None  # a Ray cluster (ray://host:10001 or auto); None: local Ray started for the job
 
     def __post_init__(self) -> None:
@@ -56,9 +56,23 @@ class Resources:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        if self.threads_per_worker < 1 or self.loader_workers < 0:
-            raise ConfigError(f"threads_per_worker must be >= 1 and loader_workers >= 0, got "
-                              f"{self.threads_per_worker} and {self.loader_workers}")
+        if self.threads_per_worker < 1:
+            raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ConfigError(f"loader_workers must be >= 0 (or unset for automatic), got {self.loader_workers}")
+
+    def collective_backend(self) -> str:
+        """NCCL when each worker owns at least one GPU; gloo on CPU and for GPU shares below one, since
+        NCCL refuses two ranks on one device."""
+        return "nccl" if self.gpus_per_worker >= 1 else "gloo"
+
+    def loader_processes(self) -> int:
+        """Decoding processes per worker: the setting, or the whole CPUs a worker reserves beyond its own
+        torch threads (at most 8), so decoding overlaps compute on a GPU worker with its CPU share, and
+        stays in the training process on a 1-CPU worker, where extra processes would only contend."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return max(0, min(8, int(self.cpus_per_worker) - self.threads_per_worker))
 
 
 @dataclass

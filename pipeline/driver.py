@@ -181,7 +181,7 @@ def ensure_ray(resources: Resources) -> None:
 
 def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, run: RunSettings, name: str,
               storage_path: str, callbacks: list | None = None) -> StageOutput:
-    """Run one stage on `resources.workers` Ray Train workers (gloo on CPU, NCCL on GPU) and return the
+    """Run one stage on `resources.workers` Ray Train workers (`Resources.collective_backend`) and return the
     metrics and files of its last checkpoint; a dead worker is replaced up to `run.max_failures` times."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -192,7 +192,7 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
     trainer = TorchTrainer(
         stage_fn,
         train_loop_config={"context": context},
-        torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(backend=resources.collective_backend()),
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=bool(resources.gpus_per_worker),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,

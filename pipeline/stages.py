@@ -110,7 +110,7 @@ class StageContext:
             return {}
         with mixed_precision(next(model.parameters()).device):
             return evaluate_shards(model, test, self.attack(), limit, self.job.run.skip_corrupt,
-                                   self.job.resources.loader_workers)
+                                   self.job.resources.loader_processes())
 
 
 def _context(config: dict) -> StageContext:
@@ -139,7 +139,7 @@ def fisher_stage(config: dict) -> dict:
                         limit=pcfg.fisher_samples, as_uint8=True)
     # the true Fisher's labels are drawn on the model's device
     labels = torch.Generator(device=dev).manual_seed(derive_seed(pcfg.seed, "fisher-labels", rank))
-    for x, y, pad in rank_loader(stream, 64, job.resources.loader_workers, pin_memory=dev.type == "cuda"):
+    for x, y, pad in rank_loader(stream, 64, job.resources.loader_processes(), pin_memory=dev.type == "cuda"):
         x, y = batch_to_device(x[~pad], dev), y[~pad].to(dev)
         if len(y):
             with mixed_precision(dev):
@@ -186,7 +186,7 @@ def step_batches(ctx: StageContext, rank: int, size: int, first_step: int, dev: 
     epoch, skip = divmod(first_step, per_epoch)
     while True:
         stream.set_epoch(epoch)
-        for i, (x, y, _pad) in enumerate(rank_loader(stream, local, job.resources.loader_workers,
+        for i, (x, y, _pad) in enumerate(rank_loader(stream, local, job.resources.loader_processes(),
                                                      pin_memory=dev.type == "cuda")):
             if i >= per_epoch:
                 break  # drop the short tail batch: every step has the full global batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,14 +85,23 @@ def _read_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
         raise ModelFileError(
-            f"refusing {path}: it is not a plain weights file (torch.load(weights_only=True) rejected it: "
-            f"{str(e).splitlines()[0][:200]}). Re-save it as a state dict or safetensors."
+            f"refusing {path}: it holds more than plain tensors, and unpickling it fully could run arbitrary code "
+            f"(torch.load(weights_only=True) rejected it: {_unpickler_reason(e)}). "
+            "Re-save it as a state dict or safetensors from a trusted environment."
         ) from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelFileError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The specific reason in PyTorch's multi-paragraph refusal (its 'WeightsUnpickler error' part), on one
+    line; PyTorch's advice to retry with weights_only=False is deliberately not relayed."""
+    text = " ".join(str(error).split())
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s*Check the documentation|$)", text)
+    return (m.group(1) if m else text).strip() or type(error).__name__
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -110,37 +120,88 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         raise ModelFileError(f"{source}: unexpected tensor {extra[0]!r} not in the architecture")
 
 
+def _read_sidecar(path: Path) -> dict:
+    """The JSON sidecar beside `path` ({} when there is none), checked to be a mapping with a mapping spec."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file() or sidecar == path:
+        return {}
+    try:
+        side = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"sidecar {sidecar} is not valid JSON: {e}") from e
+    if not isinstance(side, dict):
+        raise ModelFileError(f"sidecar {sidecar} must be a JSON object, found a {type(side).__name__}")
+    for key in ("spec", "metadata"):
+        if key in side and not isinstance(side[key], dict):
+            raise ModelFileError(f"sidecar {sidecar}: {key!r} must be an object, found a {type(side[key]).__name__}")
+    return side
+
+
+def _spec_from(d, where: str) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{where}: {e}") from e
+
+
+def _header_json(header: dict, key: str, path: Path):
+    try:
+        return json.loads(header[key])
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path}: header entry {key!r} is not valid JSON: {e}") from e
+
+
 def load_model(path: str | Path, spec: ModelSpec | None = None) -> LoadedModel:
     """Load weights into the stock architecture named by `spec` (or the file's own spec).
 
     Safetensors files carry their spec; pickle-based files need `spec` (or a JSON sidecar) and are
-    read with ``weights_only=True``. Any mismatch raises :class:`ModelFileError`.
+    read with ``weights_only=True``. The sidecar is untrusted too: it must agree with the header's spec
+    and with the file's SHA-256 when it records them. Any mismatch raises :class:`ModelFileError`.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
     with open(path, "rb") as f:
         head = f.read(16)
+    side = _read_sidecar(path)
     sidecar = sidecar_path(path)
-    side = json.loads(sidecar.read_text()) if sidecar.is_file() and sidecar != path else {}
+    side_spec = _spec_from(side["spec"], f"sidecar {sidecar}") if "spec" in side else None
     metadata: dict = dict(side.get("metadata", {}))
+    sha256 = file_sha256(path)
+    if side.get("sha256") not in (None, sha256):
+        raise ModelFileError(f"{path} does not match its sidecar {sidecar}: SHA-256 {sha256[:16]}..., the sidecar "
+                             f"records {str(side['sha256'])[:16]}... (changed since it was saved?)")
     is_safetensors = len(head) >= 9 and head[8:9] == b"{"
     if is_safetensors:
         state, header = _read_safetensors(path)
-        if SPEC_KEY in header and spec is None:
-            spec = ModelSpec.from_dict(json.loads(header[SPEC_KEY]))
+        if SPEC_KEY in header:
+            header_spec = _spec_from(_header_json(header, SPEC_KEY, path), f"{path} (header spec)")
+            if side_spec is not None and side_spec != header_spec:
+                diff = [k for k in header_spec.to_dict() if getattr(header_spec, k) != getattr(side_spec, k)]
+                raise ModelFileError(f"sidecar {sidecar} contradicts the spec in {path}'s header: "
+                                     + ", ".join(f"{k} {getattr(side_spec, k)!r} vs {getattr(header_spec, k)!r}"
+                                                 for k in diff))
+            spec = spec or header_spec
         if META_KEY in header:
-            metadata = {**json.loads(header[META_KEY]), **metadata}
+            meta = _header_json(header, META_KEY, path)
+            if not isinstance(meta, dict):
+                raise ModelFileError(f"{path}: header entry {META_KEY!r} must be a JSON object")
+            metadata = {**meta, **metadata}
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         state = _read_pickle_weights_only(path)
+    elif head[:2] == b"PK" or head[:1] == b"\x80":
+        raise ModelFileError(f"{path} is a pickle (torch.save) file, not safetensors: refusing to unpickle it; "
+                             "name it .pt to load it with torch.load(weights_only=True), or convert it")
     else:
         raise ModelFileError(f"{path} is neither safetensors nor a .pt/.pth weights file (starts with {head[:8]!r})")
-    if spec is None and "spec" in side:
-        spec = ModelSpec.from_dict(side["spec"])
+    spec = spec or side_spec
     if spec is None:
         raise ModelFileError(f"{path} carries no model spec: pass the architecture explicitly")
-    model = build_model(spec)
+    try:
+        model = build_model(spec)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}") from e
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)
     model.eval()
-    return LoadedModel(model=model, spec=spec, metadata=metadata, sha256=file_sha256(path))
+    return LoadedModel(model=model, spec=spec, metadata=metadata, sha256=sha256)

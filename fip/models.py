@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,16 +26,59 @@ class ModelSpec:
     width: float = 1.0
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """A spec comes from untrusted files (sidecar, safetensors header): refuse wrong types and absurd
+        sizes here, before anything is allocated for them."""
+        if not isinstance(self.arch, str) or self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        for name, lo, hi in (("num_classes", 2, MAX_CLASSES), ("in_channels", 1, MAX_CHANNELS),
+                             ("image_size", 1, MAX_IMAGE_SIZE)):
+            object.__setattr__(self, name, _bounded_int(name, getattr(self, name), lo, hi))
+        w = self.width
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w <= MAX_WIDTH:
+            raise ValueError(f"model spec: width must be a number in (0, {MAX_WIDTH}], got {w!r}")
+        object.__setattr__(self, "width", float(w))
+        if not isinstance(self.options, dict):
+            raise ValueError(f"model spec: options must be a mapping, got {type(self.options).__name__}")
+        allowed = ARCH_OPTIONS.get(self.arch, {})
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"model spec: unknown options {unknown} for {self.arch}; "
+                             f"allowed: {sorted(allowed) or 'none'}")
+        for key, value in self.options.items():
+            _bounded_int(f"options.{key}", value, 1, allowed[key])
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
+        if not isinstance(d, dict):
+            raise ValueError(f"model spec must be a mapping, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"model spec has unknown fields {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(f"model spec has unknown fields {sorted(map(str, unknown))}; expected {sorted(known)}")
+        if "arch" not in d:
+            raise ValueError("model spec has no 'arch'")
         return cls(**d)
+
+
+# Upper bounds for specs read from files: far above any real model here, far below what would exhaust memory.
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 64
+MAX_IMAGE_SIZE = 4096
+MAX_WIDTH = 64.0
+MAX_PARAMETERS = 2_000_000_000  # 8 GB of float32 weights
+
+
+def _bounded_int(name: str, value, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi], or a one-line error naming the field (floats and bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"model spec: {name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"model spec: {name} must be in [{lo}, {hi}], got {value}")
+    return int(value)
 
 
 def _channels(base: int, width: float) -> int:
@@ -254,12 +298,21 @@ ARCHITECTURES: dict[str, Callable[[ModelSpec], nn.Module]] = {
 }
 
 
+# Options an architecture takes from its spec, with their upper bounds (all positive integers).
+ARCH_OPTIONS: dict[str, dict[str, int]] = {"vit-small": {"patch": 64, "depth": 64, "heads": 64}}
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Parameters `spec` would allocate, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in ARCHITECTURES[spec.arch](spec).parameters())
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
-    """Instantiate `spec.arch` from the registry; unknown names get an error listing the known ones."""
-    if spec.arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {spec.arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    if spec.num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {spec.num_classes}")
-    if spec.in_channels < 1 or spec.image_size < 1 or spec.width <= 0:
-        raise ValueError(f"invalid model geometry in {spec}")
+    """Instantiate `spec.arch` from the registry, after checking on the meta device that it is not absurdly
+    large (a spec from a file could otherwise ask for petabytes)."""
+    n = parameter_count(spec)
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"model spec {spec.arch} (num_classes {spec.num_classes}, width {spec.width:g}) would have "
+                         f"{n:,} parameters; refusing more than {MAX_PARAMETERS:,}")
     return ARCHITECTURES[spec.arch](spec)

@@ -36,11 +36,28 @@ from lab.backdoor import attack_from_record, make_backdoored_model, versions
 from lab.datasets import CleanSplit, load_dataset
 from lab.metrics import defense_effectiveness_rating, evaluate_model
 from tuning.holdout import split_dval
-from tuning.objective import A_PRIORI_WEIGHTS, Holdout, ObjectiveWeights, evaluate_objective, score
+from tuning.objective import (
+    A_PRIORI_WEIGHTS,
+    UAP_CANDIDATE_WEIGHTS,
+    Holdout,
+    ObjectiveWeights,
+    evaluate_objective,
+    score,
+    uap_radius,
+    universal_flip,
+)
 from tuning.report import FEATURES, spearman
 from tuning.space import SearchSpace
 
-COLUMNS = ("objective", "objective_a_priori", *FEATURES)
+# `objective_uap` (UAP_CANDIDATE_WEIGHTS) is reported beside the chosen objective; the sweeps that
+# measured `uap_max` are its validation
+COLUMNS = ("objective", "objective_a_priori", "objective_uap", *FEATURES)
+UAP_FEATURES = ("uap_max", "uap_gap")
+
+
+def uap_features(model, x, y) -> dict[str, float]:
+    r = universal_flip(model, x, y, uap_radius(x))
+    return {"uap_max": r["uap_max"], "uap_gap": r["uap_max"] - r["uap_median"], "uap_class": r["uap_class"]}
 
 
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
@@ -58,12 +75,14 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
     t0 = time.perf_counter()
     holdout = Holdout.from_suspect(suspect, x[held_rows], y[held_rows])
     holdout_seconds = time.perf_counter() - t0
+    suspect_uap = uap_features(suspect, x[held_rows], y[held_rows])
     test = load_dataset(dataset, "test")
     xt, yt = test.floats(), test.y
     before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
     rng = random.Random(derive_seed(seed, "trials", attack_name))
     rows: list[dict] = []
     sweep = {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
+             "suspect_uap": suspect_uap,
              "holdout_size": len(held_rows), "train_size": len(train_rows), "holdout_seconds": holdout_seconds}
     for i in range(trials):
         params = space.sample(rng)
@@ -72,14 +91,19 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
         res = purify(suspect, x[train_rows], y[train_rows], pcfg)
         feats = evaluate_objective(res.model, holdout)
         seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        feats.update(uap_features(res.model, x[held_rows], y[held_rows]))
+        uap_seconds = time.perf_counter() - t
         after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)  # reporting only
         der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
         rows.append({"trial": i, "params": params, **feats, "acc": after["acc"], "asr": after["asr"],
-                     "ra": after["ra"], "der": der, "seconds": seconds})
+                     "ra": after["ra"], "der": der, "seconds": seconds,
+                     "uap_seconds": uap_seconds})
         if progress:
             print(f"{attack_name:>12} trial {i:2d} {params['method']:>8} it {params['iterations']:3d} "
                   f"obj {feats['objective']:+.4f} hacc {100 * feats['holdout_acc']:5.1f} agr {100 * feats['agreement']:5.1f} "
-                  f"kl {feats['kl_to_suspect']:.3f} tr {feats['trace_ratio']:.3f} | ACC {100 * after['acc']:5.2f} "
+                  f"kl {feats['kl_to_suspect']:.3f} tr {feats['trace_ratio']:.3f} "
+                  f"uap {feats['uap_max']:.2f} ({feats['uap_class']}) | ACC {100 * after['acc']:5.2f} "
                   f"ASR {100 * after['asr']:6.2f} DER {der:.3f} {seconds:5.1f}s", flush=True)
         if on_trial is not None:
             on_trial(sweep)  # a long run that is stopped keeps its finished trials
@@ -121,31 +145,43 @@ def choose(sweep: dict, weights: ObjectiveWeights) -> dict:
     return next(t for t in sweep["trials"] if t["trial"] == best)
 
 
+def _spearman_where_measured(trials: list[dict], feature: str) -> float:
+    """Rank correlation of `feature` with DER over the trials that measured it (older sweeps lack the
+    diagnostics)."""
+    have = [t for t in trials if feature in t]
+    return spearman([t[feature] for t in have], [t["der"] for t in have]) if len(have) > 1 else float("nan")
+
+
 def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, results: Path, space: dict | None = None) -> dict:
     per_attack, pooled_der = [], []
     for s in sweeps:
         for t in s["trials"]:
             t["objective"] = score(t, s["suspect_holdout"], weights)
             t["objective_a_priori"] = score(t, s["suspect_holdout"], A_PRIORI_WEIGHTS)
+            if "uap_max" in t:
+                t["objective_uap"] = score(t, s["suspect_holdout"], UAP_CANDIDATE_WEIGHTS)
         ders = [t["der"] for t in s["trials"]]
-        corr = {f: spearman([t[f] for t in s["trials"]], ders) for f in COLUMNS}
+        corr = {f: _spearman_where_measured(s["trials"], f) for f in (*COLUMNS, *UAP_FEATURES)}
+        chosen_uap = (choose(s, UAP_CANDIDATE_WEIGHTS) if all("uap_max" in t for t in s["trials"]) else None)
         chosen = choose(s, weights)
         best = max(s["trials"], key=lambda t: t["der"])
         seconds = sum(t["seconds"] for t in s["trials"]) + s["holdout_seconds"]
         per_attack.append({"attack": s["attack"], "spearman": corr, "chosen": chosen, "oracle": best,
+                           "chosen_by_uap_candidate": chosen_uap,
                            "sweep_seconds": seconds, "before": s["before"]})
         pooled_der += ders
     pooled = {}
-    for f in COLUMNS:
-        pooled[f] = spearman([t[f] for s in sweeps for t in s["trials"]], pooled_der)
+    for f in (*COLUMNS, *UAP_FEATURES):
+        pooled[f] = _spearman_where_measured([t for s in sweeps for t in s["trials"]], f)
     means = {}
     if per_attack:
         means = {k: statistics.mean(p["chosen"][k] for p in per_attack) for k in ("acc", "asr", "ra", "der")}
         means["acc_drop"] = statistics.mean(p["before"]["acc"] - p["chosen"]["acc"] for p in per_attack)
         means["oracle_der"] = statistics.mean(p["oracle"]["der"] for p in per_attack)
         means["spearman_mean"] = statistics.mean(p["spearman"]["objective"] for p in per_attack)
-    corr_rows = [[p["attack"], *(round(p["spearman"][f], 2) for f in COLUMNS)] for p in per_attack]
-    corr_rows.append(["pooled", *(round(pooled[f], 2) for f in COLUMNS)])
+    corr_cols = (*COLUMNS, *UAP_FEATURES)
+    corr_rows = [[p["attack"], *(round(p["spearman"].get(f, float("nan")), 2) for f in corr_cols)] for p in per_attack]
+    corr_rows.append(["pooled", *(round(pooled[f], 2) for f in corr_cols)])
     chosen_rows = [[p["attack"], p["chosen"]["trial"], p["chosen"]["params"]["method"],
                     100 * p["chosen"]["acc"], 100 * p["chosen"]["asr"], 100 * p["chosen"]["ra"],
                     round(p["chosen"]["der"], 3), round(p["oracle"]["der"], 3), round(p["sweep_seconds"], 1)]
@@ -155,6 +191,7 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
                    f"{t['params']['lr']:.4f}", f"{t['params']['crop_until']:.2f}", round(t["objective"], 4),
                    round(t["objective_a_priori"], 4),
                    100 * t["holdout_acc"], round(t["kl_to_suspect"], 3), round(t["trace_ratio"], 3),
+                   *(round(t[f], 3) if f in t else "-" for f in UAP_FEATURES),
                    100 * t["acc"], 100 * t["asr"], round(t["der"], 3)] for s in sweeps for t in s["trials"]]
     md = (f"# FIP tuned by the defender's objective on {dataset}\n\n"
           "Trials run in-process (`fip.purify.purify`) on the `dval-train` share of D_val; the objective "
@@ -163,7 +200,10 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
           f"Weights: {json.dumps(weights.__dict__)}; a priori (before any validation): "
           f"{json.dumps(A_PRIORI_WEIGHTS.__dict__)}\n\nSearch space: {json.dumps(space)}\n\n"
           "## Spearman rank correlation with DER over the trials\n\n"
-          + markdown_table(["attack", *COLUMNS], corr_rows)
+          + markdown_table(["attack", *corr_cols], corr_rows)
+          + "\n`uap_max`, `uap_gap` (tuning.objective.universal_flip) and `objective_uap` (the candidate "
+            "objective with them, UAP_CANDIDATE_WEIGHTS, fixed before these sweeps) exist only for the sweeps run "
+            "since they were added.\n"
           + "\n## The chosen trial per attack (fip-tuned)\n\n"
           + markdown_table(["attack", "trial", "method", "ACC %", "ASR %", "RA %", "DER", "best DER in sweep",
                             "sweep seconds"], chosen_rows)
@@ -172,8 +212,9 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
              f"{means['oracle_der']:.3f}); mean per-attack Spearman {means['spearman_mean']:.2f}.\n" if means else "")
           + "\n## Every trial\n\n"
           + markdown_table(["attack", "trial", "method", "iters", "eta_f", "eta_r", "eta_kl", "lr", "crop_until",
-                            "objective", "a-priori objective", "holdout ACC %", "KL", "Tr F ratio", "ACC %", "ASR %",
+                            "objective", "a-priori objective", "holdout ACC %", "KL", "Tr F ratio", *UAP_FEATURES, "ACC %", "ASR %",
                             "DER"], trial_rows))
+    md += _uap_candidate_section(per_attack)
     same = compare_on_same_attacks(sweeps, per_attack)
     if same:
         md += ("\n## Against the table's defenses on the same suspects\n\n"
@@ -186,6 +227,28 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
                "pooled_spearman": pooled, "means": means, "versions": versions()}
     write_results(f"tuned-{dataset}", payload, md, results)
     return payload
+
+
+def _uap_candidate_section(per_attack: list[dict]) -> str:
+    """The candidate objective's picks beside the chosen objective's, on the attacks whose trials measured it."""
+    rows, picks = [], []
+    for p in per_attack:
+        c = p.get("chosen_by_uap_candidate")
+        if c is None:
+            continue
+        picks.append((p, c))
+        rows.append([p["attack"], p["chosen"]["trial"], round(p["chosen"]["der"], 3), c["trial"], 100 * c["acc"],
+                     100 * c["asr"], round(c["der"], 3), round(p["oracle"]["der"], 3)])
+    if not picks:
+        return ""
+    mean = {k: statistics.mean(c[k] for _, c in picks) for k in ("acc", "asr", "der")}
+    base = statistics.mean(p["chosen"]["der"] for p, _ in picks)
+    drop = statistics.mean(p["before"]["acc"] - c["acc"] for p, c in picks)
+    return ("\n## The universal-perturbation candidate (validation)\n\n"
+            + markdown_table(["attack", "objective's trial", "its DER", "candidate's trial", "ACC %", "ASR %", "DER",
+                              "best DER in sweep"], rows)
+            + f"\nMean over these {len(picks)} attacks: candidate DER {mean['der']:.3f} (ACC drop {100 * drop:.2f} "
+              f"points, ASR {100 * mean['asr']:.2f} %) against the objective's {base:.3f}.\n")
 
 
 def compare_on_same_attacks(sweeps: list[dict], per_attack: list[dict]) -> dict:

@@ -40,6 +40,7 @@ class ObjectiveWeights:
     kl: float = 1.0  # per nat of KL(suspect || purified) on held-out images, capped at kl_cap
     kl_cap: float = 1.0
     curvature: float = 0.0  # per unit of -log(Tr F purified / Tr F suspect)
+    uap: float = 0.0  # per unit of `uap_max` (universal_flip); 0: not measured, not scored
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -51,6 +52,11 @@ class ObjectiveWeights:
 
 # The first weights, set before any validation: flatter than the suspect scores (the paper's reading)
 A_PRIORI_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl=0.1, kl_cap=1.0, curvature=0.1)
+# The candidate with the universal-perturbation term, fixed before the sweeps that validate it: a share of
+# images sent to one class counts like the same share of accuracy lost, as ASR and ACC do in DER
+UAP_CANDIDATE_WEIGHTS = ObjectiveWeights(uap=0.5)
+# Radius of universal_flip's perturbation, as a share of the held-out images' mean L2 norm (docs/tuning.md)
+UAP_RELATIVE_RADIUS = 0.06
 
 
 @dataclass
@@ -105,14 +111,59 @@ def measure(model: nn.Module, holdout: Holdout) -> dict[str, float]:
             "trace_ratio": trace / max(holdout.suspect["trace"], 1e-12)}
 
 
+def uap_radius(x: torch.Tensor, relative: float = UAP_RELATIVE_RADIUS) -> float:
+    """The perturbation norm for `universal_flip`: a share of the images' mean L2 norm, so it means the same
+    for any image size and scale."""
+    return relative * float(x.flatten(1).norm(dim=1).mean())
+
+
+def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, steps: int = 10) -> dict[str, float]:
+    """How easily one shared perturbation sends held-out images to a single class: per class `c`, one
+    perturbation of L2 norm <= `radius` is fitted to all held-out images of other classes by normalised
+    gradient ascent on their mean log p(c); the result is the share it sends to `c`.
+
+    A backdoor is exactly such a perturbation (its trigger sends nearly every input to the target), so a
+    model that still carries one should have a class far easier to reach than the others. Reads no
+    trigger: the defender's diagnostic, reported beside the objective (docs/tuning.md)."""
+    was = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            classes = model(x[:1]).shape[1]
+        others = [torch.nonzero(y != c).flatten() for c in range(classes)]
+        owner = torch.cat([torch.full((len(i),), c) for c, i in enumerate(others)])
+        inputs = torch.cat([x[i] for i in others])
+        delta = torch.zeros(classes, *x.shape[1:], requires_grad=True)
+        lr = 2.5 * radius / steps
+        for _ in range(steps):
+            logp = F.log_softmax(model((inputs + delta[owner]).clamp(0, 1)), 1)
+            (grad,) = torch.autograd.grad(logp[torch.arange(len(owner)), owner].sum(), delta)
+            with torch.no_grad():
+                shape = (classes,) + (1,) * (x.dim() - 1)
+                delta += lr * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+                delta *= (radius / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(shape)
+        with torch.no_grad():
+            hit = _logits(model, (inputs + delta[owner]).clamp(0, 1)).argmax(1) == owner
+        rates = torch.stack([hit[owner == c].float().mean() for c in range(classes)])
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train(was)
+    return {"uap_max": float(rates.max()), "uap_class": int(rates.argmax()), "uap_median": float(rates.median())}
+
+
 def score(features: dict[str, float], suspect: dict[str, float], w: ObjectiveWeights = ObjectiveWeights()) -> float:
     """The objective to maximise: accuracy kept, minus the price of accuracy lost, plus credit for moving
-    away from the suspect in function space and towards a flatter minimum (docs/tuning.md)."""
+    away from the suspect in function space and towards a flatter minimum, minus how easily one shared
+    perturbation still sends images to a single class (docs/tuning.md)."""
     drop = suspect["acc"] - features["holdout_acc"]
     acc_term = -w.acc * max(0.0, drop) - w.acc_excess * max(0.0, drop - w.acc_budget)
     move = w.kl * min(features["kl_to_suspect"], w.kl_cap) / w.kl_cap
     flat = -w.curvature * math.log(max(features["trace_ratio"], 1e-12))
-    return acc_term + move + flat
+    universal = -w.uap * features["uap_max"] if w.uap else 0.0
+    return acc_term + move + flat + universal
 
 
 def evaluate_objective(model: nn.Module, holdout: Holdout, w: ObjectiveWeights = ObjectiveWeights()) -> dict[str, float]:

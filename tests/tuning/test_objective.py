@@ -88,3 +88,37 @@ def test_search_space_from_text_and_flags():
         SearchSpace.from_dict({"method": {"choice": ["fip", "sgd"]}})
     with pytest.raises(ValueError, match="expected NAME=KIND"):
         space.with_flags(["lr"])
+
+
+class _PlantedDirection(nn.Module):
+    """Linear logits with a planted 'backdoor' direction v into class 0 of gain 10 and margin 1: a shared
+    perturbation along v of norm r sends every image to class 0 exactly when 10 r > 1; classes 1 and 2
+    split the images by the sign of their offset along u (|u . offset| = 0.4), so reaching either for every
+    image needs a norm above 0.4."""
+
+    def __init__(self, v: torch.Tensor, u: torch.Tensor):
+        super().__init__()
+        self.v, self.u = v, u
+
+    def forward(self, x):
+        z = x.flatten(1) - 0.5
+        return torch.stack([10 * z @ self.v - 1, z @ self.u, -(z @ self.u)], 1)
+
+
+def test_universal_flip_finds_the_planted_direction_and_respects_the_radius(one_thread):
+    from tuning.objective import universal_flip
+
+    d = 16
+    v = torch.zeros(d)
+    v[0] = 1.0
+    u = torch.zeros(d)
+    u[1] = 1.0
+    signs = torch.tensor([1.0, -1.0]).repeat(15)
+    x = (0.5 + 0.4 * signs[:, None] * u).view(30, 1, 4, 4)
+    y = torch.where(signs > 0, 1, 2)
+    model = _PlantedDirection(v, u)
+    strong = universal_flip(model, x, y, radius=0.2)  # 10 * 0.2 = 2 > 1: every image to class 0
+    assert strong["uap_class"] == 0 and strong["uap_max"] == 1.0
+    weak = universal_flip(model, x, y, radius=0.05)  # 10 * 0.05 = 0.5 < 1: class 0 is out of reach
+    assert weak["uap_max"] == 0.0  # and classes 1 and 2 need a norm above 0.4 for the other class's images
+    assert universal_flip(model, x, y, radius=0.6)["uap_max"] == 1.0

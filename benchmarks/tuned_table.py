@@ -60,25 +60,52 @@ def uap_features(model, x, y) -> dict[str, float]:
     return {"uap_max": r["uap_max"], "uap_gap": r["uap_max"] - r["uap_median"], "uap_class": r["uap_class"]}
 
 
-def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
-                 space: SearchSpace, cache: Path, progress: bool = True, on_trial=None) -> dict:
+def lab_setup(attack_name: str, dataset: str, cache: Path, progress: bool = True) -> tuple:
+    """The cached suspect of one lab attack (trained on first use), its attack, D_val as floats, the test set
+    and the suspect's ACC/ASR/RA on it: the same models and D_val as benchmarks/defense_table.py."""
     from benchmarks.defense_table import lab_config
 
-    cfg = lab_config(attack_name, False, dataset)
-    art = make_backdoored_model(cfg, cache / "lab", progress=progress)
+    art = make_backdoored_model(lab_config(attack_name, False, dataset), cache / "lab", progress=progress)
     suspect = load_model(art.model_path).model
     attack = attack_from_record(art.record)
-    split = CleanSplit.load(art.dval_path)
-    dval = load_dataset(dataset, "train").subset(split.indices)
-    x, y = dval.floats(), dval.y
+    dval = load_dataset(dataset, "train").subset(CleanSplit.load(art.dval_path).indices)
+    test = load_dataset(dataset, "test")
+    xt, yt = test.floats(), test.y
+    before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
+    return suspect, attack, dval.floats(), dval.y, xt, yt, before
+
+
+def refit_chosen(sweep: dict, trials: list[dict], dataset: str, cache: Path, seed: int, progress: bool = True) -> dict:
+    """Re-run the chosen trials' settings (and seeds) on the whole of D_val: the held-out share is needed
+    only to choose, so the final model may learn from it too. Trigger-free: the settings come from the
+    choice, the data from D_val; the test set only reports."""
+    suspect, attack, x, y, xt, yt, before = lab_setup(sweep["attack"], dataset, cache, progress)
+    out = {}
+    for t in trials:
+        if str(t["trial"]) in out:
+            continue
+        pcfg = PurifyConfig(**{**t["params"], "seed": derive_seed(seed, "trial", t["trial"]) % 2**31})
+        start = time.perf_counter()
+        res = purify(suspect, x, y, pcfg)
+        seconds = time.perf_counter() - start
+        after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)
+        der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
+        out[str(t["trial"])] = {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "der": der,
+                                "seconds": seconds}
+        if progress:
+            print(f"{sweep['attack']:>12} refit trial {t['trial']:2d} on all of D_val: ACC {100 * after['acc']:5.2f} "
+                  f"ASR {100 * after['asr']:6.2f} DER {der:.3f} {seconds:5.1f}s", flush=True)
+    return out
+
+
+def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
+                 space: SearchSpace, cache: Path, progress: bool = True, on_trial=None) -> dict:
+    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress)
     train_rows, held_rows = split_dval(y, holdout_fraction, seed)
     t0 = time.perf_counter()
     holdout = Holdout.from_suspect(suspect, x[held_rows], y[held_rows])
     holdout_seconds = time.perf_counter() - t0
     suspect_uap = uap_features(suspect, x[held_rows], y[held_rows])
-    test = load_dataset(dataset, "test")
-    xt, yt = test.floats(), test.y
-    before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
     rng = random.Random(derive_seed(seed, "trials", attack_name))
     rows: list[dict] = []
     sweep = {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
@@ -115,20 +142,13 @@ def run_baselines(attack_name: str, names: list[str], dataset: str, cache: Path,
     the ones the defense table measured)."""
     import torch
 
-    from benchmarks.defense_table import lab_config
     from lab.defenses import CleanSet, run_defense
 
-    art = make_backdoored_model(lab_config(attack_name, False, dataset), cache / "lab", progress=progress)
-    suspect = load_model(art.model_path).model
-    attack = attack_from_record(art.record)
-    dval = load_dataset(dataset, "train").subset(CleanSplit.load(art.dval_path).indices)
-    test = load_dataset(dataset, "test")
-    xt, yt = test.floats(), test.y
-    before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
+    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress)
     out = {}
     for name in names:
         torch.manual_seed(0)
-        res = run_defense(name, suspect, CleanSet(dval.floats(), dval.y))
+        res = run_defense(name, suspect, CleanSet(x, y))
         after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)
         out[name] = {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "seconds": res.seconds,
                      "der": defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])}
@@ -215,6 +235,7 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
                             "objective", "a-priori objective", "holdout ACC %", "KL", "Tr F ratio", *UAP_FEATURES, "ACC %", "ASR %",
                             "DER"], trial_rows))
     md += _uap_candidate_section(per_attack)
+    md += _refit_section(sweeps, per_attack)
     same = compare_on_same_attacks(sweeps, per_attack)
     if same:
         md += ("\n## Against the table's defenses on the same suspects\n\n"
@@ -249,6 +270,27 @@ def _uap_candidate_section(per_attack: list[dict]) -> str:
                               "best DER in sweep"], rows)
             + f"\nMean over these {len(picks)} attacks: candidate DER {mean['der']:.3f} (ACC drop {100 * drop:.2f} "
               f"points, ASR {100 * mean['asr']:.2f} %) against the objective's {base:.3f}.\n")
+
+
+def _refit_section(sweeps: list[dict], per_attack: list[dict]) -> str:
+    """The chosen settings re-run on all of D_val, beside the chosen trial itself."""
+    rows, got = [], []
+    for s, p in zip(sweeps, per_attack):
+        r = s.get("refit", {}).get(str(p["chosen"]["trial"]))
+        if r is None:
+            continue
+        got.append((p, r))
+        rows.append([p["attack"], p["chosen"]["trial"], 100 * p["chosen"]["acc"], 100 * p["chosen"]["asr"],
+                     round(p["chosen"]["der"], 3), 100 * r["acc"], 100 * r["asr"], round(r["der"], 3)])
+    if not got:
+        return ""
+    drop = statistics.mean(p["before"]["acc"] - r["acc"] for p, r in got)
+    mean = {k: statistics.mean(r[k] for _, r in got) for k in ("acc", "asr", "der")}
+    return ("\n## The chosen settings refit on all of D_val\n\n"
+            + markdown_table(["attack", "trial", "ACC % (70 % of D_val)", "ASR %", "DER", "ACC % (refit, all D_val)",
+                              "ASR %", "DER"], rows)
+            + f"\nRefit mean over {len(got)} attacks: ACC drop {100 * drop:.2f} points, ASR {100 * mean['asr']:.2f} %, "
+              f"DER {mean['der']:.3f}.\n")
 
 
 def compare_on_same_attacks(sweeps: list[dict], per_attack: list[dict]) -> dict:
@@ -310,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--append", action="store_true", help="keep the saved sweeps of other attacks (replace these)")
     p.add_argument("--no-defense-table", action="store_true")
     p.add_argument("--baselines", default="ft,ft-sam,fip", help="defenses re-run on the same suspects for comparison")
+    p.add_argument("--refit", action="store_true",
+                   help="with --resummarise: re-run the chosen trials' settings on all of D_val (saved sweeps of --attacks)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared, loaded machine)")
     args = p.parse_args(argv)
     if args.threads:
@@ -341,6 +385,17 @@ def main(argv: list[str] | None = None) -> dict:
                 s["baselines"] = {**s.get("baselines", {}),
                                   **run_baselines(s["attack"], [n for n in wanted if n not in s.get("baselines", {})],
                                                   args.dataset, CACHE)}
+                summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
+    if args.refit:
+        for s in sweeps:
+            if s["attack"] not in args.attacks.split(","):
+                continue
+            picks = [choose(s, weights)]
+            if all("uap_max" in t for t in s["trials"]):
+                picks.append(choose(s, UAP_CANDIDATE_WEIGHTS))
+            todo = [t for t in picks if str(t["trial"]) not in s.get("refit", {})]
+            if todo:
+                s["refit"] = {**s.get("refit", {}), **refit_chosen(s, todo, args.dataset, CACHE, args.seed)}
                 summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
     summary = summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
     if not args.no_defense_table:

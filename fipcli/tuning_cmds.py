@@ -35,6 +35,9 @@ def register(sub) -> None:
     g.add_argument("--report-every", type=int, default=50, help="purify steps between intermediate objective reports")
     g.add_argument("--trial-cpus", type=float, default=0.25, help="CPUs of the trial itself (workers ask for their own)")
     g.add_argument("--trial-gpus", type=float, default=0.0)
+    g.add_argument("--objective-weight", action="append", default=[], metavar="NAME=VALUE",
+                   help="change one weight of the defender's objective (tuning.objective.ObjectiveWeights; "
+                        "e.g. uap=0.5 scores the universal-perturbation probe: docs/tuning.md)")
     g.add_argument("--holdout-fraction", type=float, default=0.3, help="share of D_val held out for the objective")
     g.add_argument("--sweep-seed", type=int, default=0, help="seeds the D_val split and the searcher")
     g.add_argument("--register-sweep-as", default="fip-purified", help="registry name for the winner ('none': skip)")
@@ -46,6 +49,7 @@ def register(sub) -> None:
 
 
 def sweep_from_args(args):
+    from tuning.objective import ObjectiveWeights
     from tuning.space import SearchSpace
     from tuning.sweep import SweepConfig
 
@@ -56,7 +60,8 @@ def sweep_from_args(args):
     cfg = SweepConfig(name=args.name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                       searcher=args.searcher, scheduler=args.scheduler, grace_steps=args.grace_steps,
                       report_every=args.report_every, trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus,
-                      holdout_fraction=args.holdout_fraction, seed=args.sweep_seed, register_as=register_as)
+                      holdout_fraction=args.holdout_fraction, seed=args.sweep_seed, register_as=register_as,
+                      weights=ObjectiveWeights().with_flags(args.objective_weight))
     return space, cfg
 
 

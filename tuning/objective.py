@@ -50,6 +50,22 @@ class ObjectiveWeights:
             raise ValueError(f"objective weight kl_cap must be > 0, got {self.kl_cap}")
 
 
+    def with_flags(self, pairs: list[str]) -> ObjectiveWeights:
+        """These weights with `NAME=VALUE` changes (`fip tune --objective-weight uap=0.5`)."""
+        known = asdict(self)
+        changed = dict(known)
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            if not sep or name.strip() not in known:
+                raise ValueError(f"--objective-weight expects NAME=VALUE with NAME one of {', '.join(known)}, "
+                                 f"got {pair!r}")
+            try:
+                changed[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--objective-weight {name.strip()}: expected a number, got {value!r}") from None
+        return ObjectiveWeights(**changed)
+
+
 # The first weights, set before any validation: flatter than the suspect scores (the paper's reading)
 A_PRIORI_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl=0.1, kl_cap=1.0, curvature=0.1)
 # The candidate with the universal-perturbation term, fixed before the sweeps that validate it: a share of
@@ -169,4 +185,7 @@ def score(features: dict[str, float], suspect: dict[str, float], w: ObjectiveWei
 def evaluate_objective(model: nn.Module, holdout: Holdout, w: ObjectiveWeights = ObjectiveWeights()) -> dict[str, float]:
     """:func:`measure` plus its :func:`score` as ``objective``."""
     feats = measure(model, holdout)
+    if w.uap:  # the probe costs about as much as a short fine-tune: only when it is scored
+        probe = universal_flip(model, holdout.x, holdout.y, uap_radius(holdout.x))
+        feats.update({"uap_max": probe["uap_max"], "uap_class": probe["uap_class"]})
     return {**feats, "objective": score(feats, holdout.suspect, w)}

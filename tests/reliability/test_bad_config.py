@@ -44,3 +44,29 @@ def test_flag(name, verdict):
     flags, names = FLAG_CASES[name]
     obs = run_main(["purify", "--model", "m", "--clean", "c", *flags, "--print-config"])
     verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"flag: {' '.join(flags)}")
+
+
+TUNE_FLAG_CASES = {
+    "unknown_objective_weight": (["--objective-weight", "uapp=0.5"], "uapp"),
+    "objective_weight_not_a_number": (["--objective-weight", "uap=x"], "uap"),
+    "negative_objective_weight": (["--objective-weight", "uap=-1"], "uap"),
+    "unknown_space_setting": (["--space", "eta_q=loguniform:1e-5:1e-3"], "eta_q"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TUNE_FLAG_CASES))
+def test_tune_flag(name, verdict):
+    flags, names = TUNE_FLAG_CASES[name]
+    obs = run_main(["tune", "--model", "m", "--clean", "c", *flags, "--print-space"])
+    verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"fip tune {' '.join(flags)}")
+
+
+def test_tune_objective_weight_reaches_the_sweep():
+    import argparse
+
+    from fipcli.tuning_cmds import register, sweep_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["tune", "--model", "m", "--clean", "c", "--objective-weight", "uap=0.5"])
+    assert sweep_from_args(args)[1].weights.uap == 0.5

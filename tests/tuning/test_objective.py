@@ -122,3 +122,17 @@ def test_universal_flip_finds_the_planted_direction_and_respects_the_radius(one_
     weak = universal_flip(model, x, y, radius=0.05)  # 10 * 0.05 = 0.5 < 1: class 0 is out of reach
     assert weak["uap_max"] == 0.0  # and classes 1 and 2 need a norm above 0.4 for the other class's images
     assert universal_flip(model, x, y, radius=0.6)["uap_max"] == 1.0
+
+
+def test_the_probe_is_measured_and_scored_only_when_weighted(one_thread):
+    from tuning.objective import evaluate_objective
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(30, 1, 4, 4), torch.arange(3).repeat(10)
+    holdout = Holdout.from_suspect(model, x, y)
+    plain = evaluate_objective(model, holdout)
+    assert "uap_max" not in plain
+    probed = evaluate_objective(model, holdout, ObjectiveWeights(uap=0.5))
+    assert 0 <= probed["uap_max"] <= 1
+    assert probed["objective"] == pytest.approx(plain["objective"] - 0.5 * probed["uap_max"])

@@ -29,6 +29,7 @@ from pipeline.shards import ShardSource, open_shards
 from pipeline.stages import StageContext, fisher_stage, purify_stage
 from pipeline.storage import Storage, is_s3, join
 from pipeline.tracking import Registered, Tracker, default_tracking_uri, local_root
+from pipeline.validation import check_shards
 
 StageFn = Callable[[dict], dict]
 T = TypeVar("T")
@@ -141,6 +142,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
                            f"has {spec.num_classes}")
         if list(m.image_shape) != expected:
             raise JobError(f"{role} shards hold {tuple(m.image_shape)} images but the model expects {tuple(expected)}")
+    check_shards(sources, cfg.run.skip_corrupt)  # first samples, and whole small sets, before any worker starts
     if sources["clean"].total < cfg.resources.workers:
         raise JobError(f"{sources['clean'].total} clean samples cannot be split across {cfg.resources.workers} workers")
     record, tensors = None, {}
@@ -186,6 +188,8 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.failures import InputErrorsAreFinal  # input errors fail the same way again: not retried
+
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.gpus_per_worker:
         per_worker["GPU"] = resources.gpus_per_worker
@@ -195,7 +199,7 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
         torch_config=TorchConfig(backend=resources.collective_backend()),
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=bool(resources.gpus_per_worker),
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=[*(callbacks or []), InputErrorsAreFinal()],
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -693,7 +693,7 @@ def index_shard_task(url: str, settings: StorageSettings) -> dict:
     sizes: list[list[int]] = []
     varied = False
     sha = hashlib.sha256()
-    stream = _HashedStream(Storage(settings).open_read(url), sha)
+    stream = HashedStream(Storage(settings).open_read(url), sha)
     try:
         for sample in iter_tar_samples(stream):
             key, image, label, _ = parse_sample(sample, url)
@@ -720,9 +720,14 @@ def index_shard_task(url: str, settings: StorageSettings) -> dict:
             "meta": {"formats": formats, "sizes": sizes, "varied": varied}}
 
 
-class _HashedStream(io.RawIOBase):
-    def __init__(self, body, sha) -> None:
-        self.body, self.sha = body, sha
+class HashedStream(io.RawIOBase):
+    """A read stream that hashes the bytes as they are read: a shard's SHA-256 without a second pass.
+
+    `drain_on_close`: hash what the reader left unread (the end-of-archive blocks) when closed; a reader
+    that stops mid-shard closes without it and skips the rest."""
+
+    def __init__(self, body, sha, drain_on_close: bool = True) -> None:
+        self.body, self.sha, self.drain_on_close = body, sha, drain_on_close
 
     def readable(self) -> bool:
         return True
@@ -737,11 +742,16 @@ class _HashedStream(io.RawIOBase):
         b[: len(data)] = data
         return len(data)
 
+    def hexdigest_to_end(self) -> str:
+        """Read and hash the rest of the stream; the SHA-256 of all of it."""
+        while self.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
     def close(self) -> None:
-        """Hash what the tar reader left unread (the end-of-archive blocks), then close."""
         if not self.closed:
-            while chunk := self.body.read(1 << 20):
-                self.sha.update(chunk)
+            if self.drain_on_close:
+                self.hexdigest_to_end()
             self.body.close()
         super().close()
 

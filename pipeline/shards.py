@@ -47,6 +47,10 @@ class ShardError(ValueError):
     """A shard is missing, empty, corrupt or truncated; the message names it."""
 
 
+class ShardHashError(ShardError):
+    """A shard's bytes differ from the SHA-256 its manifest records."""
+
+
 @dataclass
 class ShardInfo:
     name: str
@@ -75,9 +79,29 @@ class ShardManifest:
         try:
             d = json.loads(text)
             d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-            return cls(**d)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            manifest = cls(**d)
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
             raise ShardError(f"{where} is not a shard manifest: {e}") from e
+        manifest.check(where)
+        return manifest
+
+    def check(self, where: str) -> None:
+        """Refuse a manifest that contradicts itself (types, shape, its total against its shards' counts)."""
+
+        def count_ok(n) -> bool:
+            return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+        shape = self.image_shape
+        if not (isinstance(shape, list) and len(shape) == 3 and all(count_ok(v) and v > 0 for v in shape)):
+            raise ShardError(f"{where}: image_shape must be three positive integers (C, H, W), got {shape!r}")
+        if not isinstance(self.classes, list) or not self.classes:
+            raise ShardError(f"{where}: classes must be a non-empty list")
+        for s in self.shards:
+            if not count_ok(s.count) or not isinstance(s.sha256, str):
+                raise ShardError(f"{where}: shard {s.name!r} has count {s.count!r} and sha256 {s.sha256!r}")
+        listed = sum(s.count for s in self.shards)
+        if self.count != listed:
+            raise ShardError(f"{where}: count {self.count} but its shards' counts add up to {listed}")
 
     @property
     def num_classes(self) -> int:
@@ -162,9 +186,14 @@ class ShardSource:
     store: Storage = field(default_factory=Storage)
 
     @property
-    def counts(self) -> list[int]:
-        by_name = {s.name: s.count for s in self.manifest.shards}
+    def infos(self) -> list[ShardInfo]:
+        """The manifest's entry of each URL, in URL order."""
+        by_name = {s.name: s for s in self.manifest.shards}
         return [by_name[_split_url(u)[1]] for u in self.urls]
+
+    @property
+    def counts(self) -> list[int]:
+        return [info.count for info in self.infos]
 
     @property
     def total(self) -> int:
@@ -254,32 +283,47 @@ class ReadStats:
 
 @dataclass
 class RawSample:
-    """One sample as stored: encoded image bytes, label, source index (None when the shard has no ``idx``)."""
+    """One sample as stored: encoded image bytes, label, source index (None when the shard has no ``idx``).
+
+    `problem`: the sample is malformed (no image, no label); the shard's later samples still read."""
 
     key: str
     image: bytes
     label: int
     index: int | None
+    problem: ShardError | None = None
 
 
-def _raw_sample(sample: dict, url: str) -> RawSample:
-    try:
-        return RawSample(*parse_sample(sample, url))
-    except MalformedSample as e:
-        raise ShardError(str(e)) from e
+def iter_raw_shard(url: str, store: Storage, expect: ShardInfo | None = None) -> Iterator[RawSample]:
+    """The samples of one shard in order, undecoded; errors name the shard.
 
-
-def iter_raw_shard(url: str, store: Storage) -> Iterator[RawSample]:
-    """The samples of one shard in order, undecoded; errors name the shard."""
+    With `expect` (its manifest entry), a shard read to its end is checked against its count, then its
+    SHA-256: the bytes are hashed as the tar reader takes them, so the check costs no second pass."""
+    import hashlib
     import tarfile
 
+    from pipeline.shard_writer import HashedStream
+
     try:
-        stream = store.open_read(url)
+        stream = HashedStream(store.open_read(url), hashlib.sha256(), drain_on_close=False)
     except StorageError as e:
         raise ShardError(f"cannot open shard {url}: {e}") from e
+    seen = 0
     try:
         for sample in iter_tar_samples(stream):
-            yield _raw_sample(sample, url)
+            try:
+                raw = RawSample(*parse_sample(sample, url))
+            except MalformedSample as e:
+                raw = RawSample(str(sample.get("__key__")), b"", -1, None, ShardError(str(e)))
+            seen += 1
+            yield raw
+        if expect is not None and seen < expect.count:
+            raise ShardError(f"shard {url} is truncated: {seen} samples, manifest says {expect.count}")
+        if expect is not None and expect.sha256:
+            digest = stream.hexdigest_to_end()
+            if digest != expect.sha256:
+                raise ShardHashError(f"shard {url} does not match its manifest: SHA-256 {digest[:16]}..., the "
+                                     f"manifest says {expect.sha256[:16]}... (changed or damaged since it was written)")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"shard {url} is corrupt or truncated: {e}") from e
     except ValueError as e:  # a duplicate member
@@ -316,42 +360,56 @@ def iter_range(
     that overlap them. `transform` defaults to :func:`default_transform`; `rng(position)` seeds a
     random one (so a sample's augmentation does not depend on which worker reads it).
 
-    A shard that yields fewer samples than its manifest count is truncated: an error, or with
-    `skip_corrupt` the missing samples are counted in `stats` and the stream goes on; so is a
-    sample that does not decode.
+    A range that reaches a shard's end reads on to the end of its tar: a shard holding more or fewer
+    samples than its manifest count, or bytes that do not match its SHA-256, is an error. A sample
+    that is malformed, does not decode or has a label out of range is an error too; with
+    `skip_corrupt` that one sample is counted in `stats` and the stream goes on (a broken tar loses
+    the rest of its shard's range, counted the same way).
     """
     transform = transform or default_transform(source.manifest)
     num_classes = source.manifest.num_classes
     offset = 0
-    for url, count in zip(source.urls, source.counts, strict=True):
+    for url, info in zip(source.urls, source.infos, strict=True):
+        count = info.count
         lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
+            to_end = hi == offset + count  # this range reads the shard to its end: its count and hash are checked
             seen = 0
+            raws = iter_raw_shard(url, source.store, info if to_end else None)
             try:
-                for pos, raw in enumerate(iter_raw_shard(url, source.store)):
+                for pos, raw in enumerate(raws):
                     seen = pos + 1
                     if pos >= count:
                         raise ShardError(f"shard {url} holds more samples than its manifest count {count}")
-                    if lo <= offset + pos < hi:
-                        try:
-                            if not 0 <= raw.label < num_classes:
-                                raise ShardError(f"shard {url}: sample {raw.key!r} has label {raw.label}, the "
-                                                 f"manifest has {num_classes} classes")
-                            img = _decode(source, url, raw, transform, rng(offset + pos) if rng else None)
-                        except ShardError:
-                            if not skip_corrupt:
-                                raise
-                            _note_skip(stats, url, 1)
-                        else:
-                            yield img, raw.label, offset + pos if raw.index is None else raw.index
-                    if offset + pos + 1 >= hi:
+                    if offset + pos < lo:
+                        continue
+                    try:
+                        if raw.problem is not None:
+                            raise raw.problem
+                        if not 0 <= raw.label < num_classes:
+                            raise ShardError(f"shard {url}: sample {raw.key!r} has label {raw.label}, the "
+                                             f"manifest has {num_classes} classes")
+                        img = _decode(source, url, raw, transform, rng(offset + pos) if rng else None)
+                    except ShardError:
+                        if not skip_corrupt:
+                            raise
+                        _note_skip(stats, url, 1)
+                    else:
+                        yield img, raw.label, offset + pos if raw.index is None else raw.index
+                    if offset + pos + 1 >= hi and not to_end:
                         break
                 if offset + seen < hi:
                     raise ShardError(f"shard {url} is truncated: {seen} samples, manifest says {count}")
+            except ShardHashError:
+                if not skip_corrupt:
+                    raise
+                _note_skip(stats, url, 0)  # its bad samples, if any, were counted one by one
             except ShardError:
                 if not skip_corrupt:
                     raise
                 _note_skip(stats, url, max(hi - max(lo, offset + seen), 0))
+            finally:
+                raws.close()
         offset += count
         if offset >= stop:
             break
@@ -388,6 +446,11 @@ class RankStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skipped(self, padding_seen: int) -> int:
+        """Samples skipped in an epoch that yielded `padding_seen` padding items: skipped samples are replaced
+        by padding, so this counts them wherever they were read (DataLoader workers keep their own stats)."""
+        return padding_seen - (self.length - (self.stop - self.start))
 
     def __len__(self) -> int:
         return self.length

@@ -139,12 +139,15 @@ def fisher_stage(config: dict) -> dict:
                         limit=pcfg.fisher_samples, as_uint8=True)
     # the true Fisher's labels are drawn on the model's device
     labels = torch.Generator(device=dev).manual_seed(derive_seed(pcfg.seed, "fisher-labels", rank))
+    padding = 0
     for x, y, pad in rank_loader(stream, 64, job.resources.loader_processes(), pin_memory=dev.type == "cuda"):
+        padding += int(pad.sum())
         x, y = batch_to_device(x[~pad], dev), y[~pad].to(dev)
         if len(y):
             with mixed_precision(dev):
                 est.add_(squared_grad_sums(work, x, y, pcfg.fisher_kind, params, generator=labels), len(y))
     count = all_reduce_sum(torch.tensor([float(est.count)], dtype=torch.float64))
+    skipped = int(all_reduce_sum(torch.tensor([stream.skipped(padding)], dtype=torch.int64)).item())  # every rank's
     for t in est.sums.values():
         all_reduce_sum(t)
     est.count = int(count.item())
@@ -155,7 +158,7 @@ def fisher_stage(config: dict) -> dict:
     before = ctx.evaluate(suspect)
     if before:
         ctx.log("suspect model: " + _percent(before))
-    metrics = {"fisher_count": est.count, "fisher_trace": est.trace(), "skipped_samples": stream.stats.skipped,
+    metrics = {"fisher_count": est.count, "fisher_trace": est.trace(), "skipped_samples": skipped,
                "fisher_seconds": time.perf_counter() - start, **{f"{k}_before": v for k, v in before.items()}}
     files = None
     if rank == 0:

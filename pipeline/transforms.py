@@ -39,8 +39,12 @@ class ImageDecodeError(ValueError):
     """Stored bytes are not a decodable image."""
 
 
-def decode(data: bytes, channels: int, draft_to: tuple[int, int] | None = None):
+def decode(data: bytes, channels: int, draft_to: tuple[int, int] | None = None, exact: bool = False):
     """A PIL image in ``L`` (one channel) or ``RGB`` from encoded bytes.
+
+    `exact`: the stored image must already have what `channels` says (grey may still widen to RGB);
+    a colour image read as grey is refused rather than converted (shards stored at the model's size,
+    whose manifest states what they hold).
 
     `draft_to`: for JPEG, let the decoder scale down by 1/2, 1/4 or 1/8 in the DCT while the result
     stays at least this large (much cheaper than decoding full size and resizing afterwards)."""
@@ -48,11 +52,15 @@ def decode(data: bytes, channels: int, draft_to: tuple[int, int] | None = None):
 
     try:
         im = Image.open(io.BytesIO(data))
+        mode, colour = im.mode, len(im.getbands()) >= 3  # a palette image has one band
         if draft_to is not None and im.format == "JPEG":
             im.draft("RGB" if channels == 3 else "L", draft_to)
-        return im.convert("L" if channels == 1 else "RGB")
+        converted = im.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"not a decodable image ({e})") from e
+    if exact and channels == 1 and colour:
+        raise ImageDecodeError(f"a {mode} colour image where 1 channel (grey) is expected")
+    return converted
 
 
 def to_tensor(im) -> torch.Tensor:
@@ -134,7 +142,7 @@ class Transform:
         from PIL import Image
 
         if self.mode == "keep":
-            return to_tensor(decode(data, channels))
+            return to_tensor(decode(data, channels, exact=True))
         if self.mode == "eval":
             im = decode(data, channels, self._draft_target(data) if self.draft else None)
             box = center_crop_box(im.width, im.height, self.resize_to, self.size)

@@ -109,6 +109,7 @@ def test_garbage_and_empty_shards(digits_shards, tmp_path):
     with pytest.raises(ShardError, match=r"000001\.tar"):
         list(iter_range(open_shards(str(bad)), 0, 360))
     m = json.loads((bad / "manifest.json").read_text())
+    m["count"] -= m["shards"][3]["count"]  # a manifest that contradicts itself is refused before this
     m["shards"][3]["count"] = 0
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ShardError, match=r"000003\.tar is empty"):

@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -254,13 +255,13 @@ def test_input_error_in_a_worker_is_one_line_and_not_retried(ray_session, base, 
     key = key_at(folder, 0, 10)  # rank 0's first batch; the pre-flight read only sample 0 of this shard
     rewrite_tar(folder / "000000.tar", member(key, "cls", lambda n, d: (n, b"99")))
     attempts = tmp_path / "attempts.txt"
-    obs_err, rc = "", 0
+    obs_err, rc, start = "", 0, time.perf_counter()
     try:
         run_job(_job_config(base["grey8"], folder, tmp_path, max_failures=2), callbacks=[failed_attempts(attempts)])
     except Exception as e:  # the CLI prints exactly this line (fipcli.main)
         obs_err, rc = f"fip purify: error: {e}", 2
-    obs = Observed(rc, "", obs_err, 0.0)
-    verdict("bad input", "clean error", judge_error(obs, ("000000.tar", key, "label 99", "rank 0")),
+    obs = Observed(rc, "", obs_err, time.perf_counter() - start)
+    verdict("bad input", "clean error", judge_error(obs, ("000000.tar", key, "label 99", "rank 0")), obs.seconds,
             case="shards: label out of range past the pre-flight, in a worker")
     tries = attempts.read_text().splitlines() if attempts.exists() else []
     assert len(tries) == 1, f"max_failures=2 retried a deterministic input error: {tries}"
@@ -278,10 +279,11 @@ def test_skip_corrupt_skips_only_bad_samples_and_counts_both_ranks(ray_session, 
         keys = [key_at(folder, shard, pos) for pos, _, _ in edits]
         for key, (_, ext, fn) in zip(keys, edits, strict=True):
             rewrite_tar(folder / f"{shard:06d}.tar", member(key, ext, fn))
+    start = time.perf_counter()
     result = run_job(_job_config(base["grey8"], folder, tmp_path, skip_corrupt=True))
     total = sum(len(e) for e in bad.values())
     got = result.metrics["skipped_samples"], result.metrics["fisher_count"]
     judged = ("recovered", f"skipped {got[0]} of {total} bad samples, Fisher over {got[1]} of {360 - total}") \
         if got == (total, 360 - total) else ("silent wrong", f"skipped_samples {got[0]}, fisher_count {got[1]}; "
                                               f"expected {total} and {360 - total}")
-    verdict("bad input", "recovered", judged, case="--skip-corrupt: bad samples on both ranks")
+    verdict("bad input", "recovered", judged, time.perf_counter() - start, case="--skip-corrupt: bad samples on both ranks")

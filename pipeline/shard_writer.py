@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.storage import Storage, StorageError, StorageSettings, is_s3, join, split_s3
+from pipeline.storage import NotFound, Storage, StorageError, StorageSettings, is_s3, join, split_s3
 
 if TYPE_CHECKING:
     from lab.datasets import ImageSet
@@ -446,7 +446,7 @@ class _Output:
         for url in (self.partial_url, self.final_url):
             try:
                 raw = json.loads(store.read_bytes(url))
-            except StorageError:
+            except NotFound:  # a store that cannot be reached is an error, not "nothing written yet"
                 continue
             except json.JSONDecodeError as e:
                 raise ShardError(f"{url} is not a shard manifest: {e}") from e

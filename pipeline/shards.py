@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fip.training import generator
 from lab.datasets import ImageSet
 from pipeline.shard_writer import MalformedSample, iter_tar_samples, parse_sample
-from pipeline.storage import Storage, StorageError, join
+from pipeline.storage import NotFound, Storage, StorageError, join
 from pipeline.transforms import KEEP, ImageDecodeError, Transform, eval_transform, train_transform
 
 MANIFEST = "manifest.json"
@@ -205,9 +205,10 @@ class ShardSource:
 
 
 def _read_manifest(url: str, store: Storage) -> ShardManifest | None:
+    """The manifest at `url`, None where there is none; a store that cannot be reached is an error naming it."""
     try:
         return ShardManifest.from_json(store.read_bytes(url).decode(), url)
-    except StorageError:
+    except NotFound:
         return None
 
 

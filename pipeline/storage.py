@@ -23,6 +23,11 @@ class StorageError(OSError):
     """Reading or writing a local path or S3 object failed (after retries); names the URL."""
 
 
+class NotFound(StorageError):
+    """The object, bucket or file does not exist: storage answered, and said so (not a store that cannot
+    be reached, which stays a plain StorageError)."""
+
+
 def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
@@ -92,7 +97,9 @@ class Storage:
                 return fn()
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
-                if code in ("NoSuchKey", "404", "NoSuchBucket", "AccessDenied", "403"):
+                if code in ("NoSuchKey", "404", "NoSuchBucket"):
+                    raise NotFound(f"{what}: {code}") from e
+                if code in ("AccessDenied", "403"):
                     raise StorageError(f"{what}: {code}") from e
                 last = e
             except (BotoCoreError, OSError) as e:
@@ -109,7 +116,7 @@ class Storage:
             return self.with_retries(f"reading {url}", lambda: self.s3_client().get_object(Bucket=bucket, Key=key)["Body"])
         path = Path(url.removeprefix("file://"))
         if not path.is_file():
-            raise StorageError(f"{url}: no such file")
+            raise NotFound(f"{url}: no such file")
         return open(path, "rb")
 
     def read_bytes(self, url: str) -> bytes:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fipcli import cluster_cmds, lab_cmds, method_cmds, pipeline_cmds, tuning_cmds
 
@@ -30,20 +34,61 @@ def quiet_frameworks() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (`kill`, `fip jobs stop`, a scheduler's stop), raised where the command is, so that a job
+    unwinds as it does on Ctrl-C: its MLflow run is marked KILLED and nothing is left half-registered."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Stopped` and SIGINT raises KeyboardInterrupt (Python's
+    own handler, in case a library replaced it); both handlers are put back afterwards. Only the CLI
+    installs them: library code never touches signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame) -> None:
+        raise Stopped(signum)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_frameworks()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with stop_signals_interrupt():
+            return int(args.handler(args) or 0)
+    except KeyboardInterrupt as e:
+        # one line, and the shell's code for death by that signal (130 for SIGINT, 143 for SIGTERM)
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"fip {args.command}: {'stopped' if isinstance(e, Stopped) else 'interrupted'} "
+              f"({signal.Signals(signum).name}){interrupt_note(e)}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         if getattr(args, "debug", False) or not user_facing(e):
             raise
         print(f"fip {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def interrupt_note(error: BaseException) -> str:
+    """What the interrupted command left, when it says so (pipeline.driver.run_job notes the MLflow run)."""
+    notes = getattr(error, "__notes__", None) or []
+    return "; " + "; ".join(notes) if notes else ""
 
 
 def user_facing(error: BaseException) -> bool:

@@ -11,12 +11,17 @@ process-wide state: storage and MLflow are explicit handles built from the confi
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
+import os
+import signal
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -164,21 +169,94 @@ def plan_job(cfg: JobConfig) -> JobPlan:
 
 
 def ensure_ray(resources: Resources) -> None:
-    """Connect to `resources.address`, or start a local Ray sized for the job when none is running."""
-    import os
-
+    """Connect to `resources.address`, or start a local Ray sized for the job when none is running; then
+    refuse, in one line, a job that a local Ray cannot place (it has no autoscaler to wait for)."""
     import ray
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        # workers' output and Ray's own logs stay in Ray's log folder (and dashboard); our stages relay their
+        # progress to this terminal themselves (pipeline.progress)
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        with _callers_sigterm_handler_kept():
+            if resources.address:
+                ray.init(address=resources.address, **quiet)
+            else:
+                _start_local_ray(resources, quiet)
+    if not resources.address:
+        check_local_resources(resources)
+
+
+# Local Ray start-ups on one machine take turns through this lock (see _start_local_ray)
+LOCAL_RAY_START_LOCK = Path(tempfile.gettempdir()) / "fip-local-ray-start.lock"
+
+
+class RayStartError(OSError):
+    """A local Ray did not come up (twice); the message carries Ray's reason."""
+
+
+def _start_local_ray(resources: Resources, options: dict) -> None:
+    """Start a local Ray for this process.
+
+    Start-ups take turns: two jobs started at once on a small machine each wait on their own raylet while
+    the other's start-up takes the CPUs, and Ray gives up after 30 s ("The current node timed out during
+    startup", docs/stack-notes.md). A start that fails anyway is retried once.
+    The job's working_dir is an empty folder: without one, Ray puts the caller's current directory first
+    on the workers' sys.path, and a `pipeline/` or `fip/` there would run instead of the installed package."""
+    import ray
+
+    cpus = max(os.cpu_count() or 1, int(resources.workers * resources.cpus_per_worker + 0.999))
+    for attempt in (1, 2):
+        with _start_lock(), tempfile.TemporaryDirectory(prefix="fip-ray-wd-") as empty:
+            try:
+                ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, include_dashboard=False,
+                         runtime_env={"working_dir": empty}, **options)
+                return
+            except Exception as e:  # Ray raises a bare Exception for a start-up timeout
+                ray.shutdown()
+                if attempt == 2:
+                    raise RayStartError(f"local Ray did not start (tried twice): {e}") from e
+                logging.getLogger(__name__).warning("local Ray did not start (%s); trying once more", e)
+
+
+@contextmanager
+def _start_lock() -> Iterator[None]:
+    """Hold the machine-wide start-up lock (an flock, released if this process dies); without access to
+    the lock file, start unserialised rather than not at all."""
+    try:
+        fd = os.open(LOCAL_RAY_START_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        yield
         return
-    # workers' output and Ray's own logs stay in Ray's log folder (and dashboard); our stages relay their
-    # progress to this terminal themselves (pipeline.progress)
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if resources.address:
-        ray.init(address=resources.address, **quiet)
-    else:
-        cpus = max(os.cpu_count() or 1, int(resources.workers * resources.cpus_per_worker + 0.999))
-        ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, include_dashboard=False, **quiet)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _callers_sigterm_handler_kept() -> Iterator[None]:
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit`` (Ray 2.60). A handler the caller
+    installed is put back, so a stop reaches it (the CLI turns SIGTERM into an interrupt and the job marks its
+    run KILLED); a process without one keeps Ray's."""
+    on_main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if on_main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def check_local_resources(resources: Resources) -> None:
+    """Ray Train waits forever (retrying every 60 s) for GPUs a local Ray does not have: refuse that job."""
+    import ray
+
+    need = resources.gpus_per_worker * resources.workers
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if need > have:
+        raise JobError(f"gpus_per_worker {resources.gpus_per_worker:g} x {resources.workers} workers needs {need:g} "
+                       f"GPUs but the local Ray has {have:g}: set --gpus-per-worker 0, or --address a cluster with GPUs")
 
 
 def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, run: RunSettings, name: str,
@@ -272,18 +350,18 @@ def run_job(cfg: JobConfig, parent_run_id: str | None = None, progress: Progress
         root = local_root(cfg.run.work_dir)
         tracker = Tracker(cfg.tracking.tracking_uri or default_tracking_uri(cfg.run.work_dir), root / "mlartifacts")
         run_id = tracker.start_run(cfg.tracking.experiment, ctx.run_name, cfg.to_dict(), _tags(plan), parent_run_id)
+    status = "FAILED"  # anything that escapes, SystemExit included
     try:
         result = _execute(plan, tracker, run_id, progress, callbacks, t0)
-    except KeyboardInterrupt:
+        status = "FINISHED"
+    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal the caller turned into one (fipcli.main)
+        status = "KILLED"
         if tracker is not None:
-            tracker.finish(run_id, "KILLED")
+            e.add_note(f"MLflow run {run_id} marked KILLED")
         raise
-    except BaseException:
+    finally:
         if tracker is not None:
-            tracker.finish(run_id, "FAILED")
-        raise
-    if tracker is not None:
-        tracker.finish(run_id)
+            tracker.finish(run_id, status)
     return result
 
 
@@ -317,6 +395,8 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
     purified_path = plan.out_dir / "purified.safetensors"
     purified = load_model(purified_path).model
+    if cfg.analysis.esd_samples and cfg.analysis.esd_steps:
+        progress(f"[fip] analysis: Hessian spectral density of both models on {cfg.analysis.esd_samples} samples")
     esd = spectral_analysis(plan.suspect.model, purified, plan.clean, cfg.analysis, cfg.purify.seed,
                             plan.out_dir / "esd.png")
     metrics.update(esd)
@@ -350,6 +430,7 @@ def register(tracker: Tracker, run_id: str, plan: JobPlan, purified, purified_pa
     if {"acc_before", "asr_before", "acc_after", "asr_after"} <= set(metrics):
         tags["DER"] = f"{defense_effectiveness_rating(metrics['acc_before'], metrics['asr_before'], metrics['acc_after'], metrics['asr_after']):.4f}"
     name = plan.config.tracking.register_as
+    progress(f"[fip] registering the purified model as {name}")
     reg = tracker.register(run_id, purified, purified_path, (spec.in_channels, spec.image_size, spec.image_size),
                            name, tags)
     moved, why = tracker.offer_candidate(name, reg.version, tags)

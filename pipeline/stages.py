@@ -230,6 +230,14 @@ def _fault_injection(ctx: StageContext, step: int, resumed: bool, rank: int, siz
         os._exit(1)
 
 
+def resumed_seconds(logs: dict, now: float) -> float:
+    """`purify_seconds` so far when resuming from a checkpoint's `logs`: its count plus the wall time since
+    it was written (steps done after it and lost, the failure, the restart), so the figure counts every
+    attempt rather than the last one. Takes the checkpoint's ``saved_at`` out of `logs`."""
+    saved_at = logs.pop("saved_at", None)
+    return float(logs["seconds"]) + (max(0.0, now - saved_at) if saved_at is not None else 0.0)
+
+
 def purify_stage(config: dict) -> dict:
     """FIP / Fast FIP with DDP over the Ray Train workers; resumes from the latest checkpoint."""
     ctx = _context(config)
@@ -246,6 +254,7 @@ def purify_stage(config: dict) -> dict:
     if resumed is not None:
         state, logs = resumed
         purifier.load_state_dict(state)
+        logs["seconds"] = resumed_seconds(logs, time.time())
         ctx.log(f"resumed from checkpoint at step {purifier.step_count}")
     start, first_step = time.perf_counter(), purifier.step_count
 
@@ -274,7 +283,7 @@ def purify_stage(config: dict) -> dict:
             logs["evaluations"].append({"step": done, **metrics})
             ctx.log(f"eval at step {done}: " + _percent(metrics))
         if done % run.checkpoint_every == 0 and done < pcfg.iterations:
-            checkpoint(purifier.state_dict(), {**logs, "seconds": elapsed()},
+            checkpoint(purifier.state_dict(), {**logs, "seconds": elapsed(), "saved_at": time.time()},
                        {"step": done, **{k: v for k, v in record.items() if k != "step"}})
     sync_buffers(work)
     purified = finalize_model(work, pcfg)

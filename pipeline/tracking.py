@@ -183,14 +183,18 @@ class Tracker:
         except MlflowException:
             self.client.create_registered_model(name)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        mv = self.client.create_model_version(name, source, run_id=run_id)
-        version = str(mv.version)
         all_tags = {**tags, "safetensors_artifact": f"purified/{safetensors_path.name}",
                     "safetensors_sha256": file_sha256(safetensors_path)}
-        for k, v in all_tags.items():
-            self.client.set_model_version_tag(name, version, k, str(v))
-        for alias in aliases:
-            self.client.set_registered_model_alias(name, alias, version)
+        # created with its tags in one call: an interrupted job never leaves a version without its SHA-256
+        mv = self.client.create_model_version(name, source, run_id=run_id,
+                                              tags={k: str(v) for k, v in all_tags.items()})
+        version = str(mv.version)
+        try:
+            for alias in aliases:
+                self.client.set_registered_model_alias(name, alias, version)
+        except BaseException:  # Ctrl-C included: no half-aliased version stays behind
+            self.client.delete_model_version(name, version)
+            raise
         first = next(iter(aliases), None)
         return Registered(name, version, f"models:/{name}@{first}" if first else f"models:/{name}/{version}")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from secrets_check import files_containing
 
 from cluster import local
 from cluster.submit import Jobs, Submission, repo_root
@@ -237,20 +238,6 @@ def test_stopping_a_running_job(cluster, data, tiny_job, tmp_path):
     assert missing.returncode == 2 and "no job no-such-job" in missing.stderr
 
 
-def _hits(secret: str, paths) -> list[str]:
-    found = []
-    needle = secret.encode()
-    for top in paths:
-        top = Path(top)
-        for p in [top] if top.is_file() else top.rglob("*"):
-            try:
-                if p.is_file() and not p.is_symlink() and needle in p.read_bytes():
-                    found.append(str(p))
-            except OSError:
-                continue
-    return found
-
-
 def test_no_secret_reaches_logs_params_or_the_job_yaml(cluster, tiny_job):
     import mlflow
 
@@ -264,10 +251,10 @@ def test_no_secret_reaches_logs_params_or_the_job_yaml(cluster, tiny_job):
     submitter = tiny_job["stdout"] + tiny_job["stderr"]
     for secret in (SENTINEL, CLUSTER_SECRET):
         assert secret not in recorded and secret not in job_logs and secret not in submitter
-        assert not _hits(secret, yamls)
-        assert not _hits(secret, [cluster.root])  # MLflow's store and artifacts, the stand-in's logs
+        assert not files_containing(secret, yamls)
+        assert not files_containing(secret, [cluster.root])  # MLflow's store and artifacts, the stand-in's logs
     # Ray's session logs never see the submitter's secrets
-    assert not _hits(SENTINEL, [cluster.ray_temp_dir])
+    assert not files_containing(SENTINEL, [cluster.ray_temp_dir])
 
 
 def test_the_grep_would_see_a_leak(cluster):
@@ -277,4 +264,4 @@ def test_the_grep_would_see_a_leak(cluster):
     jobs = Jobs(cluster.ray_address)
     job_id = jobs.client.submit_job(entrypoint="true", runtime_env={"env_vars": {"FIP_CANARY": canary}})
     assert jobs.wait(job_id, ["SUCCEEDED"], timeout=60) == "SUCCEEDED"
-    assert _hits(canary, [cluster.ray_temp_dir])
+    assert files_containing(canary, [cluster.ray_temp_dir])

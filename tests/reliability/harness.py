@@ -68,13 +68,20 @@ def fip_command() -> list[str]:
     return [sys.executable, "-m", "fipcli.main"]
 
 
+def fip_script() -> list[str]:
+    """The installed `fip` console script, as a user types it (unlike `python -m`, it does not put the
+    current directory on sys.path)."""
+    return [str(Path(sys.executable).parent / "fip")]
+
+
 def run_process(argv: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None,
                 interrupt_after: float | None = None, interrupt_when: str | None = None,
-                sig: int = signal.SIGINT) -> Observed:
-    """Run `fip ARGV` as a user's shell would, in its own process group; optionally send `sig` to the
-    group `interrupt_after` seconds in, or once `interrupt_when` appears in its output (as Ctrl-C does)."""
+                sig: int = signal.SIGINT, command: list[str] | None = None) -> Observed:
+    """Run `fip ARGV` (`command` ARGV: default `python -m fipcli.main`) as a user's shell would, in its own
+    process group; optionally send `sig` to the group `interrupt_after` seconds in, or once
+    `interrupt_when` appears in its output (as Ctrl-C does)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(fip_command() + argv, cwd=cwd, env={**os.environ, **(env or {})},
+    proc = subprocess.Popen((command or fip_command()) + argv, cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT if interrupt_when else subprocess.PIPE,
                             text=True, start_new_session=True)
     out_lines: list[str] = []

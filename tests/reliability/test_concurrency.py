@@ -2,7 +2,7 @@
 finish and both land their MLflow run and model version (once, one of them was lost: "The current node
 timed out during startup", docs/stack-notes.md).
 
-~60-120 s on 2 loaded cores (two tiny jobs side by side).
+~60-120 s on 2 loaded cores (two tiny jobs side by side): heavy, run by `make reliability` and `make test-heavy`.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +11,7 @@ import pytest
 from reliability.harness import run_process
 from reliability.tiny_job import mlflow_state, purify_argv, quiet_env, tiny_inputs  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def test_two_jobs_started_together(tiny_inputs, tmp_path, verdict):  # noqa: F811

@@ -2,7 +2,8 @@
 `kill`: SIGTERM) would, in each phase of the job: it stops with one line and the shell's exit code for the
 signal, marks its MLflow run KILLED and leaves no model version or logged model half made.
 
-Each case runs the tiny job (tiny_job.py) in its own process, ~20-60 s on 2 loaded cores.
+Each case runs the tiny job (tiny_job.py) in its own process, 15-60 s on 2 loaded cores; `make test` runs
+the registration and SIGTERM cases, the other three are heavy (`make reliability`, `make test-heavy`).
 """
 
 import signal

@@ -3,7 +3,8 @@ nowhere (Ray's session logs, MLflow's params, tags, store and artifacts, the job
 and Ray's workers run the installed package, not a `pipeline/` that happens to be in the current
 directory.
 
-Each case runs the tiny job (tiny_job.py) in its own process, ~40-90 s on 2 loaded cores.
+Each case runs the tiny job (tiny_job.py) in its own process, ~60 s on 2 loaded cores; `make test` runs the
+workers' code case, the secret grep is heavy (`make reliability`, `make test-heavy`).
 """
 
 import shutil

@@ -1,7 +1,6 @@
 """A tiny purification as a user runs it (`fip purify` in its own process), for the process-side cases:
 interruption, concurrent runs, secrets, storage faults. Inputs are an untrained ViT and scikit-learn digits
-as local shards; what a run left in MLflow is read
-back with :func:`mlflow_state`.
+as local shards; what a run left in MLflow is read back with :func:`mlflow_state`.
 
 These cases start Ray: run them under the shared lock (`flock /tmp/fip-ray.lock .venv/bin/pytest ...`).
 """

@@ -205,3 +205,13 @@ def load_model(path: str | Path, spec: ModelSpec | None = None) -> LoadedModel:
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model=model, spec=spec, metadata=metadata, sha256=sha256)
+
+
+def check_finite_weights(model: nn.Module, source: str = "model") -> None:
+    """Raise ValueError when a floating-point weight or buffer holds NaN or inf: every figure computed from
+    it would be NaN, and a purification would fail at its first step after a whole Fisher stage."""
+    tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{source}: weights hold NaN or infinite values ({len(bad)} of {len(tensors)} tensors, "
+                         f"first {bad[0]})")

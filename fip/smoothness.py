@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fip.fisher import eval_mode, trainable_params
+from fip.io import check_finite_weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -226,14 +227,6 @@ class Smoothness:
             "hessian_trace_stderr": self.trace.stderr,
             "hessian_trace_probes": self.trace.probes,
         }
-
-
-def check_finite_weights(model: nn.Module) -> None:
-    """Raise ValueError when any floating-point weight tensor holds NaN or inf (they make every figure NaN)."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    bad = [t for t in tensors if not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ValueError(f"model weights hold NaN or infinite values ({len(bad)} of {len(tensors)} tensors)")
 
 
 def smoothness_report(

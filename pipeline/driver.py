@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from fip.io import LoadedModel, load_model
+from fip.io import LoadedModel, check_finite_weights, load_model
 from pipeline.analysis import plot_curves, spectral_analysis
 from pipeline.config import JobConfig, Resources, RunSettings
 from pipeline.progress import ProgressRelay
@@ -135,6 +135,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     store = Storage(cfg.storage)
     cache_dir = str(local_root(cfg.run.work_dir) / "cache")
     suspect = load_model(store.fetch(cfg.inputs.model, cache_dir))
+    check_finite_weights(suspect.model, cfg.inputs.model)
     spec = suspect.spec
     expected = [spec.in_channels, spec.image_size, spec.image_size]
     sources = {"clean": open_shards(cfg.inputs.clean, store)}

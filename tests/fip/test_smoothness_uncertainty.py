@@ -135,7 +135,7 @@ def test_non_finite_weights_loss_and_products_raise(mlp):
     with torch.no_grad():
         broken[2].bias[1] = float("nan")
     with pytest.raises(
-        ValueError, match=re.escape("model weights hold NaN or infinite values (1 of 4 tensors)")
+        ValueError, match=re.escape("model: weights hold NaN or infinite values (1 of 4 tensors, first 2.bias)")
     ):
         smoothness_report(broken, batches)
     x, y = batches[0]

@@ -38,7 +38,8 @@ def plot_curves(history: list[dict], evaluations: list[dict], path: Path) -> Pat
     b.set_ylabel("%")
     b.set_ylim(-2, 102)
     b.set_title("ACC / ASR during purification")
-    b.legend()
+    if b.get_legend_handles_labels()[0]:  # a job without a test set has no evaluations to label
+        b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

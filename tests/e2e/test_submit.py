@@ -213,7 +213,7 @@ def _cpus_in_use(cluster) -> float:
 def test_stopping_a_running_job(cluster, data, tiny_job, tmp_path):
     jobs = Jobs(cluster.ray_address)
     proc = fip("submit", "purify", *purify_flags(cluster, data, tmp_path, "--iterations", "100000",
-                                                  "--log-to-mlflow", "false"),
+                                                  "--register-as", "none"),
                "--address", cluster.ray_address)
     assert proc.returncode == 0, proc.stderr
     job_id = job_id_of(proc.stdout)
@@ -234,6 +234,13 @@ def test_stopping_a_running_job(cluster, data, tiny_job, tmp_path):
     assert _cpus_in_use(cluster) == 0
     again = fip("jobs", "--address", cluster.ray_address, "stop", job_id)
     assert again.stdout.strip() == f"{job_id} had already ended: STOPPED"
+    # the job's `fip purify` got SIGTERM and marked its MLflow run KILLED within Ray's 3 s before SIGKILL
+    import mlflow
+
+    client = mlflow.MlflowClient(cluster.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"attributes.run_name = '{job_id}'")
+    assert [r.info.status for r in runs] == ["KILLED"], jobs.logs(job_id)
     missing = fip("jobs", "--address", cluster.ray_address, "status", "no-such-job")
     assert missing.returncode == 2 and "no job no-such-job" in missing.stderr
 

@@ -38,6 +38,8 @@ def register(sub) -> None:
     g.add_argument("--objective-weight", action="append", default=[], metavar="NAME=VALUE",
                    help="change one weight of the defender's objective (tuning.objective.ObjectiveWeights; "
                         "e.g. uap=0.5 scores the universal-perturbation probe: docs/tuning.md)")
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                   help="re-run the winner's settings on all of D_val and register that model (default: on)")
     g.add_argument("--holdout-fraction", type=float, default=0.3, help="share of D_val held out for the objective")
     g.add_argument("--sweep-seed", type=int, default=0, help="seeds the D_val split and the searcher")
     g.add_argument("--register-sweep-as", default="fip-purified", help="registry name for the winner ('none': skip)")
@@ -61,7 +63,7 @@ def sweep_from_args(args):
                       searcher=args.searcher, scheduler=args.scheduler, grace_steps=args.grace_steps,
                       report_every=args.report_every, trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus,
                       holdout_fraction=args.holdout_fraction, seed=args.sweep_seed, register_as=register_as,
-                      weights=ObjectiveWeights().with_flags(args.objective_weight))
+                      weights=ObjectiveWeights().with_flags(args.objective_weight), refit=args.refit)
     return space, cfg
 
 

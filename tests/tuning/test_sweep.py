@@ -67,8 +67,16 @@ def test_winner_is_the_best_objective_and_is_the_registered_version(benchmark_sw
     assert result.model_uri == "models:/fip-purified@candidate"
     client = _client(base)
     mv = client.get_model_version_by_alias("fip-purified", "candidate")
-    assert mv.run_id == result.winner["child_run_id"]
+    # the registered model is the refit: the winner's settings re-run on all of D_val, nested in the sweep
+    assert result.refit_run_id and mv.run_id == result.refit_run_id != result.winner["child_run_id"]
     assert mv.tags["sweep_run_id"] == result.parent_run_id and mv.tags["trial_id"] == result.winner["trial_id"]
+    assert mv.tags["refit"] == "all of D_val"
+    assert float(mv.tags["objective"]) == pytest.approx(result.winner["objective"], abs=1e-6)  # the trial's
+    refit = client.get_run(result.refit_run_id)
+    assert refit.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    assert not refit.data.params["inputs.clean"].endswith("dval-train")  # all of D_val
+    for name in ("lr", "iterations"):
+        assert float(refit.data.params[f"purify.{name}"]) == pytest.approx(float(result.winner[f"p.{name}"]))
     assert len(client.search_model_versions("name='fip-purified'")) == 1  # trials themselves register nothing
 
 
@@ -78,7 +86,8 @@ def test_parent_run_holds_a_child_per_trial_and_the_sweep_table(benchmark_sweep)
     exp = client.get_experiment_by_name(base.tracking.experiment)
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert {t["child_run_id"] for t in result.trials if t["status"] == "DONE"} <= {r.info.run_id for r in children}
-    assert len(children) == 6
+    assert len(children) == 7  # 6 trials and the refit
+    children = [r for r in children if r.info.run_id != result.refit_run_id]
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["winner_trial"] == result.winner["trial_id"]
     assert {"sweep-table.md", "sweep-table.json", "objective-vs-der.png"} <= {
@@ -112,8 +121,10 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
                                                  report_every=4), progress=lambda _: None, resume=True)
     assert [t["status"] for t in resumed.trials] == ["DONE"] * 2
     finished = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
-    jobs = [r for r in finished if r.data.tags.get("mlflow.parentRunId") == resumed.parent_run_id]
+    jobs = [r for r in finished if r.data.tags.get("mlflow.parentRunId") == resumed.parent_run_id
+            and r.info.run_id != resumed.refit_run_id]
     assert len(jobs) == 2 and first <= {r.info.run_id for r in jobs}  # the finished trial did not run again
+    assert resumed.refit_run_id  # and the refit ran once, at the end
     assert resumed.winner == choose_winner(resumed.trials)
     assert resumed.winner["objective"] == max(t["objective"] for t in resumed.trials)
     assert all("der" not in t and "asr" not in t for t in resumed.trials)

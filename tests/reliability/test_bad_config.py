@@ -24,41 +24,34 @@ def test_yaml_config(name, tmp_path, verdict):
     verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"config file: {name}")
 
 
+# (command, case) -> (flags, text the error must name); each command is run with the least it needs
+# and a flag that prints the resolved settings instead of running
 FLAG_CASES = {
-    "checkpoint_every_0": (["--checkpoint-every", "0"], "checkpoint_every"),
-    "eval_every_negative": (["--eval-every", "-1"], "eval_every"),
-    "fisher_samples_0": (["--fisher-samples", "0"], "fisher_samples"),
-    "augment_pad_negative": (["--augment-pad", "-2"], "augment_pad"),
-    "max_failures_negative": (["--max-failures", "-1"], "max_failures"),
-    "cpus_per_worker_0": (["--cpus-per-worker", "0"], "cpus_per_worker"),
-    "workers_0": (["--workers", "0"], "workers"),
-    "augment_maybe": (["--augment", "maybe"], "--augment"),
-    "iterations_float": (["--iterations", "30.5"], "--iterations"),
-    "unknown_method": (["--method", "slow-fip"], "--method"),
-    "negative_eta_r": (["--eta-r", "-1"], "eta_r"),
+    ("purify", "checkpoint_every_0"): (["--checkpoint-every", "0"], "checkpoint_every"),
+    ("purify", "eval_every_negative"): (["--eval-every", "-1"], "eval_every"),
+    ("purify", "fisher_samples_0"): (["--fisher-samples", "0"], "fisher_samples"),
+    ("purify", "augment_pad_negative"): (["--augment-pad", "-2"], "augment_pad"),
+    ("purify", "max_failures_negative"): (["--max-failures", "-1"], "max_failures"),
+    ("purify", "cpus_per_worker_0"): (["--cpus-per-worker", "0"], "cpus_per_worker"),
+    ("purify", "workers_0"): (["--workers", "0"], "workers"),
+    ("purify", "augment_maybe"): (["--augment", "maybe"], "--augment"),
+    ("purify", "iterations_float"): (["--iterations", "30.5"], "--iterations"),
+    ("purify", "unknown_method"): (["--method", "slow-fip"], "--method"),
+    ("purify", "negative_eta_r"): (["--eta-r", "-1"], "eta_r"),
+    ("tune", "unknown_objective_weight"): (["--objective-weight", "uapp=0.5"], "uapp"),
+    ("tune", "objective_weight_not_a_number"): (["--objective-weight", "uap=x"], "uap"),
+    ("tune", "negative_objective_weight"): (["--objective-weight", "uap=-1"], "uap"),
+    ("tune", "unknown_space_setting"): (["--space", "eta_q=loguniform:1e-5:1e-3"], "eta_q"),
 }
+PRINT_ONLY = {"purify": "--print-config", "tune": "--print-space"}
 
 
-@pytest.mark.parametrize("name", sorted(FLAG_CASES))
-def test_flag(name, verdict):
-    flags, names = FLAG_CASES[name]
-    obs = run_main(["purify", "--model", "m", "--clean", "c", *flags, "--print-config"])
-    verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"flag: {' '.join(flags)}")
-
-
-TUNE_FLAG_CASES = {
-    "unknown_objective_weight": (["--objective-weight", "uapp=0.5"], "uapp"),
-    "objective_weight_not_a_number": (["--objective-weight", "uap=x"], "uap"),
-    "negative_objective_weight": (["--objective-weight", "uap=-1"], "uap"),
-    "unknown_space_setting": (["--space", "eta_q=loguniform:1e-5:1e-3"], "eta_q"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(TUNE_FLAG_CASES))
-def test_tune_flag(name, verdict):
-    flags, names = TUNE_FLAG_CASES[name]
-    obs = run_main(["tune", "--model", "m", "--clean", "c", *flags, "--print-space"])
-    verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"fip tune {' '.join(flags)}")
+@pytest.mark.parametrize("command,name", sorted(FLAG_CASES))
+def test_flag(command, name, verdict):
+    flags, names = FLAG_CASES[command, name]
+    obs = run_main([command, "--model", "m", "--clean", "c", *flags, PRINT_ONLY[command]])
+    verdict("bad input", "clean error", judge_error(obs, names), obs.seconds,
+            case=f"fip {command} {' '.join(flags)}")
 
 
 def test_tune_objective_weight_reaches_the_sweep():

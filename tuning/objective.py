@@ -143,8 +143,9 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
     trigger: the defender's diagnostic, reported beside the objective (docs/tuning.md)."""
     was = model.training
     model.eval()
+    trainable = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(False)  # gradients for the perturbation only
     try:
         with torch.no_grad():
             classes = model(x[:1]).shape[1]
@@ -164,8 +165,8 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
             hit = _logits(model, (inputs + delta[owner]).clamp(0, 1)).argmax(1) == owner
         rates = torch.stack([hit[owner == c].float().mean() for c in range(classes)])
     finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for p, flag in zip(model.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
         model.train(was)
     return {"uap_max": float(rates.max()), "uap_class": int(rates.argmax()), "uap_median": float(rates.median())}
 

@@ -136,3 +136,14 @@ def test_the_probe_is_measured_and_scored_only_when_weighted(one_thread):
     probed = evaluate_objective(model, holdout, ObjectiveWeights(uap=0.5))
     assert 0 <= probed["uap_max"] <= 1
     assert probed["objective"] == pytest.approx(plain["objective"] - 0.5 * probed["uap_max"])
+
+
+def test_universal_flip_leaves_the_model_as_it_found_it(one_thread):
+    from tuning.objective import universal_flip
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    model[1].bias.requires_grad_(False)  # a frozen part stays frozen
+    model.train()
+    universal_flip(model, torch.rand(12, 1, 4, 4), torch.arange(3).repeat(4), radius=0.5)
+    assert model.training and model[1].weight.requires_grad and not model[1].bias.requires_grad
+    assert model[1].weight.grad is None  # only the perturbation was differentiated

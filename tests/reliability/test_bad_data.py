@@ -202,8 +202,8 @@ def test_bad_shards_refused_before_ray(name, base, tmp_path, verdict):
     model, clean, names = _break(name, base, tmp_path)
     obs = purify(model, clean, tmp_path)
     verdict("bad input", "clean error", judge_error(obs, names), obs.seconds, case=f"shards: {name}")
-    assert obs.seconds < 30, f"{name}: {obs.seconds:.0f} s: refused by a worker, not by the pre-flight?"
-    assert not (tmp_path / "jobs").exists()  # nothing ran: no job folder, no Ray
+    # refused by the plan: the job folder is made right after Ray starts, before any stage, so it is absent
+    assert not (tmp_path / "jobs").exists()
 
 
 # ---------------------------------------------------------------- past the pre-flight: in the workers

@@ -417,14 +417,14 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
 
 
 def register(tracker: Tracker, run_id: str, plan: JobPlan, purified, purified_path: Path, metrics: dict,
-             progress: Progress = print, extra_tags: dict | None = None) -> Registered:
+             progress: Progress = print) -> Registered:
     """A new registry version of the purified model (MLflow's ``NAME/latest``), tagged with its source and, in
     benchmark mode, its metrics; ``candidate`` moves to it only if it beats the holder
     (:meth:`pipeline.tracking.Tracker.offer_candidate`)."""
     from lab.metrics import defense_effectiveness_rating
 
     spec = plan.suspect.spec
-    tags = {"source_sha256": plan.suspect.sha256, "method": plan.config.purify.method, **(extra_tags or {})}
+    tags = {"source_sha256": plan.suspect.sha256, "method": plan.config.purify.method}
     for key, tag in (("acc_after", "ACC"), ("asr_after", "ASR"), ("ra_after", "RA")):
         if key in metrics:
             tags[tag] = f"{metrics[key]:.4f}"

@@ -154,6 +154,11 @@ def _report_callback(ctx: TrialContext, purify: dict):
     return ObjectiveReport()
 
 
+def _plain(params: dict) -> dict:
+    """Sampled settings as plain Python values (Tune hands out numpy scalars; the job config is strict)."""
+    return {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}
+
+
 def run_trial(params: dict, ctx: TrialContext) -> None:
     """One Tune trial: a pipeline job on dval-train with these purify settings, scored on dval-holdout."""
     from ray import tune
@@ -162,7 +167,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     from pipeline.driver import run_job
 
     trial_id = tune.get_context().get_trial_id()
-    params = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # numpy scalars from Tune
+    params = _plain(params)
     base = JobConfig.from_dict(ctx.base)
     purify = {**base.purify.to_dict(), **params}
     cfg = base.replace(
@@ -470,7 +475,7 @@ def _refit_winner(base: JobConfig, cfg: SweepConfig, winner: dict, parent: str |
     the chosen settings from 0.857 to 0.895 over the lab's 8 attacks (docs/tuning.md, "Refit")."""
     from pipeline.driver import run_job
 
-    params = {k[2:]: v.item() if hasattr(v, "item") else v for k, v in winner.items() if k.startswith("p.")}
+    params = _plain({k[2:]: v for k, v in winner.items() if k.startswith("p.")})
     progress(f"[fip tune] refit: trial {winner['trial_id']}'s settings on all of D_val")
     job = base.replace(purify=params,
                        run={"work_dir": str(sweep_dir / "jobs"), "run_name": f"{cfg.name}-refit"},

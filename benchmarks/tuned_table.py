@@ -38,7 +38,7 @@ from lab.metrics import defense_effectiveness_rating, evaluate_model
 from tuning.holdout import split_dval
 from tuning.objective import (
     A_PRIORI_WEIGHTS,
-    UAP_CANDIDATE_WEIGHTS,
+    CANDIDATE_WEIGHTS,
     Holdout,
     ObjectiveWeights,
     evaluate_objective,
@@ -49,9 +49,9 @@ from tuning.objective import (
 from tuning.report import FEATURES, spearman
 from tuning.space import SearchSpace
 
-# `objective_uap` (UAP_CANDIDATE_WEIGHTS) is reported beside the chosen objective; the sweeps that
-# measured `uap_max` are its validation
-COLUMNS = ("objective", "objective_a_priori", "objective_uap", *FEATURES)
+# each candidate objective (tuning.objective.CANDIDATE_WEIGHTS, all scoring `uap_max`) is reported beside
+# the chosen objective; the sweeps that measured `uap_max` are their validation
+COLUMNS = ("objective", "objective_a_priori", *(f"objective_{name}" for name in CANDIDATE_WEIGHTS), *FEATURES)
 UAP_FEATURES = ("uap_max", "uap_gap")
 
 
@@ -172,22 +172,25 @@ def _spearman_where_measured(trials: list[dict], feature: str) -> float:
     return spearman([t[feature] for t in have], [t["der"] for t in have]) if len(have) > 1 else float("nan")
 
 
-def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, results: Path, space: dict | None = None) -> dict:
+def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, results: Path, space: dict | None = None,
+              stem: str | None = None) -> dict:
     per_attack, pooled_der = [], []
     for s in sweeps:
         for t in s["trials"]:
             t["objective"] = score(t, s["suspect_holdout"], weights)
             t["objective_a_priori"] = score(t, s["suspect_holdout"], A_PRIORI_WEIGHTS)
             if "uap_max" in t:
-                t["objective_uap"] = score(t, s["suspect_holdout"], UAP_CANDIDATE_WEIGHTS)
+                for name, w in CANDIDATE_WEIGHTS.items():
+                    t[f"objective_{name}"] = score(t, s["suspect_holdout"], w)
         ders = [t["der"] for t in s["trials"]]
         corr = {f: _spearman_where_measured(s["trials"], f) for f in (*COLUMNS, *UAP_FEATURES)}
-        chosen_uap = (choose(s, UAP_CANDIDATE_WEIGHTS) if all("uap_max" in t for t in s["trials"]) else None)
+        probed = all("uap_max" in t for t in s["trials"])
+        by_candidate = {name: choose(s, w) for name, w in CANDIDATE_WEIGHTS.items()} if probed else {}
         chosen = choose(s, weights)
         best = max(s["trials"], key=lambda t: t["der"])
         seconds = sum(t["seconds"] for t in s["trials"]) + s["holdout_seconds"]
         per_attack.append({"attack": s["attack"], "spearman": corr, "chosen": chosen, "oracle": best,
-                           "chosen_by_uap_candidate": chosen_uap,
+                           "chosen_by_candidate": by_candidate,
                            "sweep_seconds": seconds, "before": s["before"]})
         pooled_der += ders
     pooled = {}
@@ -221,9 +224,9 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
           f"{json.dumps(A_PRIORI_WEIGHTS.__dict__)}\n\nSearch space: {json.dumps(space)}\n\n"
           "## Spearman rank correlation with DER over the trials\n\n"
           + markdown_table(["attack", *corr_cols], corr_rows)
-          + "\n`uap_max`, `uap_gap` (tuning.objective.universal_flip) and `objective_uap` (the candidate "
-            "objective with them, UAP_CANDIDATE_WEIGHTS, fixed before these sweeps) exist only for the sweeps run "
-            "since they were added.\n"
+          + "\n`uap_max`, `uap_gap` (tuning.objective.universal_flip) and the candidate objectives that score "
+            "them (tuning.objective.CANDIDATE_WEIGHTS, each fixed before the sweeps that validate it) exist only for "
+            "the sweeps run since they were added.\n"
           + "\n## The chosen trial per attack (fip-tuned)\n\n"
           + markdown_table(["attack", "trial", "method", "ACC %", "ASR %", "RA %", "DER", "best DER in sweep",
                             "sweep seconds"], chosen_rows)
@@ -234,7 +237,8 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
           + markdown_table(["attack", "trial", "method", "iters", "eta_f", "eta_r", "eta_kl", "lr", "crop_until",
                             "objective", "a-priori objective", "holdout ACC %", "KL", "Tr F ratio", *UAP_FEATURES, "ACC %", "ASR %",
                             "DER"], trial_rows))
-    md += _uap_candidate_section(per_attack)
+    for name in CANDIDATE_WEIGHTS:
+        md += _candidate_section(name, sweeps, per_attack)
     md += _refit_section(sweeps, per_attack)
     same = compare_on_same_attacks(sweeps, per_attack)
     if same:
@@ -246,30 +250,41 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
                                  for d, m in same.items()]))
     payload = {"dataset": dataset, "weights": weights.__dict__, "same_attacks": same, "space": space, "sweeps": sweeps, "per_attack": per_attack,
                "pooled_spearman": pooled, "means": means, "versions": versions()}
-    write_results(f"tuned-{dataset}", payload, md, results)
+    write_results(stem or f"tuned-{dataset}", payload, md, results)
     return payload
 
 
-def _uap_candidate_section(per_attack: list[dict]) -> str:
-    """The candidate objective's picks beside the chosen objective's, on the attacks whose trials measured it."""
-    rows, picks = [], []
-    for p in per_attack:
-        c = p.get("chosen_by_uap_candidate")
+def _candidate_section(name: str, sweeps: list[dict], per_attack: list[dict]) -> str:
+    """A candidate objective's picks beside the chosen objective's, on the attacks whose trials measured the
+    probe, with their refits where they ran."""
+    rows, picks, refits = [], [], []
+    for s, p in zip(sweeps, per_attack):
+        c = p.get("chosen_by_candidate", {}).get(name)
         if c is None:
             continue
         picks.append((p, c))
+        r = s.get("refit", {}).get(str(c["trial"]))
+        if r is not None:
+            refits.append((p, r))
         rows.append([p["attack"], p["chosen"]["trial"], round(p["chosen"]["der"], 3), c["trial"], 100 * c["acc"],
-                     100 * c["asr"], round(c["der"], 3), round(p["oracle"]["der"], 3)])
+                     100 * c["asr"], round(c["der"], 3), round(r["der"], 3) if r else "-", round(p["oracle"]["der"], 3)])
     if not picks:
         return ""
     mean = {k: statistics.mean(c[k] for _, c in picks) for k in ("acc", "asr", "der")}
     base = statistics.mean(p["chosen"]["der"] for p, _ in picks)
     drop = statistics.mean(p["before"]["acc"] - c["acc"] for p, c in picks)
-    return ("\n## The universal-perturbation candidate (validation)\n\n"
-            + markdown_table(["attack", "objective's trial", "its DER", "candidate's trial", "ACC %", "ASR %", "DER",
-                              "best DER in sweep"], rows)
-            + f"\nMean over these {len(picks)} attacks: candidate DER {mean['der']:.3f} (ACC drop {100 * drop:.2f} "
-              f"points, ASR {100 * mean['asr']:.2f} %) against the objective's {base:.3f}.\n")
+    out = (f"\n## Candidate objective `{name}` (validation)\n\n"
+           f"Weights: {json.dumps(CANDIDATE_WEIGHTS[name].__dict__)}\n\n"
+           + markdown_table(["attack", "objective's trial", "its DER", "candidate's trial", "ACC %", "ASR %", "DER",
+                             "DER refit", "best DER in sweep"], rows)
+           + f"\nMean over these {len(picks)} attacks: candidate DER {mean['der']:.3f} (ACC drop {100 * drop:.2f} "
+             f"points, ASR {100 * mean['asr']:.2f} %) against the objective's {base:.3f}.\n")
+    if len(refits) == len(picks):
+        rdrop = statistics.mean(p["before"]["acc"] - r["acc"] for p, r in refits)
+        rmean = {k: statistics.mean(r[k] for _, r in refits) for k in ("asr", "der")}
+        out += (f"Refit on all of D_val: DER {rmean['der']:.3f}, ACC drop {100 * rdrop:.2f} points, "
+                f"ASR {100 * rmean['asr']:.2f} %.\n")
+    return out
 
 
 def _refit_section(sweeps: list[dict], per_attack: list[dict]) -> str:
@@ -355,6 +370,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--refit", action="store_true",
                    help="with --resummarise: re-run the chosen trials' settings on all of D_val (saved sweeps of --attacks)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared, loaded machine)")
+    p.add_argument("--results", default=None, metavar="STEM",
+                   help="name of the saved results in benchmarks/results (default tuned-<dataset>)")
+    p.add_argument("--merge", action="append", default=[], metavar="STEM",
+                   help="add the sweeps saved under STEM (another process's share of the attacks) before summarising")
     args = p.parse_args(argv)
     if args.threads:
         import torch
@@ -364,20 +383,27 @@ def main(argv: list[str] | None = None) -> dict:
     if args.set:
         space = space.with_flags(args.set)
     weights = ObjectiveWeights()
-    saved = RESULTS / f"tuned-{args.dataset}.json"
+    stem = args.results or f"tuned-{args.dataset}"
+    saved = RESULTS / f"{stem}.json"
     sweeps = []
     if args.resummarise or args.append or args.baselines_only:
         sweeps = json.loads(saved.read_text())["sweeps"] if saved.is_file() else []
+    for other in args.merge:
+        theirs = json.loads((RESULTS / f"{other}.json").read_text())["sweeps"]
+        sweeps = [s for s in sweeps if s["attack"] not in {t["attack"] for t in theirs}] + theirs
+
+    def save(done: list[dict]) -> dict:
+        return summarise(done, weights, args.dataset, RESULTS, space.describe(), stem)
     if not (args.resummarise or args.baselines_only):
         for name in args.attacks.split(","):
             sweeps = [s for s in sweeps if s["attack"] != name]
 
             def partial(sweep: dict, done: list[dict] = sweeps) -> None:
-                summarise([*done, sweep], weights, args.dataset, RESULTS, space.describe())
+                save([*done, sweep])
 
             sweeps.append(sweep_attack(name, args.trials, args.dataset, args.holdout_fraction, args.seed, space, CACHE,
                                        on_trial=partial))
-            summary = summarise(sweeps, weights, args.dataset, RESULTS, space.describe())  # partial results after each attack
+            summary = save(sweeps)  # partial results after each attack
     if args.baselines and not args.resummarise:
         wanted = args.baselines.split(",")
         for s in sweeps:
@@ -385,19 +411,19 @@ def main(argv: list[str] | None = None) -> dict:
                 s["baselines"] = {**s.get("baselines", {}),
                                   **run_baselines(s["attack"], [n for n in wanted if n not in s.get("baselines", {})],
                                                   args.dataset, CACHE)}
-                summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
+                save(sweeps)
     if args.refit:
         for s in sweeps:
             if s["attack"] not in args.attacks.split(","):
                 continue
             picks = [choose(s, weights)]
             if all("uap_max" in t for t in s["trials"]):
-                picks.append(choose(s, UAP_CANDIDATE_WEIGHTS))
+                picks += [choose(s, w) for w in CANDIDATE_WEIGHTS.values()]
             todo = [t for t in picks if str(t["trial"]) not in s.get("refit", {})]
             if todo:
                 s["refit"] = {**s.get("refit", {}), **refit_chosen(s, todo, args.dataset, CACHE, args.seed)}
-                summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
-    summary = summarise(sweeps, weights, args.dataset, RESULTS, space.describe())
+                save(sweeps)
+    summary = save(sweeps)
     if not args.no_defense_table:
         add_to_defense_table(summary, args.dataset, RESULTS)
     print(json.dumps({"pooled_spearman": summary["pooled_spearman"], "means": summary["means"]}, indent=1))

@@ -71,6 +71,13 @@ A_PRIORI_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl
 # The candidate with the universal-perturbation term, fixed before the sweeps that validate it: a share of
 # images sent to one class counts like the same share of accuracy lost, as ASR and ACC do in DER
 UAP_CANDIDATE_WEIGHTS = ObjectiveWeights(uap=0.5)
+# The objective as an estimate of DER, fixed after the first 8 sweeps (150 iterations) and before the
+# 300-iteration sweeps that validate it: 2 * DER - 1 = ASR removed - ACC lost, with the held-out drop for
+# the ACC lost and `uap_max` (the share one small perturbation sends to a single class) for the ASR left.
+# No budget and no KL credit: the probe replaces the movement proxy (docs/tuning.md, "Round 2")
+DER_ESTIMATE_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.0, acc_excess=0.0, kl=0.0, uap=1.0)
+# The candidates benchmarks/tuned_table.py reports beside the default objective, by name
+CANDIDATE_WEIGHTS = {"uap": UAP_CANDIDATE_WEIGHTS, "der-estimate": DER_ESTIMATE_WEIGHTS}
 # Radius of universal_flip's perturbation, as a share of the held-out images' mean L2 norm (docs/tuning.md)
 UAP_RELATIVE_RADIUS = 0.06
 

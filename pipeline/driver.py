@@ -416,20 +416,26 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
                      cfg)
 
 
+def metric_tags(metrics: dict) -> dict[str, str]:
+    """The registry tags of a model measured in benchmark mode (ACC, ASR, RA and, with the suspect's
+    figures, DER) from a job's metrics; the ones not measured are left out. One spelling for every
+    registered version, whether a job or a sweep registers it."""
+    from lab.metrics import defense_effectiveness_rating
+
+    tags = {tag: f"{metrics[key]:.4f}" for key, tag in (("acc_after", "ACC"), ("asr_after", "ASR"), ("ra_after", "RA"))
+            if metrics.get(key) is not None}
+    if all(metrics.get(k) is not None for k in ("acc_before", "asr_before", "acc_after", "asr_after")):
+        tags["DER"] = (f"{defense_effectiveness_rating(metrics['acc_before'], metrics['asr_before'], metrics['acc_after'], metrics['asr_after']):.4f}")
+    return tags
+
+
 def register(tracker: Tracker, run_id: str, plan: JobPlan, purified, purified_path: Path, metrics: dict,
              progress: Progress = print) -> Registered:
     """A new registry version of the purified model (MLflow's ``NAME/latest``), tagged with its source and, in
     benchmark mode, its metrics; ``candidate`` moves to it only if it beats the holder
     (:meth:`pipeline.tracking.Tracker.offer_candidate`)."""
-    from lab.metrics import defense_effectiveness_rating
-
     spec = plan.suspect.spec
-    tags = {"source_sha256": plan.suspect.sha256, "method": plan.config.purify.method}
-    for key, tag in (("acc_after", "ACC"), ("asr_after", "ASR"), ("ra_after", "RA")):
-        if key in metrics:
-            tags[tag] = f"{metrics[key]:.4f}"
-    if {"acc_before", "asr_before", "acc_after", "asr_after"} <= set(metrics):
-        tags["DER"] = f"{defense_effectiveness_rating(metrics['acc_before'], metrics['asr_before'], metrics['acc_after'], metrics['asr_after']):.4f}"
+    tags = {"source_sha256": plan.suspect.sha256, "method": plan.config.purify.method, **metric_tags(metrics)}
     name = plan.config.tracking.register_as
     progress(f"[fip] registering the purified model as {name}")
     reg = tracker.register(run_id, purified, purified_path, (spec.in_channels, spec.image_size, spec.image_size),

@@ -488,6 +488,7 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     """Register the refit model from its own run (or, without a refit, the winner's purified file from the
     trial's child run), tagged with the sweep, the trial and the trial's objective."""
     from fip.io import load_model
+    from pipeline.driver import metric_tags
 
     path = Path(refit.purified_path if refit is not None else winner["purified"])
     run_id = refit.run_id if refit is not None else winner["child_run_id"]
@@ -496,11 +497,8 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     tags = {"sweep_run_id": parent, "sweep": cfg.name, "trial_id": winner["trial_id"],
             "objective": f"{winner['objective']:.6f}", "method": winner.get("p.method", base.purify.method),
             "refit": "all of D_val" if refit is not None else "no"}
-    measured = ({"acc": refit.metrics.get("acc_after"), "asr": refit.metrics.get("asr_after"),
-                 "ra": refit.metrics.get("ra_after")} if refit is not None else winner)
-    for key, tag in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA")):
-        if measured.get(key) is not None:
-            tags[tag] = f"{measured[key]:.4f}"
+    tags.update(metric_tags(refit.metrics if refit is not None else
+                            {"acc_after": winner.get("acc"), "asr_after": winner.get("asr"), "ra_after": winner.get("ra")}))
     # the suspect's hash, as the purify stage wrote it into the file (the candidate rule compares by source)
     source = loaded.metadata.get("source_sha256") or _suspect_sha256(base)
     tags["source_sha256"] = source

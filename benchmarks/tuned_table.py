@@ -41,7 +41,7 @@ from tuning.objective import (
     CANDIDATE_WEIGHTS,
     Holdout,
     ObjectiveWeights,
-    evaluate_objective,
+    measure,
     score,
     uap_radius,
     universal_flip,
@@ -49,10 +49,10 @@ from tuning.objective import (
 from tuning.report import FEATURES, spearman
 from tuning.space import SearchSpace
 
-# each candidate objective (tuning.objective.CANDIDATE_WEIGHTS, all scoring `uap_max`) is reported beside
-# the chosen objective; the sweeps that measured `uap_max` are their validation
-COLUMNS = ("objective", "objective_a_priori", *(f"objective_{name}" for name in CANDIDATE_WEIGHTS), *FEATURES)
+# each other weighting (tuning.objective.CANDIDATE_WEIGHTS) is reported beside the default objective
 UAP_FEATURES = ("uap_max", "uap_gap")
+COLUMNS = ("objective", "objective_a_priori", *(f"objective_{name}" for name in CANDIDATE_WEIGHTS),
+           *(f for f in FEATURES if f not in UAP_FEATURES))
 
 
 def uap_features(model, x, y) -> dict[str, float]:
@@ -99,7 +99,8 @@ def refit_chosen(sweep: dict, trials: list[dict], dataset: str, cache: Path, see
 
 
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
-                 space: SearchSpace, cache: Path, progress: bool = True, on_trial=None) -> dict:
+                 space: SearchSpace, cache: Path, weights: ObjectiveWeights, progress: bool = True,
+                 on_trial=None) -> dict:
     suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress)
     train_rows, held_rows = split_dval(y, holdout_fraction, seed)
     t0 = time.perf_counter()
@@ -116,11 +117,12 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
         pcfg = PurifyConfig(**{**params, "seed": derive_seed(seed, "trial", i) % 2**31})
         t = time.perf_counter()
         res = purify(suspect, x[train_rows], y[train_rows], pcfg)
-        feats = evaluate_objective(res.model, holdout)
+        feats = measure(res.model, holdout)
         seconds = time.perf_counter() - t
         t = time.perf_counter()
-        feats.update(uap_features(res.model, x[held_rows], y[held_rows]))
+        feats.update(uap_features(res.model, x[held_rows], y[held_rows]))  # the probe once, for every weighting
         uap_seconds = time.perf_counter() - t
+        feats["objective"] = score(feats, holdout.suspect, weights)
         after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)  # reporting only
         der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
         rows.append({"trial": i, "params": params, **feats, "acc": after["acc"], "asr": after["asr"],
@@ -175,6 +177,10 @@ def _spearman_where_measured(trials: list[dict], feature: str) -> float:
 def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, results: Path, space: dict | None = None,
               stem: str | None = None) -> dict:
     per_attack, pooled_der = [], []
+    unprobed = sorted({s["attack"] for s in sweeps for t in s["trials"] if "uap_max" not in t})
+    if weights.uap and unprobed:
+        raise ValueError(f"the objective weighs uap_max but the saved trials of {', '.join(unprobed)} did not "
+                         "measure it (sweeps from before the probe); re-run them")
     for s in sweeps:
         for t in s["trials"]:
             t["objective"] = score(t, s["suspect_holdout"], weights)
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
                 save([*done, sweep])
 
             sweeps.append(sweep_attack(name, args.trials, args.dataset, args.holdout_fraction, args.seed, space, CACHE,
-                                       on_trial=partial))
+                                       weights, on_trial=partial))
             summary = save(sweeps)  # partial results after each attack
     if args.baselines and not args.resummarise:
         wanted = args.baselines.split(",")

@@ -22,27 +22,30 @@ def register(sub) -> None:
     p.add_argument("--preset", default=None, choices=preset_names())
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML with job config sections")
     g = p.add_argument_group("sweep")
-    g.add_argument("--name", default="sweep", help="the sweep's folder under run.work_dir, and its Tune experiment")
+    # every default below is tuning.sweep.SweepConfig's (None here: the flag was not given)
+    g.add_argument("--name", default=None, help="the sweep's folder under run.work_dir, and its Tune experiment")
     g.add_argument("--space-file", default=None, metavar="YAML", help="search space (see tuning/space.py)")
     g.add_argument("--space", action="append", default=[], metavar="NAME=KIND:A:B",
                    help="one setting's distribution on top of the space: eta_f=loguniform:1e-5:1e-3, "
                         "method=choice:fip,fast-fip, lr=0.01 (fixed); repeatable")
-    g.add_argument("--num-samples", type=int, default=8, help="trials (default 8)")
-    g.add_argument("--max-concurrent", type=int, default=1, help="trials at once (default 1)")
-    g.add_argument("--searcher", default="optuna", choices=["optuna", "random"])
-    g.add_argument("--scheduler", default="asha", choices=["asha", "none"], help="ASHA early stopping on the objective")
-    g.add_argument("--grace-steps", type=int, default=50, help="ASHA: purify steps before a trial may be stopped")
-    g.add_argument("--report-every", type=int, default=50, help="purify steps between intermediate objective reports")
-    g.add_argument("--trial-cpus", type=float, default=0.25, help="CPUs of the trial itself (workers ask for their own)")
-    g.add_argument("--trial-gpus", type=float, default=0.0)
+    g.add_argument("--num-samples", type=int, default=None, help="trials")
+    g.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
+    g.add_argument("--searcher", default=None, choices=["optuna", "random"])
+    g.add_argument("--scheduler", default=None, choices=["asha", "none"], help="ASHA early stopping on the objective")
+    g.add_argument("--grace-steps", type=int, default=None, help="ASHA: purify steps before a trial may be stopped")
+    g.add_argument("--report-every", type=int, default=None,
+                   help="purify steps between intermediate objective reports (each runs the objective's probe)")
+    g.add_argument("--trial-cpus", type=float, default=None, help="CPUs of the trial itself (workers ask for their own)")
+    g.add_argument("--trial-gpus", type=float, default=None)
     g.add_argument("--objective-weight", action="append", default=[], metavar="NAME=VALUE",
                    help="change one weight of the defender's objective (tuning.objective.ObjectiveWeights; "
-                        "e.g. uap=0.5 scores the universal-perturbation probe: docs/tuning.md)")
-    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                        "e.g. uap=0 drops the universal-perturbation probe: docs/tuning.md)")
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="re-run the winner's settings on all of D_val and register that model (default: on)")
-    g.add_argument("--holdout-fraction", type=float, default=0.3, help="share of D_val held out for the objective")
-    g.add_argument("--sweep-seed", type=int, default=0, help="seeds the D_val split and the searcher")
-    g.add_argument("--register-sweep-as", default="fip-purified", help="registry name for the winner ('none': skip)")
+    g.add_argument("--holdout-fraction", type=float, default=None, help="share of D_val held out for the objective")
+    g.add_argument("--sweep-seed", type=int, default=None, help="seeds the D_val split and the searcher")
+    g.add_argument("--register-sweep-as", default=None,
+                   help="registry name for the winner (default fip-purified; 'none': skip)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted sweep --name (Tuner.restore)")
     g.add_argument("--print-space", action="store_true", help="print the resolved search space as YAML and exit")
     add_config_flags(p, _sections())
@@ -58,12 +61,14 @@ def sweep_from_args(args):
     space = SearchSpace.from_yaml(args.space_file) if args.space_file else SearchSpace.default()
     if args.space:
         space = space.with_flags(args.space)
-    register_as = None if args.register_sweep_as.strip().lower() in ("none", "") else args.register_sweep_as
-    cfg = SweepConfig(name=args.name, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                      searcher=args.searcher, scheduler=args.scheduler, grace_steps=args.grace_steps,
-                      report_every=args.report_every, trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus,
-                      holdout_fraction=args.holdout_fraction, seed=args.sweep_seed, register_as=register_as,
-                      weights=ObjectiveWeights().with_flags(args.objective_weight), refit=args.refit)
+    given = {"name": args.name, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+             "searcher": args.searcher, "scheduler": args.scheduler, "grace_steps": args.grace_steps,
+             "report_every": args.report_every, "trial_cpus": args.trial_cpus, "trial_gpus": args.trial_gpus,
+             "holdout_fraction": args.holdout_fraction, "seed": args.sweep_seed, "refit": args.refit}
+    if args.register_sweep_as is not None:
+        given["register_as"] = None if args.register_sweep_as.strip().lower() in ("none", "") else args.register_sweep_as
+    cfg = SweepConfig(**{k: v for k, v in given.items() if v is not None},
+                      weights=ObjectiveWeights().with_flags(args.objective_weight))
     return space, cfg
 
 

@@ -29,18 +29,19 @@ from lab.metrics import accuracy_from_predictions
 class ObjectiveWeights:
     """Weights of :func:`score`; the defaults and their reasons are in docs/tuning.md.
 
-    The defaults spend the accuracy budget on moving away from the suspect: held-out accuracy lost
-    within `acc_budget` costs little, beyond it a lot, and KL to the suspect's predictions is the
-    credit. They replaced :data:`A_PRIORI_WEIGHTS` after the first validation sweep (Blend) showed
-    the curvature term pointing the wrong way (docs/tuning.md, "Validation")."""
+    The defaults make the objective an estimate of DER (2 * DER - 1 = ASR removed - ACC lost): the
+    held-out accuracy lost stands for the ACC term, and `uap_max`, the share of held-out images one
+    small shared perturbation sends to a single class, for the ASR left. Pre-registered after the
+    first eight sweeps, they chose better than :data:`KL_BUDGET_WEIGHTS` on eight fresh ones
+    (docs/tuning.md, "Round 2")."""
 
-    acc: float = 0.5  # per unit of held-out accuracy lost (the ACC term of DER, as measured on held-out data)
-    acc_budget: float = 0.03  # the ACC drop the target allows; held-out noise is about 2 points
-    acc_excess: float = 10.0  # extra weight on accuracy lost beyond the budget
-    kl: float = 1.0  # per nat of KL(suspect || purified) on held-out images, capped at kl_cap
+    acc: float = 1.0  # per unit of held-out accuracy lost (the ACC term of DER, as measured on held-out data)
+    acc_budget: float = 0.0  # accuracy lost up to this costs only `acc`; beyond it `acc + acc_excess`
+    acc_excess: float = 0.0  # extra weight on accuracy lost beyond the budget
+    kl: float = 0.0  # per nat of KL(suspect || purified) on held-out images, capped at kl_cap
     kl_cap: float = 1.0
     curvature: float = 0.0  # per unit of -log(Tr F purified / Tr F suspect)
-    uap: float = 0.0  # per unit of `uap_max` (universal_flip); 0: not measured, not scored
+    uap: float = 1.0  # per unit of `uap_max` (universal_flip); 0: not measured, not scored
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -67,17 +68,18 @@ class ObjectiveWeights:
 
 
 # The first weights, set before any validation: flatter than the suspect scores (the paper's reading)
-A_PRIORI_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl=0.1, kl_cap=1.0, curvature=0.1)
-# The candidate with the universal-perturbation term, fixed before the sweeps that validate it: a share of
-# images sent to one class counts like the same share of accuracy lost, as ASR and ACC do in DER
-UAP_CANDIDATE_WEIGHTS = ObjectiveWeights(uap=0.5)
-# The objective as an estimate of DER, fixed after the first 8 sweeps (150 iterations) and before the
-# 300-iteration sweeps that validate it: 2 * DER - 1 = ASR removed - ACC lost, with the held-out drop for
-# the ACC lost and `uap_max` (the share one small perturbation sends to a single class) for the ASR left.
-# No budget and no KL credit: the probe replaces the movement proxy (docs/tuning.md, "Round 2")
-DER_ESTIMATE_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.0, acc_excess=0.0, kl=0.0, uap=1.0)
-# The candidates benchmarks/tuned_table.py reports beside the default objective, by name
-CANDIDATE_WEIGHTS = {"uap": UAP_CANDIDATE_WEIGHTS, "der-estimate": DER_ESTIMATE_WEIGHTS}
+A_PRIORI_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl=0.1, kl_cap=1.0, curvature=0.1,
+                                    uap=0.0)
+# The defaults of the first eight sweeps: spend a 3-point accuracy budget on moving away from the
+# suspect's predictions (KL as the credit). Fresh 300-iteration sweeps showed them keeping the backdoor
+# on LC and Trojan, where the trials closest to the suspect keep the most accuracy (docs/tuning.md)
+KL_BUDGET_WEIGHTS = ObjectiveWeights(acc=0.5, acc_budget=0.03, acc_excess=10.0, kl=1.0, kl_cap=1.0, uap=0.0)
+# The first candidate with the universal-perturbation term (KL_BUDGET_WEIGHTS plus half a `uap_max`)
+UAP_CANDIDATE_WEIGHTS = ObjectiveWeights(acc=0.5, acc_budget=0.03, acc_excess=10.0, kl=1.0, kl_cap=1.0, uap=0.5)
+# The DER estimate, pre-registered (commit c20076b) before the sweeps that validated it; now the default
+DER_ESTIMATE_WEIGHTS = ObjectiveWeights()
+# The other weightings benchmarks/tuned_table.py reports beside the default objective, by name
+CANDIDATE_WEIGHTS = {"kl-budget": KL_BUDGET_WEIGHTS, "uap-half": UAP_CANDIDATE_WEIGHTS}
 # Radius of universal_flip's perturbation, as a share of the held-out images' mean L2 norm (docs/tuning.md)
 UAP_RELATIVE_RADIUS = 0.06
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-FEATURES = ("holdout_acc", "agreement", "kl_to_suspect", "trace_ratio")
+# what each trial reports beside its objective; `uap_max` only when the objective weighs the probe
+FEATURES = ("holdout_acc", "agreement", "kl_to_suspect", "trace_ratio", "uap_max")
 
 
 def _ranks(values: list[float]) -> list[float]:

@@ -59,7 +59,7 @@ class SweepConfig:
     scheduler: Literal["asha", "none"] = "asha"
     grace_steps: int = 50  # ASHA: no trial is stopped before this many purify steps
     reduction_factor: int = 2
-    report_every: int = 50  # purify steps between the intermediate objective reports (trial checkpoints)
+    report_every: int = 100  # purify steps between the intermediate objective reports (each runs the probe)
     trial_cpus: float = 0.25  # the Tune trial itself (it drives run_job); the workers ask for their own
     trial_gpus: float = 0.0
     holdout_fraction: float = 0.3

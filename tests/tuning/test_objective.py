@@ -48,7 +48,7 @@ def test_features_against_hand_computation(one_thread):
 
 
 def test_score_prices_accuracy_and_rewards_moving_and_flattening():
-    w = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl=0.1, kl_cap=1.0, curvature=0.1)
+    w = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl=0.1, kl_cap=1.0, curvature=0.1, uap=0.0)
     suspect = {"acc": 0.90}
     base = {"holdout_acc": 0.90, "kl_to_suspect": 0.0, "trace_ratio": 1.0}
     assert score(base, suspect, w) == 0.0
@@ -57,11 +57,15 @@ def test_score_prices_accuracy_and_rewards_moving_and_flattening():
     small = score({**base, "holdout_acc": 0.89}, suspect, w)
     large = score({**base, "holdout_acc": 0.80}, suspect, w)
     assert small == pytest.approx(-0.01) and large == pytest.approx(-0.1 - w.acc_excess * 0.08)
-    # the defaults: no curvature term, a 3-point accuracy budget, KL as the credit
+    # the defaults estimate DER: -(ACC lost) - uap_max, i.e. 2 * DER - 1 up to the suspect's ASR, with the
+    # probe's share standing for the ASR left; curvature and KL are measured, not scored
     d = ObjectiveWeights()
-    assert score({**base, "trace_ratio": 0.5}, suspect, d) == 0.0
-    assert score({**base, "holdout_acc": 0.88, "kl_to_suspect": 0.2}, suspect, d) > score(base, suspect, d)
-    assert score({**base, "holdout_acc": 0.85, "kl_to_suspect": 0.2}, suspect, d) < score(base, suspect, d)
+    probed = {**base, "uap_max": 0.8}
+    assert score({**probed, "trace_ratio": 0.5, "kl_to_suspect": 0.7}, suspect, d) == pytest.approx(-0.8)
+    # 3 points of accuracy for 60 points less reach to one class: better; 10 points for 5: worse
+    assert score({**probed, "holdout_acc": 0.87, "uap_max": 0.2}, suspect, d) == pytest.approx(-0.23)
+    assert score({**probed, "holdout_acc": 0.80, "uap_max": 0.75}, suspect, d) < score(probed, suspect, d)
+    assert score({**probed, "holdout_acc": 0.95}, suspect, d) == pytest.approx(-0.8)  # no credit beyond the suspect
     with pytest.raises(ValueError, match="objective weight kl must be"):
         ObjectiveWeights(kl=-1)
 
@@ -75,11 +79,12 @@ def test_spearman():
 
 def test_search_space_from_text_and_flags():
     space = SearchSpace.default().with_flags(["lr=0.02", "iterations=choice:10,20", "eta_f=loguniform:1e-4:1e-2"])
-    assert space.fixed == {"lr": 0.02} and space.dims["iterations"].args == (10, 20)
+    # the default fixes 300 iterations of FIP; a flag turns a fixed setting back into a searched one
+    assert space.fixed == {"lr": 0.02, "method": "fip"} and space.dims["iterations"].args == (10, 20)
     rng = random.Random(0)
     for _ in range(20):
         s = space.sample(rng)
-        assert 1e-4 <= s["eta_f"] <= 1e-2 and s["iterations"] in (10, 20) and s["method"] in ("fip", "fast-fip")
+        assert 1e-4 <= s["eta_f"] <= 1e-2 and s["iterations"] in (10, 20) and s["method"] == "fip"
     with pytest.raises(ValueError, match="'eta_x' is not a purify setting"):
         SearchSpace.from_dict({"eta_x": {"uniform": [0, 1]}})
     with pytest.raises(ValueError, match="loguniform needs low > 0"):
@@ -131,7 +136,7 @@ def test_the_probe_is_measured_and_scored_only_when_weighted(one_thread):
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     x, y = torch.rand(30, 1, 4, 4), torch.arange(3).repeat(10)
     holdout = Holdout.from_suspect(model, x, y)
-    plain = evaluate_objective(model, holdout)
+    plain = evaluate_objective(model, holdout, ObjectiveWeights(uap=0.0))
     assert "uap_max" not in plain
     probed = evaluate_objective(model, holdout, ObjectiveWeights(uap=0.5))
     assert 0 <= probed["uap_max"] <= 1

@@ -16,7 +16,7 @@ from tuning.space import SearchSpace
 from tuning.sweep import SweepConfig, choose_winner, run_sweep
 
 # a loaded 2-core machine took over 15 minutes for the first sweep (6 trials): above the suite-wide 900 s
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PURIFY = dict(eta_f=0.002, eta_r=1.0, lr=0.01, iterations=12, batch_size=16, trace_every=2, trace_estimator="exact",
               trace_batch=16, seed=3)

@@ -41,7 +41,8 @@ def register(sub) -> None:
                    help="change one weight of the defender's objective (tuning.objective.ObjectiveWeights; "
                         "e.g. uap=0 drops the universal-perturbation probe: docs/tuning.md)")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
-                   help="re-run the winner's settings on all of D_val and register that model (default: on)")
+                   help="re-run the winner's settings on all of D_val and register that model, which no objective "
+                        "has scored (default: off; docs/tuning.md, Round 2)")
     g.add_argument("--holdout-fraction", type=float, default=None, help="share of D_val held out for the objective")
     g.add_argument("--sweep-seed", type=int, default=None, help="seeds the D_val split and the searcher")
     g.add_argument("--register-sweep-as", default=None,

@@ -10,10 +10,9 @@
    inside the Tune trial) with a nested child run, no registration, no test shards and no attack
    record. Intermediate checkpoints are scored on the held-out share by :class:`ObjectiveReport`, so
    ASHA can stop weak trials early; an Optuna searcher (or random search) proposes the settings;
-4. picks the finished trial with the highest objective, re-runs its settings on all of D_val (the
-   refit: the held-out share is needed only to choose; ``refit=False`` keeps the trial's own model),
-   registers that model with the alias ``candidate`` and tags naming the sweep's run and the trial, and
-   logs the sweep table (and in benchmark mode a plot of objective against DER) to the parent run.
+4. picks the finished trial with the highest objective and registers its model (with ``refit=True``
+   the winner's settings first re-run on all of D_val and that unscored model is registered instead),
+   with the alias ``candidate`` and tags naming the sweep's run and the trial, and logs the sweep table (and in benchmark mode a plot of objective against DER) to the parent run.
 
 In benchmark mode (the base config has test shards and an attack record) each trial is also measured
 on the test set, after its objective is computed; those numbers go to the table, never to the choice.
@@ -65,7 +64,7 @@ class SweepConfig:
     holdout_fraction: float = 0.3
     seed: int = 0
     register_as: str | None = "fip-purified"
-    refit: bool = True  # re-run the winner's settings on all of D_val and register that model (docs/tuning.md)
+    refit: bool = False  # re-run the winner's settings on all of D_val and register that unscored model (docs/tuning.md)
     weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
     interrupt_after: int | None = None  # tests only: the driver interrupts itself after this many finished trials
 

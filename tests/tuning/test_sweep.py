@@ -53,7 +53,7 @@ def benchmark_sweep(ray_session, digits_lab, shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     base = _base(digits_lab, shards, tmp, benchmark=True)
     cfg = SweepConfig(name="bench", num_samples=6, searcher="optuna", scheduler="asha", grace_steps=4,
-                      report_every=4)
+                      report_every=4, refit=True)
     lines: list[str] = []
     result = run_sweep(base, SearchSpace.default().with_flags(SPACE), cfg, progress=lines.append)
     return base, cfg, result, lines
@@ -67,7 +67,7 @@ def test_winner_is_the_best_objective_and_is_the_registered_version(benchmark_sw
     assert result.model_uri == "models:/fip-purified@candidate"
     client = _client(base)
     mv = client.get_model_version_by_alias("fip-purified", "candidate")
-    # the registered model is the refit: the winner's settings re-run on all of D_val, nested in the sweep
+    # with --refit the registered model is the refit: the winner's settings re-run on all of D_val, nested
     assert result.refit_run_id and mv.run_id == result.refit_run_id != result.winner["child_run_id"]
     assert mv.tags["sweep_run_id"] == result.parent_run_id and mv.tags["trial_id"] == result.winner["trial_id"]
     assert mv.tags["refit"] == "all of D_val"
@@ -124,7 +124,10 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
     jobs = [r for r in finished if r.data.tags.get("mlflow.parentRunId") == resumed.parent_run_id
             and r.info.run_id != resumed.refit_run_id]
     assert len(jobs) == 2 and first <= {r.info.run_id for r in jobs}  # the finished trial did not run again
-    assert resumed.refit_run_id  # and the refit ran once, at the end
+    # no refit by default: the registered model is the winning trial's own, the one the objective scored
+    assert resumed.refit_run_id is None
+    mv = client.get_model_version_by_alias("fip-purified", "candidate")
+    assert mv.run_id == resumed.winner["child_run_id"] and mv.tags["refit"] == "no"
     assert resumed.winner == choose_winner(resumed.trials)
     assert resumed.winner["objective"] == max(t["objective"] for t in resumed.trials)
     assert all("der" not in t and "asr" not in t for t in resumed.trials)

@@ -169,9 +169,13 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     return JobPlan(cfg, context, suspect, sources["clean"], out_dir, storage_path)
 
 
-def ensure_ray(resources: Resources) -> None:
+def ensure_ray(resources: Resources, dashboard: bool = False) -> None:
     """Connect to `resources.address`, or start a local Ray sized for the job when none is running; then
-    refuse, in one line, a job that a local Ray cannot place (it has no autoscaler to wait for)."""
+    refuse, in one line, a job that a local Ray cannot place (it has no autoscaler to wait for).
+
+    `dashboard` starts a local Ray with its dashboard, whose State API Ray Train's placement-group cleaner
+    needs: without it a Tune trial that ASHA stops leaves its workers' CPUs reserved, and later trials
+    wait for them forever (docs/stack-notes.md). Sweeps ask for it; single jobs start faster without."""
     import ray
 
     if not ray.is_initialized():
@@ -182,7 +186,7 @@ def ensure_ray(resources: Resources) -> None:
             if resources.address:
                 ray.init(address=resources.address, **quiet)
             else:
-                _start_local_ray(resources, quiet)
+                _start_local_ray(resources, {**quiet, "include_dashboard": dashboard})
     if not resources.address:
         check_local_resources(resources)
 
@@ -209,8 +213,8 @@ def _start_local_ray(resources: Resources, options: dict) -> None:
     for attempt in (1, 2):
         with _start_lock(), tempfile.TemporaryDirectory(prefix="fip-ray-wd-") as empty:
             try:
-                ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, include_dashboard=False,
-                         runtime_env={"working_dir": empty}, **options)
+                ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, runtime_env={"working_dir": empty},
+                         **options)
                 return
             except Exception as e:  # Ray raises a bare Exception for a start-up timeout
                 ray.shutdown()

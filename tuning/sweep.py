@@ -367,7 +367,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
 
     ctx = TrialContext(base.to_dict(), cfg.name, train_url, str(sweep_dir / "jobs"), holdout, cfg.weights,
                        cfg.report_every, parent, base.inputs.test, base.inputs.attack_record)
-    ensure_ray(base.resources)
+    ensure_ray(base.resources, dashboard=True)  # ASHA's stopped trials must give their CPUs back
     _check_fits(base, cfg)
     resources = {"cpu": cfg.trial_cpus, **({"gpu": cfg.trial_gpus} if cfg.trial_gpus else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)

@@ -260,6 +260,13 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
     return payload
 
 
+def _outcome(pairs: list[tuple[dict, dict]]) -> dict[str, float]:
+    """Mean ACC, ASR, DER and ACC drop over (attack summary, measured model) pairs."""
+    out = {k: statistics.mean(r[k] for _, r in pairs) for k in ("acc", "asr", "der")}
+    out["drop"] = statistics.mean(p["before"]["acc"] - r["acc"] for p, r in pairs)
+    return out
+
+
 def _candidate_section(name: str, sweeps: list[dict], per_attack: list[dict]) -> str:
     """A candidate objective's picks beside the chosen objective's, on the attacks whose trials measured the
     probe, with their refits where they ran."""
@@ -276,19 +283,17 @@ def _candidate_section(name: str, sweeps: list[dict], per_attack: list[dict]) ->
                      100 * c["asr"], round(c["der"], 3), round(r["der"], 3) if r else "-", round(p["oracle"]["der"], 3)])
     if not picks:
         return ""
-    mean = {k: statistics.mean(c[k] for _, c in picks) for k in ("acc", "asr", "der")}
+    mean = _outcome(picks)
     base = statistics.mean(p["chosen"]["der"] for p, _ in picks)
-    drop = statistics.mean(p["before"]["acc"] - c["acc"] for p, c in picks)
     out = (f"\n## Candidate objective `{name}` (validation)\n\n"
            f"Weights: {json.dumps(CANDIDATE_WEIGHTS[name].__dict__)}\n\n"
            + markdown_table(["attack", "objective's trial", "its DER", "candidate's trial", "ACC %", "ASR %", "DER",
                              "DER refit", "best DER in sweep"], rows)
-           + f"\nMean over these {len(picks)} attacks: candidate DER {mean['der']:.3f} (ACC drop {100 * drop:.2f} "
+           + f"\nMean over these {len(picks)} attacks: candidate DER {mean['der']:.3f} (ACC drop {100 * mean['drop']:.2f} "
              f"points, ASR {100 * mean['asr']:.2f} %) against the objective's {base:.3f}.\n")
     if len(refits) == len(picks):
-        rdrop = statistics.mean(p["before"]["acc"] - r["acc"] for p, r in refits)
-        rmean = {k: statistics.mean(r[k] for _, r in refits) for k in ("asr", "der")}
-        out += (f"Refit on all of D_val: DER {rmean['der']:.3f}, ACC drop {100 * rdrop:.2f} points, "
+        rmean = _outcome(refits)
+        out += (f"Refit on all of D_val: DER {rmean['der']:.3f}, ACC drop {100 * rmean['drop']:.2f} points, "
                 f"ASR {100 * rmean['asr']:.2f} %.\n")
     return out
 
@@ -305,12 +310,11 @@ def _refit_section(sweeps: list[dict], per_attack: list[dict]) -> str:
                      round(p["chosen"]["der"], 3), 100 * r["acc"], 100 * r["asr"], round(r["der"], 3)])
     if not got:
         return ""
-    drop = statistics.mean(p["before"]["acc"] - r["acc"] for p, r in got)
-    mean = {k: statistics.mean(r[k] for _, r in got) for k in ("acc", "asr", "der")}
+    mean = _outcome(got)
     return ("\n## The chosen settings refit on all of D_val\n\n"
             + markdown_table(["attack", "trial", "ACC % (70 % of D_val)", "ASR %", "DER", "ACC % (refit, all D_val)",
                               "ASR %", "DER"], rows)
-            + f"\nRefit mean over {len(got)} attacks: ACC drop {100 * drop:.2f} points, ASR {100 * mean['asr']:.2f} %, "
+            + f"\nRefit mean over {len(got)} attacks: ACC drop {100 * mean['drop']:.2f} points, ASR {100 * mean['asr']:.2f} %, "
               f"DER {mean['der']:.3f}.\n")
 
 
@@ -323,7 +327,7 @@ def compare_on_same_attacks(sweeps: list[dict], per_attack: list[dict]) -> dict:
         rows.append({"defense": "fip-tuned (chosen trial, 70 % of D_val)", "acc": p["chosen"]["acc"],
                      "asr": p["chosen"]["asr"], "der": p["chosen"]["der"], "acc_before": s["before"]["acc"]})
         refit = s.get("refit", {}).get(str(p["chosen"]["trial"]))
-        if refit is not None:  # what `fip tune` registers by default
+        if refit is not None:  # what `fip tune --refit` registers
             rows.append({"defense": "fip-tuned (refit on all of D_val)", **refit, "acc_before": s["before"]["acc"]})
     out = {}
     for d in dict.fromkeys(r["defense"] for r in rows):

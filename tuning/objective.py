@@ -15,7 +15,7 @@ docs/tuning.md gives the formula and the reasons for each term.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,8 @@ class ObjectiveWeights:
 
     The defaults make the objective an estimate of DER (2 * DER - 1 = ASR removed - ACC lost): the
     held-out accuracy lost stands for the ACC term, and `uap_max`, the share of held-out images one
-    small shared perturbation sends to a single class, for the ASR left. Pre-registered after the
-    first eight sweeps, they chose better than :data:`KL_BUDGET_WEIGHTS` on eight fresh ones
+    small shared perturbation sends to a single class, for the ASR left. Pre-registered (commit c20076b)
+    after the first eight sweeps, they chose better than :data:`KL_BUDGET_WEIGHTS` on eight fresh ones
     (docs/tuning.md, "Round 2")."""
 
     acc: float = 1.0  # per unit of held-out accuracy lost (the ACC term of DER, as measured on held-out data)
@@ -75,9 +75,7 @@ A_PRIORI_WEIGHTS = ObjectiveWeights(acc=1.0, acc_budget=0.02, acc_excess=4.0, kl
 # on LC and Trojan, where the trials closest to the suspect keep the most accuracy (docs/tuning.md)
 KL_BUDGET_WEIGHTS = ObjectiveWeights(acc=0.5, acc_budget=0.03, acc_excess=10.0, kl=1.0, kl_cap=1.0, uap=0.0)
 # The first candidate with the universal-perturbation term (KL_BUDGET_WEIGHTS plus half a `uap_max`)
-UAP_CANDIDATE_WEIGHTS = ObjectiveWeights(acc=0.5, acc_budget=0.03, acc_excess=10.0, kl=1.0, kl_cap=1.0, uap=0.5)
-# The DER estimate, pre-registered (commit c20076b) before the sweeps that validated it; now the default
-DER_ESTIMATE_WEIGHTS = ObjectiveWeights()
+UAP_CANDIDATE_WEIGHTS = replace(KL_BUDGET_WEIGHTS, uap=0.5)
 # The other weightings benchmarks/tuned_table.py reports beside the default objective, by name
 CANDIDATE_WEIGHTS = {"kl-budget": KL_BUDGET_WEIGHTS, "uap-half": UAP_CANDIDATE_WEIGHTS}
 # Radius of universal_flip's perturbation, as a share of the held-out images' mean L2 norm (docs/tuning.md)

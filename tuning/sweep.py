@@ -213,9 +213,15 @@ def _benchmark_metrics(ctx: TrialContext, base: JobConfig, purified) -> dict:
 
 
 # ---------------------------------------------------------------- the driver side
+def one_store(base: JobConfig) -> JobConfig:
+    """`base` with its MLflow store spelled out: the sweep, every trial and the refit then write to that one
+    store. Left implicit, each job would derive it from its own work folder (a trial's is inside the sweep's),
+    and the sweep's parent run and its trials' runs would land in two SQLite files."""
+    return base.replace(tracking={"tracking_uri": base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir)})
+
+
 def _tracker(base: JobConfig) -> Tracker:
-    root = local_root(base.run.work_dir)
-    return Tracker(base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir), root / "mlartifacts")
+    return Tracker(one_store(base).tracking.tracking_uri, local_root(base.run.work_dir) / "mlartifacts")
 
 
 class LiveTable:
@@ -292,7 +298,7 @@ def _scheduler(cfg: SweepConfig, space: SearchSpace, base: JobConfig):
 
 
 def _check_store(base: JobConfig, cfg: SweepConfig) -> None:
-    uri = base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir)
+    uri = one_store(base).tracking.tracking_uri
     if base.tracking.log_to_mlflow and uri.startswith("sqlite:") and cfg.max_concurrent > 1:
         raise ConfigError(f"max_concurrent {cfg.max_concurrent} with the SQLite store {uri}: SQLite locks under "
                           "concurrent writers; run `mlflow server` and pass its URI, or use max_concurrent 1")
@@ -343,7 +349,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     _check_store(base, cfg)
     if is_s3(base.run.work_dir):
         raise ConfigError("a sweep needs a local run.work_dir (its Tune state lives there); inputs may be on S3")
-    base = base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())})
+    base = one_store(base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())}))
     sweep_dir = Path(base.run.work_dir) / cfg.name
     state_file = sweep_dir / "sweep.json"
     tune_dir = str(sweep_dir / "tune")

@@ -32,7 +32,7 @@ from pipeline.config import JobConfig, Resources, RunSettings
 from pipeline.progress import ProgressRelay
 from pipeline.shards import ShardSource, open_shards
 from pipeline.stages import StageContext, fisher_stage, purify_stage
-from pipeline.storage import Storage, is_s3, join
+from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Registered, Tracker, default_tracking_uri, local_root
 from pipeline.validation import check_shards
 
@@ -64,7 +64,7 @@ class StageError(RuntimeError):
     """A stage failed in its workers; the message names the stage, the rank and the root cause in one line."""
 
 
-def _root_cause(error: BaseException) -> BaseException:
+def root_cause(error: BaseException) -> BaseException:
     """The user-code exception inside Ray's wrappers (RayTaskError, WorkerGroupError, ...)."""
     seen = set()
     while id(error) not in seen:
@@ -82,7 +82,7 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def stage_error(name: str, error: BaseException) -> StageError:
     failures = getattr(error, "worker_failures", None) or {}
-    cause = _root_cause(error)
+    cause = root_cause(error)
     lines = str(cause).strip().splitlines()
     where = f" on rank {min(failures)}" if failures else ""
     return StageError(f"stage {name} failed{where}: {type(cause).__name__}: {lines[0] if lines else ''}")
@@ -118,17 +118,11 @@ class JobResult:
     config: JobConfig | None = None
 
 
-def _absolute(url: str | None) -> str | None:
-    if url is None or "://" in url:
-        return url
-    return str(Path(url).resolve())
-
-
 def plan_job(cfg: JobConfig) -> JobPlan:
     """Refuse mismatched inputs before Ray starts (model vs shards: classes, image shape; sizes) and
     resolve every path the workers will need, so they receive one self-contained config."""
     inputs, run = cfg.inputs, cfg.run
-    cfg = cfg.replace(inputs={k: _absolute(v) for k, v in vars(inputs).items()},
+    cfg = cfg.replace(inputs={k: absolute_url(v) for k, v in vars(inputs).items()},
                       run={"work_dir": run.work_dir if is_s3(run.work_dir) else str(Path(run.work_dir).resolve()),
                            "run_name": run.run_name or f"{cfg.purify.method}-{time.strftime('%Y%m%d-%H%M%S')}"
                                                        f"-{uuid.uuid4().hex[:6]}"})

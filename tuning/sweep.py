@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.storage import Storage, is_s3, join
+from pipeline.driver import StageError
+from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Tracker, default_tracking_uri, local_root
 from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
@@ -81,6 +82,10 @@ class SweepConfig:
             raise ConfigError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if not self.name or "/" in self.name:
             raise ConfigError(f"sweep name must be a non-empty folder name, got {self.name!r}")
+
+
+class NoTrialFinished(StageError):
+    """Every trial of a sweep failed or was stopped: nothing to choose or register; names the first failure."""
 
 
 @dataclass
@@ -349,7 +354,9 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     _check_store(base, cfg)
     if is_s3(base.run.work_dir):
         raise ConfigError("a sweep needs a local run.work_dir (its Tune state lives there); inputs may be on S3")
-    base = one_store(base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())}))
+    # trials run in Tune's own folders: every local path is made absolute here, where the user typed it
+    base = one_store(base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())},
+                                  inputs={k: absolute_url(v) for k, v in vars(base.inputs).items()}))
     sweep_dir = Path(base.run.work_dir) / cfg.name
     state_file = sweep_dir / "sweep.json"
     tune_dir = str(sweep_dir / "tune")
@@ -411,13 +418,19 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
 
 
 def collect(grid) -> list[dict]:
-    """One row per trial: its settings, last metrics, and whether it finished (DONE) or was stopped."""
+    """One row per trial: its settings, last metrics, and whether it finished (DONE), was stopped, or failed
+    (ERROR, with the root cause on one line)."""
+    from pipeline.driver import root_cause
+
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
         done = "purified" in m and r.error is None
         row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "DONE" if done else
                ("ERROR" if r.error is not None else "STOPPED"), **{f"p.{k}": v for k, v in (r.config or {}).items()}}
+        if r.error is not None:
+            cause = root_cause(r.error)
+            row["error"] = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
         for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds"):
             if k in m:
                 row[k] = m[k]
@@ -466,6 +479,11 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
     if tracker is not None and parent is not None and winner:
         if cfg.register_as and (refit is not None or winner.get("child_run_id")):
             model_uri = _register_winner(tracker, base, cfg, winner, parent, progress, refit)
+    if winner is None:
+        failed = [t for t in trials if t["status"] == "ERROR"]
+        raise NoTrialFinished(f"sweep {cfg.name}: none of its {len(trials)} trials finished ({len(failed)} failed"
+                              + (f"; trial {failed[0]['trial_id']}: {failed[0]['error']}" if failed else "")
+                              + f"); the table is in {table}")
     if winner:
         progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
                  + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))

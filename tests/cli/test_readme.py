@@ -139,7 +139,7 @@ def test_readme_walkthrough_runs_as_written(ray_session, s3_endpoint, tmp_path, 
             continue
         if "suspect" in recipe.replace.values():
             suspect = next(Path("runs/lab").glob("blend-*.safetensors"))
-            files.update(suspect=str(suspect), record=str(suspect.with_suffix("").with_suffix(".record.json")))
+            files.update(suspect=str(suspect), record=str(suspect).removesuffix(".safetensors") + ".record.json")
         text = command.replace("http://minio:9000", s3_endpoint)
         for placeholder, key in recipe.replace.items():
             text = text.replace(placeholder, files.get(key, key))

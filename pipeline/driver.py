@@ -80,12 +80,17 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def stage_error(name: str, error: BaseException) -> StageError:
-    failures = getattr(error, "worker_failures", None) or {}
+def describe_cause(error: BaseException) -> str:
+    """The root cause of a failure inside Ray's wrappers on one line: its type and its message's first line."""
     cause = root_cause(error)
     lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def stage_error(name: str, error: BaseException) -> StageError:
+    failures = getattr(error, "worker_failures", None) or {}
     where = f" on rank {min(failures)}" if failures else ""
-    return StageError(f"stage {name} failed{where}: {type(cause).__name__}: {lines[0] if lines else ''}")
+    return StageError(f"stage {name} failed{where}: {describe_cause(error)}")
 
 
 @dataclass

@@ -420,7 +420,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
 def collect(grid) -> list[dict]:
     """One row per trial: its settings, last metrics, and whether it finished (DONE), was stopped, or failed
     (ERROR, with the root cause on one line)."""
-    from pipeline.driver import root_cause
+    from pipeline.driver import describe_cause
 
     rows = []
     for r in grid:
@@ -429,8 +429,7 @@ def collect(grid) -> list[dict]:
         row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "DONE" if done else
                ("ERROR" if r.error is not None else "STOPPED"), **{f"p.{k}": v for k, v in (r.config or {}).items()}}
         if r.error is not None:
-            cause = root_cause(r.error)
-            row["error"] = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+            row["error"] = describe_cause(r.error)
         for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds"):
             if k in m:
                 row[k] = m[k]
@@ -475,18 +474,17 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                                          **({"spearman_objective_der": rho} if rho is not None and math.isfinite(rho)
                                             else {})})
             tracker.set_tags(parent, {"winner_trial": winner["trial_id"], "winner_run_id": winner.get("child_run_id", "")})
-    refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if winner and cfg.refit else None
-    if tracker is not None and parent is not None and winner:
-        if cfg.register_as and (refit is not None or winner.get("child_run_id")):
-            model_uri = _register_winner(tracker, base, cfg, winner, parent, progress, refit)
     if winner is None:
         failed = [t for t in trials if t["status"] == "ERROR"]
         raise NoTrialFinished(f"sweep {cfg.name}: none of its {len(trials)} trials finished ({len(failed)} failed"
                               + (f"; trial {failed[0]['trial_id']}: {failed[0]['error']}" if failed else "")
                               + f"); the table is in {table}")
-    if winner:
-        progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
-                 + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))
+    refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None
+    if tracker is not None and parent is not None:
+        if cfg.register_as and (refit is not None or winner.get("child_run_id")):
+            model_uri = _register_winner(tracker, base, cfg, winner, parent, progress, refit)
+    progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
+             + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))
     return SweepResult(trials, winner, parent, model_uri, table, plot, time.perf_counter() - t0,
                        refit.run_id if refit is not None else None)
 

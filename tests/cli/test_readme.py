@@ -91,6 +91,16 @@ def test_every_readme_command_has_a_recipe_and_parses():
         parser.parse_args(shlex.split(command)[1:])  # argparse exits (SystemExit) on a flag that does not exist
 
 
+def test_readme_python_blocks_compile_and_their_imports_exist():
+    """The README's Python snippets: valid code whose imports name things that exist (their run is the job the
+    walkthrough below runs through the CLI)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        compile(block, "README.md", "exec")
+        exec("\n".join(line for line in block.splitlines() if line.startswith(("from ", "import "))), {})
+
+
 # ---------------------------------------------------------------- the walkthrough
 def _image_folder(root: Path) -> Path:
     """A tiny ImageNet-style folder: 3 classes x 8 JPEG files."""

@@ -247,12 +247,12 @@ def run_evaluate(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from fip.io import load_model
     from lab.backdoor import attack_from_record
     from lab.datasets import DATASETS, load_dataset
     from lab.metrics import evaluate_model
     from pipeline.evaluation import evaluate_shards
     from pipeline.shards import open_shards
+    from pipeline.transforms import load_model_for_data
 
     store = store_from_args(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,7 +260,7 @@ def run_evaluate(args) -> int:
             path = tracker_from_args(args).download_safetensors(args.model, Path(tmp) / "model.safetensors")
         else:
             path = store.fetch(args.model, tmp)
-        model = load_model(path).model
+        model = load_model_for_data(path).model
         attack = None
         if args.attack_record:
             record = json.loads(store.read_bytes(args.attack_record))

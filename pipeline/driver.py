@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from fip.io import LoadedModel, check_finite_weights, load_model
+from fip.io import LoadedModel, check_finite_weights
 from pipeline.analysis import plot_curves, spectral_analysis
 from pipeline.config import JobConfig, Resources, RunSettings
 from pipeline.progress import ProgressRelay
@@ -34,6 +34,7 @@ from pipeline.shards import ShardSource, open_shards
 from pipeline.stages import StageContext, fisher_stage, purify_stage
 from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Registered, Tracker, default_tracking_uri, local_root
+from pipeline.transforms import load_model_for_data
 from pipeline.validation import check_shards
 
 StageFn = Callable[[dict], dict]
@@ -133,7 +134,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
                                                        f"-{uuid.uuid4().hex[:6]}"})
     store = Storage(cfg.storage)
     cache_dir = str(local_root(cfg.run.work_dir) / "cache")
-    suspect = load_model(store.fetch(cfg.inputs.model, cache_dir))
+    suspect = load_model_for_data(store.fetch(cfg.inputs.model, cache_dir))
     check_finite_weights(suspect.model, cfg.inputs.model)
     spec = suspect.spec
     expected = [spec.in_channels, spec.image_size, spec.image_size]
@@ -398,7 +399,7 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     evaluations = (start_eval if len(start_eval[0]) > 1 else []) + logs["evaluations"]
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
     purified_path = plan.out_dir / "purified.safetensors"
-    purified = load_model(purified_path).model
+    purified = load_model_for_data(purified_path).model
     if cfg.analysis.esd_samples and cfg.analysis.esd_steps:
         progress(f"[fip] analysis: Hessian spectral density of both models on {cfg.analysis.esd_samples} samples")
     esd = spectral_analysis(plan.suspect.model, purified, plan.clean, cfg.analysis, cfg.purify.seed,

@@ -118,10 +118,10 @@ class TrialContext:
 
 # ---------------------------------------------------------------- inside a trial
 def _suspect(ctx: TrialContext):
-    from fip.io import load_model
+    from pipeline.transforms import load_model_for_data
 
     base = JobConfig.from_dict(ctx.base)
-    return load_model(Storage(base.storage).fetch(base.inputs.model, Path(ctx.jobs_dir) / "cache")).model
+    return load_model_for_data(Storage(base.storage).fetch(base.inputs.model, Path(ctx.jobs_dir) / "cache")).model
 
 
 def _objective_of_state(ctx: TrialContext, purify: dict, state: dict) -> dict:
@@ -168,8 +168,8 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     """One Tune trial: a pipeline job on dval-train with these purify settings, scored on dval-holdout."""
     from ray import tune
 
-    from fip.io import load_model
     from pipeline.driver import run_job
+    from pipeline.transforms import load_model_for_data
 
     trial_id = tune.get_context().get_trial_id()
     params = _plain(params)
@@ -182,7 +182,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
         tracking={"register_as": None},
     )
     result = run_job(cfg, parent_run_id=ctx.parent_run_id, callbacks=[_report_callback(ctx, purify)])
-    purified = load_model(result.purified_path).model
+    purified = load_model_for_data(result.purified_path).model
     metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
     if ctx.test and ctx.attack_record:
         metrics.update(_benchmark_metrics(ctx, base, purified))
@@ -323,14 +323,14 @@ def _check_fits(base: JobConfig, cfg: SweepConfig) -> None:
 
 def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tuple[str, str, Holdout]:
     """Split D_val (once) and score the suspect on the held-out share: (train url, holdout url, holdout)."""
-    from fip.io import load_model
+    from pipeline.transforms import load_model_for_data
     from tuning.holdout import read_holdout, write_split
 
     store = Storage(base.storage)
     sweep_dir = join(base.run.work_dir, cfg.name)
     train_url, held_url = write_split(base.inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
     x, y = read_holdout(held_url, store)
-    suspect = load_model(store.fetch(base.inputs.model, local_root(base.run.work_dir) / "cache")).model
+    suspect = load_model_for_data(store.fetch(base.inputs.model, local_root(base.run.work_dir) / "cache")).model
     holdout = Holdout.from_suspect(suspect, x, y)
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
              f"(suspect: held-out ACC {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g})")
@@ -510,12 +510,12 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
                      progress: Progress, refit=None) -> str:
     """Register the refit model from its own run (or, without a refit, the winner's purified file from the
     trial's child run), tagged with the sweep, the trial and the trial's objective."""
-    from fip.io import load_model
     from pipeline.driver import metric_tags
+    from pipeline.transforms import load_model_for_data
 
     path = Path(refit.purified_path if refit is not None else winner["purified"])
     run_id = refit.run_id if refit is not None else winner["child_run_id"]
-    loaded = load_model(path)
+    loaded = load_model_for_data(path)
     spec = loaded.spec
     tags = {"sweep_run_id": parent, "sweep": cfg.name, "trial_id": winner["trial_id"],
             "objective": f"{winner['objective']:.6f}", "method": winner.get("p.method", base.purify.method),

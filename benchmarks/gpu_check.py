@@ -147,7 +147,8 @@ def fisher_rate(device: str = "cuda", batch: int = 64, chunk: int = 32, steps: i
 def make_shards(folder: Path, images: int, classes: int, size: int, workers: int) -> Path:
     """A synthetic JPEG set (benchmarks.scale_bench) written as shards with the streaming writer."""
     from benchmarks.scale_bench import synthetic_imagenet
-    from pipeline.shard_writer import folder_source, write_source
+    from pipeline.shard_sources import folder_source
+    from pipeline.shard_writer import write_source
 
     root = synthetic_imagenet(folder / "inet", images, classes, size)
     dest = folder / "shards"

@@ -10,7 +10,8 @@ import pytest
 from lab.datasets import CleanSplit, load_dataset
 from pipeline import driver
 from pipeline.config import JobConfig
-from pipeline.shards import open_shards, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import open_shards
 from pipeline.storage import Storage, StorageSettings
 from pipeline.tracking import Tracker
 from pipeline.workers import report, world

@@ -16,7 +16,8 @@ from lab.datasets import CleanSplit, load_dataset
 from pipeline.config import JobConfig
 from pipeline.driver import JobError, plan_job, run_job
 from pipeline.evaluation import evaluate_shards
-from pipeline.shards import open_shards, read_all, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import open_shards, read_all
 from pipeline.stages import StageContext, step_batches
 
 pytestmark = pytest.mark.slow

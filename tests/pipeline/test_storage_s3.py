@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lab.datasets import load_dataset
-from pipeline.shards import open_shards, read_all, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import open_shards, read_all
 from pipeline.storage import Storage, StorageError, StorageSettings, register_webdataset_s3
 
 

@@ -1,6 +1,7 @@
 """Two jobs at once in one Python process, each with its own S3 endpoint and MLflow store, and a stage
 added to the driver by one line: nothing the jobs need is process-wide."""
 
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,7 @@ import pytest
 
 from lab.datasets import CleanSplit, load_dataset
 from pipeline import driver
+from pipeline.artifacts import METRICS
 from pipeline.config import JobConfig
 from pipeline.shard_writer import write_shards
 from pipeline.shards import open_shards
@@ -23,7 +25,7 @@ def summary_stage(config: dict) -> dict:
     """An extra stage for the test: reports the run name and the world size it ran on."""
     ctx = config["context"]
     metrics = {"summary_world": world()[1]}
-    files = {"summary.txt": ctx.run_name.encode(), "metrics.json": __import__("json").dumps(metrics).encode()}
+    files = {"summary.txt": ctx.run_name.encode(), METRICS: json.dumps(metrics).encode()}
     report(metrics, files if world()[0] == 0 else None)
     return metrics
 

@@ -29,7 +29,8 @@ data:
 test: setup
 	$(BIN)/python -m pytest -q -m "not heavy"
 
-# the Ray Tune sweeps and the cluster submission end to end (several minutes each on 2 cores)
+# the cluster submission end to end and the slowest reliability cases (two `fip purify` at once, the
+# secret grep, three stop signals): several minutes each on 2 cores. The sweeps run in `make test`.
 test-heavy: setup
 	$(BIN)/python -m pytest -q -m heavy
 

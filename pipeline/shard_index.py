@@ -9,7 +9,7 @@ import hashlib
 import io
 import tarfile
 
-from pipeline.shard_writer import SourceImageError, process_pool, progress_bar
+from pipeline.shard_tasks import SourceImageError, process_pool, progress_bar
 from pipeline.shardfmt import (
     HashedStream,
     MalformedSample,

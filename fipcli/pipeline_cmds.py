@@ -137,7 +137,8 @@ def run_shard(args) -> int:
     if args.source == "index":
         return run_shard_index(args)
     from lab.datasets import CleanSplit
-    from pipeline.shard_writer import DvalSplit, dataset_source, write_source
+    from pipeline.shard_sources import DvalSplit, dataset_source
+    from pipeline.shard_writer import write_source
 
     if len(args.dest) != 1:
         raise ValueError(f"one destination expected, got {len(args.dest)}: {' '.join(args.dest)}")
@@ -169,7 +170,7 @@ def run_shard(args) -> int:
 def run_shard_index(args) -> int:
     from pathlib import Path
 
-    from pipeline.shard_writer import index_shards
+    from pipeline.shard_index import index_shards
 
     classes = None
     if args.classes:

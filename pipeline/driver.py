@@ -28,6 +28,7 @@ from typing import TypeVar
 
 from fip.io import LoadedModel, check_finite_weights
 from pipeline.analysis import plot_curves, spectral_analysis
+from pipeline.artifacts import FISHER, HISTORY, METRICS, PURIFIED, PURIFIED_SIDECAR
 from pipeline.config import JobConfig, Resources, RunSettings
 from pipeline.progress import ProgressRelay
 from pipeline.shards import ShardSource, open_shards
@@ -164,7 +165,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
             tensors = load_file(store.fetch(record["trigger_path"], cache_dir))
     work = join(cfg.run.work_dir, cfg.run.run_name)
     out_dir = Path(work) if not is_s3(work) else local_root(cfg.run.work_dir) / "jobs" / cfg.run.run_name
-    context = StageContext(cfg, cfg.run.run_name, join(work, "fisher.safetensors"), cache_dir, record, tensors)
+    context = StageContext(cfg, cfg.run.run_name, join(work, FISHER), cache_dir, record, tensors)
     storage_path = cfg.run.storage_path or join(cfg.run.work_dir, "ray")
     return JobPlan(cfg, context, suspect, sources["clean"], out_dir, storage_path)
 
@@ -298,7 +299,7 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
         raise RuntimeError(f"stage {name} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
-    return StageOutput(json.loads(files.pop("metrics.json")), files)
+    return StageOutput(json.loads(files.pop(METRICS)), files)
 
 
 def _off_main_thread(fn: Callable[[], T]) -> T:
@@ -392,13 +393,13 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
         if tracker is not None:
             tracker.log_metrics(run_id, out.metrics)
             for name in out.files:
-                if name != "purified.json":  # the sidecar goes with the model at registration
+                if name != PURIFIED_SIDECAR:  # the sidecar goes with the model at registration
                     tracker.log_artifact(run_id, plan.out_dir / name)
-    logs = json.loads((plan.out_dir / "history.json").read_text())
+    logs = json.loads((plan.out_dir / HISTORY).read_text())
     start_eval = [{"step": 0, **{k.removesuffix("_before"): v for k, v in metrics.items() if k.endswith("_before")}}]
     evaluations = (start_eval if len(start_eval[0]) > 1 else []) + logs["evaluations"]
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
-    purified_path = plan.out_dir / "purified.safetensors"
+    purified_path = plan.out_dir / PURIFIED
     purified = load_model_for_data(purified_path).model
     if cfg.analysis.esd_samples and cfg.analysis.esd_steps:
         progress(f"[fip] analysis: Hessian spectral density of both models on {cfg.analysis.esd_samples} samples")

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipeline.artifacts import STATE
 from pipeline.config import ConfigError, JobConfig
 from pipeline.driver import StageError
 from pipeline.storage import Storage, absolute_url, is_s3, join
@@ -126,11 +127,11 @@ def _suspect(ctx: TrialContext):
 
 def _objective_of_state(ctx: TrialContext, purify: dict, state: dict) -> dict:
     """The objective of a trial's intermediate checkpoint (the purifier's state at that step)."""
-    from fip.purify import PurifyConfig, finalize_model, prepare_model
+    from fip.purify import MODEL_STATE, PurifyConfig, finalize_model, prepare_model
 
     pcfg = PurifyConfig(**purify)
     work = prepare_model(_suspect(ctx), pcfg)
-    work.load_state_dict(state["model"])
+    work.load_state_dict(state[MODEL_STATE])
     return evaluate_objective(finalize_model(work, pcfg), ctx.holdout, ctx.weights)
 
 
@@ -149,7 +150,7 @@ def _report_callback(ctx: TrialContext, purify: dict):
                 import torch
 
                 with checkpoint.as_directory() as d:
-                    state_path = Path(d) / "state.pt"
+                    state_path = Path(d) / STATE
                     if state_path.is_file():
                         state = torch.load(state_path, map_location="cpu", weights_only=True)
             # Tune wants the metric in every result: a report without a purify state (the Fisher stage's) is the suspect's

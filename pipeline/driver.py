@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from fip.io import LoadedModel, check_finite_weights, load_model
+from pipeline.acceptance import judge_purified, rejection
 from pipeline.analysis import plot_curves, spectral_analysis
 from pipeline.config import JobConfig, Resources, RunSettings
 from pipeline.progress import ProgressRelay
@@ -399,7 +400,19 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     evaluations = (start_eval if len(start_eval[0]) > 1 else []) + logs["evaluations"]
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
     purified_path = plan.out_dir / "purified.safetensors"
-    purified = load_model(purified_path).model
+    loaded = load_model(purified_path)
+    purified = loaded.model
+    verdict = judge_purified(plan.suspect, loaded, plan.clean, cfg.acceptance, logs["history"])
+    metrics.update(verdict.metrics)
+    if tracker is not None:
+        tracker.log_metrics(run_id, verdict.metrics)
+        tracker.set_tags(run_id, verdict.tags())
+    if not verdict.passed:
+        if tracker is not None:
+            tracker.log_history(run_id, logs["history"], evaluations)
+            tracker.log_artifact(run_id, curves)
+        raise rejection(verdict)
+    progress(f"[fip] acceptance on D_val: {verdict.reason}")
     if cfg.analysis.esd_samples and cfg.analysis.esd_steps:
         progress(f"[fip] analysis: Hessian spectral density of both models on {cfg.analysis.esd_samples} samples")
     esd = spectral_analysis(plan.suspect.model, purified, plan.clean, cfg.analysis, cfg.purify.seed,

@@ -35,7 +35,7 @@ from typing import Literal
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.storage import Storage, is_s3, join
-from pipeline.tracking import Tracker, default_tracking_uri, local_root
+from pipeline.tracking import Tracker, check_store, default_tracking_uri, local_root
 from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
@@ -292,7 +292,10 @@ def _scheduler(cfg: SweepConfig, space: SearchSpace, base: JobConfig):
 
 
 def _check_store(base: JobConfig, cfg: SweepConfig) -> None:
+    """The store is checked before D_val is split or Ray starts (the trials' Trackers check it again)."""
     uri = base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir)
+    if base.tracking.log_to_mlflow:
+        check_store(uri)
     if base.tracking.log_to_mlflow and uri.startswith("sqlite:") and cfg.max_concurrent > 1:
         raise ConfigError(f"max_concurrent {cfg.max_concurrent} with the SQLite store {uri}: SQLite locks under "
                           "concurrent writers; run `mlflow server` and pass its URI, or use max_concurrent 1")
@@ -489,11 +492,21 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     """Register the refit model from its own run (or, without a refit, the winner's purified file from the
     trial's child run), tagged with the sweep, the trial and the trial's objective."""
     from fip.io import load_model
+    from pipeline.acceptance import judge_purified, rejection
     from pipeline.driver import metric_tags
+    from pipeline.shards import open_shards
 
     path = Path(refit.purified_path if refit is not None else winner["purified"])
     run_id = refit.run_id if refit is not None else winner["child_run_id"]
     loaded = load_model(path)
+    # the same acceptance check as every job's (pipeline.acceptance), on all of D_val, before any alias moves
+    history = path.parent / "history.json"
+    verdict = judge_purified(_suspect_loaded(base), loaded, open_shards(base.inputs.clean, Storage(base.storage)),
+                             base.acceptance, json.loads(history.read_text())["history"] if history.is_file() else ())
+    tracker.set_tags(parent, verdict.tags())
+    if not verdict.passed:
+        tracker.set_tags(run_id, verdict.tags())
+        raise rejection(verdict)
     spec = loaded.spec
     tags = {"sweep_run_id": parent, "sweep": cfg.name, "trial_id": winner["trial_id"],
             "objective": f"{winner['objective']:.6f}", "method": winner.get("p.method", base.purify.method),
@@ -501,7 +514,7 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     tags.update(metric_tags(refit.metrics if refit is not None else
                             {"acc_after": winner.get("acc"), "asr_after": winner.get("asr"), "ra_after": winner.get("ra")}))
     # the suspect's hash, as the purify stage wrote it into the file (the candidate rule compares by source)
-    source = loaded.metadata.get("source_sha256") or _suspect_sha256(base)
+    source = loaded.metadata.get("source_sha256") or _suspect_loaded(base).sha256
     tags["source_sha256"] = source
     reg = tracker.register(run_id, loaded.model, path, (spec.in_channels, spec.image_size,
                                                                         spec.image_size), cfg.register_as, tags)
@@ -513,10 +526,10 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     return f"models:/{reg.name}@candidate" if moved else f"models:/{reg.name}/{reg.version}"
 
 
-def _suspect_sha256(base: JobConfig) -> str:
-    from fip.io import file_sha256
+def _suspect_loaded(base: JobConfig):
+    from fip.io import load_model
 
-    return file_sha256(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
+    return load_model(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
 
 
 def sweep_summary(result: SweepResult) -> dict:

@@ -314,16 +314,33 @@ def _check_fits(base: JobConfig, cfg: SweepConfig) -> None:
 
 
 def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tuple[str, str, Holdout]:
-    """Split D_val (once) and score the suspect on the held-out share: (train url, holdout url, holdout)."""
-    from fip.io import load_model
+    """Check the inputs fit together as every job does (pipeline.validation: model vs shards, D_val vs test data,
+    the attack record's model), then split D_val (once) and score the suspect on the held-out share:
+    (train url, holdout url, holdout)."""
+    from lab.backdoor import check_record_belongs
+    from pipeline.shards import open_shards
+    from pipeline.validation import check_batch_fits, check_clean_is_not_test, check_model_fits
     from tuning.holdout import read_holdout, write_split
 
     store = Storage(base.storage)
+    loaded = _suspect_loaded(base)
+    inputs = base.inputs
+    clean = open_shards(inputs.clean, store)
+    check_model_fits(loaded.spec, clean.manifest, "clean", inputs.model)
+    if inputs.test:
+        test = open_shards(inputs.test, store)
+        check_model_fits(loaded.spec, test.manifest, "test", inputs.model)
+        check_clean_is_not_test(clean, test, inputs.clean, inputs.test)
+    if inputs.attack_record:
+        warning = check_record_belongs(loaded.metadata, json.loads(store.read_bytes(inputs.attack_record)),
+                                       inputs.model, inputs.attack_record)
+        if warning:
+            progress(f"[fip tune] {warning}")
     sweep_dir = join(base.run.work_dir, cfg.name)
-    train_url, held_url = write_split(base.inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
+    train_url, held_url = write_split(inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
+    check_batch_fits(base.purify.batch_size, open_count(train_url, store), f"{train_url} (the trials' share of D_val)")
     x, y = read_holdout(held_url, store)
-    suspect = load_model(store.fetch(base.inputs.model, local_root(base.run.work_dir) / "cache")).model
-    holdout = Holdout.from_suspect(suspect, x, y)
+    holdout = Holdout.from_suspect(loaded.model, x, y)
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
              f"(suspect: held-out ACC {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g})")
     return train_url, held_url, holdout
@@ -340,10 +357,11 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     """Run (or with `resume`, continue) the sweep; returns every trial, the winner and its registry URI."""
     from ray import tune
 
-    from pipeline.driver import ensure_ray
+    from pipeline.driver import check_local_cpus, ensure_ray
 
     t0 = time.perf_counter()
     _check_store(base, cfg)
+    check_local_cpus(base.resources, cfg.trial_cpus, "trial_cpus")
     if is_s3(base.run.work_dir):
         raise ConfigError("a sweep needs a local run.work_dir (its Tune state lives there); inputs may be on S3")
     base = base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())})

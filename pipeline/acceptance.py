@@ -95,7 +95,7 @@ def judge_purified(suspect: LoadedModel, purified: LoadedModel, clean: ShardSour
         return Verdict(False, f"accuracy on {measured} collapsed from {100 * before['acc']:.1f} % to "
                               f"{100 * after['acc']:.1f} %, a drop of more than acceptance.max_dval_acc_drop = "
                               f"{settings.max_dval_acc_drop:g}", metrics)
-    return Verdict(True, f"D_val accuracy {100 * before['acc']:.1f} % -> {100 * after['acc']:.1f} %, cross-entropy "
+    return Verdict(True, f"accuracy on {measured} {100 * before['acc']:.1f} % -> {100 * after['acc']:.1f} %, cross-entropy "
                          f"{before['ce']:.4g} -> {after['ce']:.4g}", metrics)
 
 

@@ -433,7 +433,7 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
             tracker.log_history(run_id, logs["history"], evaluations)
             tracker.log_artifact(run_id, curves)
         raise rejection(verdict)
-    progress(f"[fip] acceptance on D_val: {verdict.reason}")
+    progress(f"[fip] purified model accepted: {verdict.reason}")
     if cfg.analysis.esd_samples and cfg.analysis.esd_steps:
         progress(f"[fip] analysis: Hessian spectral density of both models on {cfg.analysis.esd_samples} samples")
     esd = spectral_analysis(plan.suspect.model, purified, plan.clean, cfg.analysis, cfg.purify.seed,

@@ -137,7 +137,6 @@ def plan_job(cfg: JobConfig) -> JobPlan:
                       run={"work_dir": run.work_dir if is_s3(run.work_dir) else str(Path(run.work_dir).resolve()),
                            "run_name": run.run_name or f"{cfg.purify.method}-{time.strftime('%Y%m%d-%H%M%S')}"
                                                        f"-{uuid.uuid4().hex[:6]}"})
-    check_local_cpus(cfg.resources)
     store = Storage(cfg.storage)
     cache_dir = str(local_root(cfg.run.work_dir) / "cache")
     suspect = load_model(store.fetch(cfg.inputs.model, cache_dir))
@@ -167,6 +166,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
             from safetensors.torch import load_file
 
             tensors = load_file(store.fetch(record["trigger_path"], cache_dir))
+    check_local_cpus(cfg.resources)  # after the inputs: a bad file is the first thing to fix on any machine
     work = join(cfg.run.work_dir, cfg.run.run_name)
     out_dir = Path(work) if not is_s3(work) else local_root(cfg.run.work_dir) / "jobs" / cfg.run.run_name
     context = StageContext(cfg, cfg.run.run_name, join(work, "fisher.safetensors"), cache_dir, record, tensors)

@@ -149,7 +149,6 @@ def plan_job(cfg: JobConfig) -> JobPlan:
         check_model_fits(spec, src.manifest, role, cfg.inputs.model)
     if "test" in sources:
         check_clean_is_not_test(sources["clean"], sources["test"], cfg.inputs.clean, cfg.inputs.test)
-    check_batch_fits(cfg.purify.batch_size, sources["clean"].total, cfg.inputs.clean)
     check_shards(sources, cfg.run.skip_corrupt)  # first samples, and whole small sets, before any worker starts
     if sources["clean"].total < cfg.resources.workers:
         raise JobError(f"{sources['clean'].total} clean samples cannot be split across {cfg.resources.workers} workers")
@@ -166,7 +165,9 @@ def plan_job(cfg: JobConfig) -> JobPlan:
             from safetensors.torch import load_file
 
             tensors = load_file(store.fetch(record["trigger_path"], cache_dir))
-    check_local_cpus(cfg.resources)  # after the inputs: a bad file is the first thing to fix on any machine
+    # what the job asks of the data and the machine, after the inputs: a bad file is the first thing to fix
+    check_batch_fits(cfg.purify.batch_size, sources["clean"].total, cfg.inputs.clean)
+    check_local_cpus(cfg.resources)
     work = join(cfg.run.work_dir, cfg.run.run_name)
     out_dir = Path(work) if not is_s3(work) else local_root(cfg.run.work_dir) / "jobs" / cfg.run.run_name
     context = StageContext(cfg, cfg.run.run_name, join(work, "fisher.safetensors"), cache_dir, record, tensors)

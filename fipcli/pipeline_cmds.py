@@ -263,10 +263,14 @@ def run_evaluate(args) -> int:
             path = store.fetch(args.model, tmp)
         loaded = load_model(path)
         model = loaded.model
-        test = None
-        if args.test not in DATASETS:
+        test = data = None
+        if args.test in DATASETS:
+            data = load_dataset(args.test, "test", args.root)
+            check_model_fits(loaded.spec, data.num_classes, data.shape, f"{args.test} test images", args.model)
+        else:
             test = open_shards(args.test, store)
-            check_model_fits(loaded.spec, test.manifest, "test", args.model)
+            check_model_fits(loaded.spec, test.manifest.num_classes, test.manifest.image_shape, "test shards",
+                             args.model)
         attack = None
         if args.attack_record:
             record = json.loads(store.read_bytes(args.attack_record))
@@ -279,8 +283,7 @@ def run_evaluate(args) -> int:
 
                 tensors = load_file(store.fetch(record["trigger_path"], tmp))
             attack = attack_from_record(record, tensors)
-    if test is None:
-        data = load_dataset(args.test, "test", args.root)
+    if data is not None:
         metrics = evaluate_model(model, data.floats(), data.y, *((attack.trigger_floats, attack.target_of)
                                                                   if attack else (None, None)))
     else:

@@ -146,7 +146,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     if cfg.inputs.test:
         sources["test"] = open_shards(cfg.inputs.test, store)
     for role, src in sources.items():
-        check_model_fits(spec, src.manifest, role, cfg.inputs.model)
+        check_model_fits(spec, src.manifest.num_classes, src.manifest.image_shape, f"{role} shards", cfg.inputs.model)
     if "test" in sources:
         check_clean_is_not_test(sources["clean"], sources["test"], cfg.inputs.clean, cfg.inputs.test)
     check_shards(sources, cfg.run.skip_corrupt)  # first samples, and whole small sets, before any worker starts

@@ -12,10 +12,11 @@ workers' own reader (the same checks, :func:`pipeline.shards.iter_range`), whose
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from fip.models import ModelSpec
-from pipeline.shards import ShardManifest, ShardSource, iter_range
+from pipeline.shards import ShardSource, iter_range
 
 
 class JobError(ValueError):
@@ -52,17 +53,18 @@ def _read(source: ShardSource, start: int, stop: int) -> None:
         pass
 
 
-def check_model_fits(spec: ModelSpec, manifest: ShardManifest, role: str, model: str) -> None:
-    """Refuse shards the model cannot read, in one line: another number of classes (labels out of its range, or
+def check_model_fits(spec: ModelSpec, num_classes: int, image_shape: Sequence[int], role: str, model: str) -> None:
+    """Refuse data the model cannot read, in one line: another number of classes (labels out of its range, or
     a silently wrong accuracy), channels or image size (a convolution error deep in a worker). Every command
-    that runs a model on shards calls this first: purify, evaluate and tune."""
-    channels, size = int(manifest.image_shape[0]), list(manifest.image_shape[1:])
-    if manifest.num_classes != spec.num_classes:
-        raise JobError(f"{role} shards have {manifest.num_classes} classes but the model {model} has {spec.num_classes}")
-    if channels != spec.in_channels or size != [spec.image_size, spec.image_size]:
-        raise JobError(f"{role} shards hold {tuple(manifest.image_shape)} images but the model {model} expects "
-                       f"{(spec.in_channels, spec.image_size, spec.image_size)} ({spec.in_channels} channel(s), "
-                       f"{spec.image_size}x{spec.image_size})")
+    that runs a model on data calls this first (purify, evaluate, tune), with a shard manifest's
+    ``num_classes`` and ``image_shape`` (what its readers yield), or a data set's."""
+    shape = tuple(int(v) for v in image_shape)
+    expected = (spec.in_channels, spec.image_size, spec.image_size)
+    if num_classes != spec.num_classes:
+        raise JobError(f"{role} have {num_classes} classes but the model {model} has {spec.num_classes}")
+    if shape != expected:
+        raise JobError(f"{role} hold {shape} images but the model {model} expects {expected} "
+                       f"({spec.in_channels} channel(s), {spec.image_size}x{spec.image_size})")
 
 
 def check_clean_is_not_test(clean: ShardSource, test: ShardSource, clean_url: str, test_url: str) -> None:

@@ -326,10 +326,10 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     loaded = _suspect_loaded(base)
     inputs = base.inputs
     clean = open_shards(inputs.clean, store)
-    check_model_fits(loaded.spec, clean.manifest, "clean", inputs.model)
+    check_model_fits(loaded.spec, clean.manifest.num_classes, clean.manifest.image_shape, "clean shards", inputs.model)
     if inputs.test:
         test = open_shards(inputs.test, store)
-        check_model_fits(loaded.spec, test.manifest, "test", inputs.model)
+        check_model_fits(loaded.spec, test.manifest.num_classes, test.manifest.image_shape, "test shards", inputs.model)
         check_clean_is_not_test(clean, test, inputs.clean, inputs.test)
     if inputs.attack_record:
         warning = check_record_belongs(loaded.metadata, json.loads(store.read_bytes(inputs.attack_record)),

@@ -75,6 +75,8 @@ def _job(command: str, tmp: Path, model: str, clean: str, *extra: str) -> list[s
 def _compat(case: str, lab: Lab, inputs) -> tuple[list[str], tuple[str, ...]]:
     if case == "evaluate: 5-class model on 10-class shards":
         return ["evaluate", "--model", lab.five_classes, "--test", inputs.test], ("10 classes", "has 5")
+    if case == "evaluate: 5-class model on the digits data set":
+        return ["evaluate", "--model", lab.five_classes, "--test", "digits"], ("digits test images", "10 classes", "has 5")
     if case == "evaluate: 1-channel model on 3-channel shards":
         return ["evaluate", "--model", inputs.model, "--test", lab.rgb_test], ("(3, 8, 8)", "(1, 8, 8)")
     if case == "evaluate: 3-channel model on 1-channel shards":
@@ -90,7 +92,8 @@ def _compat(case: str, lab: Lab, inputs) -> tuple[list[str], tuple[str, ...]]:
     raise AssertionError(case)
 
 
-COMPAT = ["evaluate: 5-class model on 10-class shards", "evaluate: 1-channel model on 3-channel shards",
+COMPAT = ["evaluate: 5-class model on 10-class shards", "evaluate: 5-class model on the digits data set",
+          "evaluate: 1-channel model on 3-channel shards",
           "evaluate: 3-channel model on 1-channel shards", "purify: 1-channel model, 3-channel test shards",
           "tune: 5-class model on 10-class D_val", "tune: 1-channel model, 3-channel test shards"]
 

@@ -68,7 +68,7 @@ class StageError(RuntimeError):
     """A stage failed in its workers; the message names the stage, the rank and the root cause in one line."""
 
 
-def _root_cause(error: BaseException) -> BaseException:
+def root_cause(error: BaseException) -> BaseException:
     """The user-code exception inside Ray's wrappers (RayTaskError, WorkerGroupError, ...)."""
     seen = set()
     while id(error) not in seen:
@@ -86,7 +86,7 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def stage_error(name: str, error: BaseException) -> StageError:
     failures = getattr(error, "worker_failures", None) or {}
-    cause = _root_cause(error)
+    cause = root_cause(error)
     lines = str(cause).strip().splitlines()
     where = f" on rank {min(failures)}" if failures else ""
     return StageError(f"stage {name} failed{where}: {type(cause).__name__}: {lines[0] if lines else ''}")
@@ -123,6 +123,11 @@ class JobResult:
     config: JobConfig | None = None
 
 
+def absolute_inputs(cfg: JobConfig) -> JobConfig:
+    """`cfg` with its local input paths absolute: a Tune trial or a Ray worker runs in another folder."""
+    return cfg.replace(inputs={k: _absolute(v) for k, v in vars(cfg.inputs).items()})
+
+
 def _absolute(url: str | None) -> str | None:
     if url is None or "://" in url:
         return url
@@ -132,11 +137,10 @@ def _absolute(url: str | None) -> str | None:
 def plan_job(cfg: JobConfig) -> JobPlan:
     """Refuse mismatched inputs before Ray starts (model vs shards: classes, image shape; sizes) and
     resolve every path the workers will need, so they receive one self-contained config."""
-    inputs, run = cfg.inputs, cfg.run
-    cfg = cfg.replace(inputs={k: _absolute(v) for k, v in vars(inputs).items()},
-                      run={"work_dir": run.work_dir if is_s3(run.work_dir) else str(Path(run.work_dir).resolve()),
-                           "run_name": run.run_name or f"{cfg.purify.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-                                                       f"-{uuid.uuid4().hex[:6]}"})
+    run = cfg.run
+    cfg = absolute_inputs(cfg).replace(
+        run={"work_dir": run.work_dir if is_s3(run.work_dir) else str(Path(run.work_dir).resolve()),
+             "run_name": run.run_name or f"{cfg.purify.method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"})
     store = Storage(cfg.storage)
     cache_dir = str(local_root(cfg.run.work_dir) / "cache")
     suspect = load_model(store.fetch(cfg.inputs.model, cache_dir))

@@ -357,14 +357,15 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     """Run (or with `resume`, continue) the sweep; returns every trial, the winner and its registry URI."""
     from ray import tune
 
-    from pipeline.driver import check_local_cpus, ensure_ray
+    from pipeline.driver import absolute_inputs, check_local_cpus, ensure_ray
 
     t0 = time.perf_counter()
     _check_store(base, cfg)
     check_local_cpus(base.resources, cfg.trial_cpus, "trial_cpus")
     if is_s3(base.run.work_dir):
         raise ConfigError("a sweep needs a local run.work_dir (its Tune state lives there); inputs may be on S3")
-    base = base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())})
+    # the trials run in Tune's own folders: relative input paths would not be found there
+    base = absolute_inputs(base).replace(run={"work_dir": str(Path(base.run.work_dir).resolve())})
     sweep_dir = Path(base.run.work_dir) / cfg.name
     state_file = sweep_dir / "sweep.json"
     tune_dir = str(sweep_dir / "tune")
@@ -436,8 +437,23 @@ def collect(grid) -> list[dict]:
         for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds"):
             if k in m:
                 row[k] = m[k]
+        if r.error is not None:
+            row["error"] = _one_line(r.error)
         rows.append(row)
     return sorted(rows, key=lambda t: t["trial_id"])
+
+
+def _one_line(error: BaseException) -> str:
+    """A failed trial's root cause (inside Ray's wrappers) in one line, e.g. the acceptance check's verdict."""
+    from pipeline.driver import root_cause
+
+    cause = root_cause(error)
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+class NoWinner(ValueError):
+    """No trial of the sweep finished: nothing to register."""
 
 
 def choose_winner(trials: list[dict]) -> dict | None:
@@ -477,7 +493,12 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                                          **({"spearman_objective_der": rho} if rho is not None and math.isfinite(rho)
                                             else {})})
             tracker.set_tags(parent, {"winner_trial": winner["trial_id"], "winner_run_id": winner.get("child_run_id", "")})
-    refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if winner and cfg.refit else None
+    if winner is None:
+        failed = [t for t in trials if t["status"] == "ERROR"]
+        raise NoWinner(f"sweep {cfg.name}: no trial finished ({len(failed)} of {len(trials)} failed), nothing registered"
+                       + (f"; trial {failed[0]['trial_id']}: {failed[0].get('error', '?')}" if failed else "")
+                       + f" (table: {table})")
+    refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None
     if tracker is not None and parent is not None and winner:
         if cfg.register_as and (refit is not None or winner.get("child_run_id")):
             model_uri = _register_winner(tracker, base, cfg, winner, parent, progress, refit)

@@ -164,6 +164,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     from ray import tune
 
     from fip.io import load_model
+    from pipeline.acceptance import PurificationRejected
     from pipeline.driver import run_job
 
     trial_id = tune.get_context().get_trial_id()
@@ -176,7 +177,11 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
         run={"work_dir": ctx.jobs_dir, "run_name": f"{ctx.sweep}-{trial_id}", "checkpoint_every": ctx.report_every},
         tracking={"register_as": None},
     )
-    result = run_job(cfg, parent_run_id=ctx.parent_run_id, callbacks=[_report_callback(ctx, purify)])
+    try:
+        result = run_job(cfg, parent_run_id=ctx.parent_run_id, callbacks=[_report_callback(ctx, purify)])
+    except PurificationRejected as e:  # the acceptance check refused the model: a trial that ends, and cannot win
+        tune.report({"objective": -math.inf, "rejected": str(e), "step": cfg.purify.iterations})
+        return
     purified = load_model(result.purified_path).model
     metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
     if ctx.test and ctx.attack_record:
@@ -233,7 +238,8 @@ class LiveTable:
                 table.update(trial, result, "RUNNING")
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                table.update(trial, trial.last_result or {}, "DONE", force=True)
+                last = trial.last_result or {}
+                table.update(trial, last, "REJECTED" if "rejected" in last else "DONE", force=True)
                 table.finished += 1
                 if table.interrupt_after is not None and table.finished >= table.interrupt_after:
                     table.interrupt_after = None
@@ -427,14 +433,17 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
 
 
 def collect(grid) -> list[dict]:
-    """One row per trial: its settings, last metrics, and whether it finished (DONE) or was stopped."""
+    """One row per trial: its settings, last metrics, and whether it finished (DONE), was stopped, failed
+    (ERROR, with its root cause) or had its model refused by the acceptance check (REJECTED, with the verdict)."""
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
         done = "purified" in m and r.error is None
-        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "DONE" if done else
-               ("ERROR" if r.error is not None else "STOPPED"), **{f"p.{k}": v for k, v in (r.config or {}).items()}}
-        for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds"):
+        status = ("DONE" if done else "REJECTED" if "rejected" in m else "ERROR" if r.error is not None else "STOPPED")
+        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status,
+               **{f"p.{k}": v for k, v in (r.config or {}).items()}}
+        for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds",
+                  "rejected"):
             if k in m:
                 row[k] = m[k]
         if r.error is not None:
@@ -494,10 +503,10 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                                             else {})})
             tracker.set_tags(parent, {"winner_trial": winner["trial_id"], "winner_run_id": winner.get("child_run_id", "")})
     if winner is None:
-        failed = [t for t in trials if t["status"] == "ERROR"]
-        raise NoWinner(f"sweep {cfg.name}: no trial finished ({len(failed)} of {len(trials)} failed), nothing registered"
-                       + (f"; trial {failed[0]['trial_id']}: {failed[0].get('error', '?')}" if failed else "")
-                       + f" (table: {table})")
+        failed = [t for t in trials if t["status"] in ("ERROR", "REJECTED")]
+        why = f"; trial {failed[0]['trial_id']}: {failed[0].get('rejected') or failed[0].get('error', '?')}" if failed else ""
+        raise NoWinner(f"sweep {cfg.name}: no trial finished with an accepted model ({len(failed)} of {len(trials)} "
+                       f"failed or rejected), nothing registered{why} (table: {table})")
     refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None
     if tracker is not None and parent is not None and winner:
         if cfg.register_as and (refit is not None or winner.get("child_run_id")):

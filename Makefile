@@ -5,7 +5,7 @@ BIN       := $(VENV)/bin
 FMNIST    ?= /usr/share/datasets/fashion-mnist
 STAMP     := $(VENV)/.installed
 
-.PHONY: setup test test-heavy demo bench lint clean reliability
+.PHONY: setup test test-avx2 test-heavy demo bench lint clean reliability
 
 setup: $(STAMP) data
 
@@ -26,12 +26,19 @@ data:
 	  else echo "Fashion-MNIST IDX files missing under $(FMNIST) and no apt-get: pass their folder with --root"; fi; \
 	fi
 
+# each test runs in a pytest-xdist worker process: a test that kills its process (a crash in a native kernel)
+# is reported as one failed test, and the rest still run
 test: setup
-	$(BIN)/python -m pytest -q -m "not heavy"
+	$(BIN)/python -m pytest -q -n 1 -m "not heavy"
+
+# the numerics-sensitive tests again on the AVX2 code path of torch's and oneDNN's CPU kernels, as on a CPU
+# without AVX-512 (.ci/run runs it after `make test`; docs/stack-notes.md)
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -n 1 -m "numerics and not heavy"
 
 # the Ray Tune sweeps and the cluster submission end to end (several minutes each on 2 cores)
 test-heavy: setup
-	$(BIN)/python -m pytest -q -m heavy
+	$(BIN)/python -m pytest -q -n 1 -m heavy
 
 # every bad-input, fault, concurrency and secret case (slow ones included) -> benchmarks/results/reliability.md
 reliability: setup

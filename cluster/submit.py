@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import JobConfig
+from pipeline.storage import absolute_url
 
 # never uploaded: environments, outputs, caches and history (Ray also skips what .gitignore lists)
 EXCLUDES = (".venv", "venv", "runs", ".cache", ".git", "__pycache__", "*.egg-info", ".pytest_cache",
@@ -64,12 +65,6 @@ def _strings(data: dict, prefix: str = "") -> Iterable[tuple[str, str]]:
             yield f"{prefix}{k}", v
 
 
-def _absolute_local(url: str | None, cwd: Path) -> str | None:
-    if url is None or "://" in url:
-        return url
-    return str((cwd / url).resolve())
-
-
 @dataclass
 class Submission:
     """One job to send: its entrypoint, its runtime environment, and the files that travel beside the code."""
@@ -107,8 +102,8 @@ def purify_submission(cfg: JobConfig, working_dir: Path, pip: Sequence[str] = ()
                           "http://HOST:PORT (or set MLFLOW_TRACKING_URI), or --log-to-mlflow false")
     run = cfg.run
     cfg = cfg.replace(
-        inputs={k: _absolute_local(v, cwd) for k, v in vars(cfg.inputs).items()},
-        run={"work_dir": _absolute_local(run.work_dir, cwd), "storage_path": _absolute_local(run.storage_path, cwd),
+        inputs={k: absolute_url(v, cwd) for k, v in vars(cfg.inputs).items()},
+        run={"work_dir": absolute_url(run.work_dir, cwd), "storage_path": absolute_url(run.storage_path, cwd),
              "run_name": run.run_name or submission_id},
         resources={"address": "auto"},  # inside a Ray job: the cluster that runs it
     )

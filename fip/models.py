@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fip.kernels import guard_cpu_convolutions
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -310,9 +312,10 @@ def parameter_count(spec: ModelSpec) -> int:
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Instantiate `spec.arch` from the registry, after checking on the meta device that it is not absurdly
-    large (a spec from a file could otherwise ask for petabytes)."""
+    large (a spec from a file could otherwise ask for petabytes); its convolutions get the CPU layout guard
+    (:mod:`fip.kernels`)."""
     n = parameter_count(spec)
     if n > MAX_PARAMETERS:
         raise ValueError(f"model spec {spec.arch} (num_classes {spec.num_classes}, width {spec.width:g}) would have "
                          f"{n:,} parameters; refusing more than {MAX_PARAMETERS:,}")
-    return ARCHITECTURES[spec.arch](spec)
+    return guard_cpu_convolutions(ARCHITECTURES[spec.arch](spec))

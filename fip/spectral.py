@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fip.kernels import cpu_default_layout
+
 SHIFTABLE = (nn.Conv2d, nn.Linear)
 
 
@@ -38,8 +40,8 @@ class SpectralShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.shifted_weight()
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)
+        if isinstance(self.layer, nn.Conv2d):  # the layer's own forward hooks do not run here: guard the input
+            return self.layer._conv_forward(cpu_default_layout(x), w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
 
 

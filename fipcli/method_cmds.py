@@ -27,11 +27,12 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from fip.io import check_finite_weights, load_model
+    from fip.io import check_finite_weights
     from fip.smoothness import plot_spectral_density, smoothness_report
     from lab.datasets import load_dataset
+    from pipeline.transforms import load_model_for_data
 
-    loaded = load_model(args.model)
+    loaded = load_model_for_data(args.model)
     check_finite_weights(loaded.model, args.model)
     data = load_dataset(args.dataset, "train", args.root)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.samples]

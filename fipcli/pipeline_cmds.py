@@ -247,12 +247,12 @@ def run_evaluate(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from fip.io import load_model
     from lab.backdoor import attack_from_record, check_record_belongs
     from lab.datasets import DATASETS, load_dataset
     from lab.metrics import evaluate_model
     from pipeline.evaluation import evaluate_shards
     from pipeline.shards import open_shards
+    from pipeline.transforms import load_model_for_data
     from pipeline.validation import check_model_fits
 
     store = store_from_args(args)
@@ -261,7 +261,7 @@ def run_evaluate(args) -> int:
             path = tracker_from_args(args).download_safetensors(args.model, Path(tmp) / "model.safetensors")
         else:
             path = store.fetch(args.model, tmp)
-        loaded = load_model(path)
+        loaded = load_model_for_data(path)
         model = loaded.model
         test = data = None
         if args.test in DATASETS:

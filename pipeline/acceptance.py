@@ -27,7 +27,6 @@ from torch.nn import functional as F
 from fip.io import LoadedModel
 from pipeline.config import AcceptanceSettings
 from pipeline.shards import ShardSource, read_all
-from pipeline.transforms import Normalization, attach_normalization
 
 
 class PurificationRejected(ValueError):
@@ -47,10 +46,10 @@ class Verdict:
 
 @torch.no_grad()
 def dval_fit(loaded: LoadedModel, clean: ShardSource, limit: int | None) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of a model on the first `limit` D_val samples, on the CPU, with the
-    input normalisation its metadata records (on a copy: the caller's model is left as it was)."""
-    model: nn.Module = attach_normalization(copy.deepcopy(loaded.model).cpu().eval(),
-                                            Normalization.from_metadata(loaded.metadata))
+    """Accuracy and mean cross-entropy of a model on the first `limit` D_val samples, on the CPU (on a copy: the
+    caller's model stays where it is). The model is loaded as :func:`pipeline.transforms.load_model_for_data`
+    loads it: it normalises its ``[0, 1]`` inputs itself."""
+    model: nn.Module = copy.deepcopy(loaded.model).cpu().eval()
     x, y, _ = read_all(clean, limit=limit)
     correct, ce = 0.0, 0.0
     for i in range(0, len(y), 256):
@@ -72,7 +71,8 @@ def _non_finite_weight(model: nn.Module) -> str | None:
 
 def judge_purified(suspect: LoadedModel, purified: LoadedModel, clean: ShardSource, settings: AcceptanceSettings,
                    history: Iterable[dict] = ()) -> Verdict:
-    """The verdict on `purified` (see the module docstring); its metrics are the D_val measurements made."""
+    """The verdict on `purified` (see the module docstring); its metrics are the D_val measurements made. Both
+    models as :func:`pipeline.transforms.load_model_for_data` loads them."""
     bad = _diverged_step(history)
     if bad is not None:
         terms = ", ".join(f"{k} {v}" for k, v in bad.items() if k != "step")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from fip.io import LoadedModel, check_finite_weights, load_model
+from fip.io import LoadedModel, check_finite_weights
 from lab.backdoor import check_record_belongs
 from pipeline.acceptance import judge_purified, rejection
 from pipeline.analysis import plot_curves, spectral_analysis
@@ -34,8 +34,9 @@ from pipeline.config import JobConfig, Resources, RunSettings
 from pipeline.progress import ProgressRelay
 from pipeline.shards import ShardSource, open_shards
 from pipeline.stages import StageContext, fisher_stage, purify_stage
-from pipeline.storage import Storage, is_s3, join
+from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Registered, Tracker, default_tracking_uri, local_root
+from pipeline.transforms import load_model_for_data
 from pipeline.validation import (
     JobError,
     check_batch_fits,
@@ -84,12 +85,17 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def stage_error(name: str, error: BaseException) -> StageError:
-    failures = getattr(error, "worker_failures", None) or {}
+def describe_cause(error: BaseException) -> str:
+    """The root cause of a failure inside Ray's wrappers on one line: its type and its message's first line."""
     cause = root_cause(error)
     lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def stage_error(name: str, error: BaseException) -> StageError:
+    failures = getattr(error, "worker_failures", None) or {}
     where = f" on rank {min(failures)}" if failures else ""
-    return StageError(f"stage {name} failed{where}: {type(cause).__name__}: {lines[0] if lines else ''}")
+    return StageError(f"stage {name} failed{where}: {describe_cause(error)}")
 
 
 @dataclass
@@ -123,27 +129,17 @@ class JobResult:
     config: JobConfig | None = None
 
 
-def absolute_inputs(cfg: JobConfig) -> JobConfig:
-    """`cfg` with its local input paths absolute: a Tune trial or a Ray worker runs in another folder."""
-    return cfg.replace(inputs={k: _absolute(v) for k, v in vars(cfg.inputs).items()})
-
-
-def _absolute(url: str | None) -> str | None:
-    if url is None or "://" in url:
-        return url
-    return str(Path(url).resolve())
-
-
 def plan_job(cfg: JobConfig) -> JobPlan:
     """Refuse mismatched inputs before Ray starts (model vs shards: classes, image shape; sizes) and
     resolve every path the workers will need, so they receive one self-contained config."""
-    run = cfg.run
-    cfg = absolute_inputs(cfg).replace(
-        run={"work_dir": run.work_dir if is_s3(run.work_dir) else str(Path(run.work_dir).resolve()),
-             "run_name": run.run_name or f"{cfg.purify.method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"})
+    inputs, run = cfg.inputs, cfg.run
+    cfg = cfg.replace(inputs={k: absolute_url(v) for k, v in vars(inputs).items()},
+                      run={"work_dir": run.work_dir if is_s3(run.work_dir) else str(Path(run.work_dir).resolve()),
+                           "run_name": run.run_name or f"{cfg.purify.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+                                                       f"-{uuid.uuid4().hex[:6]}"})
     store = Storage(cfg.storage)
     cache_dir = str(local_root(cfg.run.work_dir) / "cache")
-    suspect = load_model(store.fetch(cfg.inputs.model, cache_dir))
+    suspect = load_model_for_data(store.fetch(cfg.inputs.model, cache_dir))
     check_finite_weights(suspect.model, cfg.inputs.model)
     spec = suspect.spec
     sources = {"clean": open_shards(cfg.inputs.clean, store)}
@@ -426,7 +422,7 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     evaluations = (start_eval if len(start_eval[0]) > 1 else []) + logs["evaluations"]
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
     purified_path = plan.out_dir / "purified.safetensors"
-    loaded = load_model(purified_path)
+    loaded = load_model_for_data(purified_path)
     purified = loaded.model
     verdict = judge_purified(plan.suspect, loaded, plan.clean, cfg.acceptance, logs["history"])
     metrics.update(verdict.metrics)

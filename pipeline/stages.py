@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
-from fip.io import LoadedModel, load_model, save_model
+from fip.io import LoadedModel, save_model
 from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, prepare_model
 from fip.training import augment_batch, derive_seed, generator
 from lab.attacks import Attack
@@ -46,9 +46,8 @@ from pipeline.storage import Storage
 from pipeline.transforms import (
     NORMALIZATION_KEY,
     TRANSFORM_KEY,
-    Normalization,
-    attach_normalization,
     batch_to_device,
+    load_model_for_data,
     mixed_precision,
     prepare_for_device,
 )
@@ -97,9 +96,7 @@ class StageContext:
     def suspect(self) -> LoadedModel:
         """The suspect model; one whose metadata records an input normalisation applies it itself,
         so shards, transforms and triggers all stay in [0, 1]."""
-        loaded = load_model(self.store.fetch(self.job.inputs.model, self.cache_dir))
-        attach_normalization(loaded.model, Normalization.from_metadata(loaded.metadata))
-        return loaded
+        return load_model_for_data(self.store.fetch(self.job.inputs.model, self.cache_dir))
 
     def test_shards(self) -> ShardSource | None:
         return open_shards(self.job.inputs.test, self.store) if self.job.inputs.test else None

@@ -170,6 +170,15 @@ class Storage:
         return local
 
 
+def absolute_url(url: str | None, cwd: str | Path | None = None) -> str | None:
+    """A local path made absolute (against `cwd`, default the current folder); URLs (``s3://``...) and None
+    as they are. Work that runs elsewhere (Ray workers, Tune trials in their own folders, a cluster) must
+    not resolve a relative path against its own working folder."""
+    if url is None or "://" in url:
+        return url
+    return str((Path(cwd) if cwd is not None else Path.cwd()).joinpath(url).resolve())
+
+
 def join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}"
 

@@ -22,11 +22,14 @@ import contextlib
 import io
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+from fip.io import LoadedModel, load_model
 
 EVAL_CROP_FRACTION = 0.875  # centre crop over resize: 224 of 256, the usual ImageNet evaluation
 NORMALIZATION_KEY = "input_normalization"
@@ -240,6 +243,16 @@ def attach_normalization(model: nn.Module, norm: Normalization | None) -> nn.Mod
     if norm is not None:
         model.register_forward_pre_hook(_NormalizeInput(norm))
     return model
+
+
+def load_model_for_data(path: str | Path) -> LoadedModel:
+    """A model file loaded as every caller meets data with it: the input normalisation its metadata records
+    (``input_normalization``) is applied by the model itself, so shards, triggers, probes and the registry
+    all feed it ``[0, 1]`` images. Every place that loads a suspect or purified model to run it goes
+    through here: a bare :func:`fip.io.load_model` would score a normalising model on un-normalised inputs."""
+    loaded = load_model(path)
+    attach_normalization(loaded.model, Normalization.from_metadata(loaded.metadata))
+    return loaded
 
 
 # ---------------------------------------------------------------- batches on the device

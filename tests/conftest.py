@@ -78,12 +78,8 @@ def ray_session(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def digits_lab(tmp_path_factory):
-    """A backdoored BN-free ViT on scikit-learn digits (BadNets 2x2 patch), with record and D_val."""
-    from lab.attacks import AttackConfig
-    from lab.backdoor import LabConfig, make_backdoored_model
-    from lab.train import TrainConfig
+    """The committed tiny suspect (tests/digits_lab.py): a BadNets-backdoored BN-free ViT on scikit-learn
+    digits (2x2 patch), with its record and D_val; the same files on every machine."""
+    from digits_lab import copy_to
 
-    out = tmp_path_factory.mktemp("digits-lab")
-    cfg = LabConfig(attack=AttackConfig("badnets", params={"size": 2}), dataset="digits", arch="vit-small",
-                    width=0.25, train=TrainConfig(epochs=25, batch_size=64, lr=0.05), clean_fraction=0.1)
-    return make_backdoored_model(cfg, out, progress=False)
+    return copy_to(tmp_path_factory.mktemp("digits-lab"))

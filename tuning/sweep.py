@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.storage import Storage, is_s3, join
+from pipeline.driver import StageError
+from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Tracker, check_store, default_tracking_uri, local_root
 from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
@@ -83,6 +84,10 @@ class SweepConfig:
             raise ConfigError(f"sweep name must be a non-empty folder name, got {self.name!r}")
 
 
+class NoTrialFinished(StageError):
+    """Every trial of a sweep failed or was stopped: nothing to choose or register; names the first failure."""
+
+
 @dataclass
 class SweepResult:
     trials: list[dict]
@@ -113,10 +118,10 @@ class TrialContext:
 
 # ---------------------------------------------------------------- inside a trial
 def _suspect(ctx: TrialContext):
-    from fip.io import load_model
+    from pipeline.transforms import load_model_for_data
 
     base = JobConfig.from_dict(ctx.base)
-    return load_model(Storage(base.storage).fetch(base.inputs.model, Path(ctx.jobs_dir) / "cache")).model
+    return load_model_for_data(Storage(base.storage).fetch(base.inputs.model, Path(ctx.jobs_dir) / "cache")).model
 
 
 def _objective_of_state(ctx: TrialContext, purify: dict, state: dict) -> dict:
@@ -163,9 +168,9 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     """One Tune trial: a pipeline job on dval-train with these purify settings, scored on dval-holdout."""
     from ray import tune
 
-    from fip.io import load_model
     from pipeline.acceptance import PurificationRejected
     from pipeline.driver import run_job
+    from pipeline.transforms import load_model_for_data
 
     trial_id = tune.get_context().get_trial_id()
     params = _plain(params)
@@ -182,7 +187,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     except PurificationRejected as e:  # the acceptance check refused the model: a trial that ends, and cannot win
         tune.report({"objective": -math.inf, "rejected": str(e), "step": cfg.purify.iterations})
         return
-    purified = load_model(result.purified_path).model
+    purified = load_model_for_data(result.purified_path).model
     metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
     if ctx.test and ctx.attack_record:
         metrics.update(_benchmark_metrics(ctx, base, purified))
@@ -218,9 +223,15 @@ def _benchmark_metrics(ctx: TrialContext, base: JobConfig, purified) -> dict:
 
 
 # ---------------------------------------------------------------- the driver side
+def one_store(base: JobConfig) -> JobConfig:
+    """`base` with its MLflow store spelled out: the sweep, every trial and the refit then write to that one
+    store. Left implicit, each job would derive it from its own work folder (a trial's is inside the sweep's),
+    and the sweep's parent run and its trials' runs would land in two SQLite files."""
+    return base.replace(tracking={"tracking_uri": base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir)})
+
+
 def _tracker(base: JobConfig) -> Tracker:
-    root = local_root(base.run.work_dir)
-    return Tracker(base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir), root / "mlartifacts")
+    return Tracker(one_store(base).tracking.tracking_uri, local_root(base.run.work_dir) / "mlartifacts")
 
 
 class LiveTable:
@@ -299,7 +310,7 @@ def _scheduler(cfg: SweepConfig, space: SearchSpace, base: JobConfig):
 
 def _check_store(base: JobConfig, cfg: SweepConfig) -> None:
     """The store is checked before D_val is split or Ray starts (the trials' Trackers check it again)."""
-    uri = base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir)
+    uri = one_store(base).tracking.tracking_uri
     if base.tracking.log_to_mlflow:
         check_store(uri)
     if base.tracking.log_to_mlflow and uri.startswith("sqlite:") and cfg.max_concurrent > 1:
@@ -363,15 +374,16 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     """Run (or with `resume`, continue) the sweep; returns every trial, the winner and its registry URI."""
     from ray import tune
 
-    from pipeline.driver import absolute_inputs, check_local_cpus, ensure_ray
+    from pipeline.driver import check_local_cpus, ensure_ray
 
     t0 = time.perf_counter()
     _check_store(base, cfg)
     check_local_cpus(base.resources, cfg.trial_cpus, "trial_cpus")
     if is_s3(base.run.work_dir):
         raise ConfigError("a sweep needs a local run.work_dir (its Tune state lives there); inputs may be on S3")
-    # the trials run in Tune's own folders: relative input paths would not be found there
-    base = absolute_inputs(base).replace(run={"work_dir": str(Path(base.run.work_dir).resolve())})
+    # trials run in Tune's own folders: every local path is made absolute here, where the user typed it
+    base = one_store(base.replace(run={"work_dir": str(Path(base.run.work_dir).resolve())},
+                                  inputs={k: absolute_url(v) for k, v in vars(base.inputs).items()}))
     sweep_dir = Path(base.run.work_dir) / cfg.name
     state_file = sweep_dir / "sweep.json"
     tune_dir = str(sweep_dir / "tune")
@@ -435,6 +447,8 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
 def collect(grid) -> list[dict]:
     """One row per trial: its settings, last metrics, and whether it finished (DONE), was stopped, failed
     (ERROR, with its root cause) or had its model refused by the acceptance check (REJECTED, with the verdict)."""
+    from pipeline.driver import describe_cause
+
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
@@ -442,27 +456,14 @@ def collect(grid) -> list[dict]:
         status = ("DONE" if done else "REJECTED" if "rejected" in m else "ERROR" if r.error is not None else "STOPPED")
         row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status,
                **{f"p.{k}": v for k, v in (r.config or {}).items()}}
+        if r.error is not None:
+            row["error"] = describe_cause(r.error)
         for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds",
                   "rejected"):
             if k in m:
                 row[k] = m[k]
-        if r.error is not None:
-            row["error"] = _one_line(r.error)
         rows.append(row)
     return sorted(rows, key=lambda t: t["trial_id"])
-
-
-def _one_line(error: BaseException) -> str:
-    """A failed trial's root cause (inside Ray's wrappers) in one line, e.g. the acceptance check's verdict."""
-    from pipeline.driver import root_cause
-
-    cause = root_cause(error)
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
-
-
-class NoWinner(ValueError):
-    """No trial of the sweep finished: nothing to register."""
 
 
 def choose_winner(trials: list[dict]) -> dict | None:
@@ -503,17 +504,20 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                                             else {})})
             tracker.set_tags(parent, {"winner_trial": winner["trial_id"], "winner_run_id": winner.get("child_run_id", "")})
     if winner is None:
-        failed = [t for t in trials if t["status"] in ("ERROR", "REJECTED")]
-        why = f"; trial {failed[0]['trial_id']}: {failed[0].get('rejected') or failed[0].get('error', '?')}" if failed else ""
-        raise NoWinner(f"sweep {cfg.name}: no trial finished with an accepted model ({len(failed)} of {len(trials)} "
-                       f"failed or rejected), nothing registered{why} (table: {table})")
+        failed = [t for t in trials if t["status"] == "ERROR"]
+        rejected = [t for t in trials if t["status"] == "REJECTED"]  # by the acceptance check (pipeline.acceptance)
+        first = (failed + rejected)[:1]
+        raise NoTrialFinished(f"sweep {cfg.name}: none of its {len(trials)} trials finished ({len(failed)} failed"
+                              + (f", {len(rejected)} rejected" if rejected else "")
+                              + (f"; trial {first[0]['trial_id']}: {first[0].get('error') or first[0].get('rejected')}"
+                                 if first else "")
+                              + f"); the table is in {table}")
     refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None
-    if tracker is not None and parent is not None and winner:
+    if tracker is not None and parent is not None:
         if cfg.register_as and (refit is not None or winner.get("child_run_id")):
             model_uri = _register_winner(tracker, base, cfg, winner, parent, progress, refit)
-    if winner:
-        progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
-                 + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))
+    progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
+             + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))
     return SweepResult(trials, winner, parent, model_uri, table, plot, time.perf_counter() - t0,
                        refit.run_id if refit is not None else None)
 
@@ -539,14 +543,14 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
                      progress: Progress, refit=None) -> str:
     """Register the refit model from its own run (or, without a refit, the winner's purified file from the
     trial's child run), tagged with the sweep, the trial and the trial's objective."""
-    from fip.io import load_model
     from pipeline.acceptance import judge_purified, rejection
     from pipeline.driver import metric_tags
     from pipeline.shards import open_shards
+    from pipeline.transforms import load_model_for_data
 
     path = Path(refit.purified_path if refit is not None else winner["purified"])
     run_id = refit.run_id if refit is not None else winner["child_run_id"]
-    loaded = load_model(path)
+    loaded = load_model_for_data(path)
     # the same acceptance check as every job's (pipeline.acceptance), on all of D_val, before any alias moves
     history = path.parent / "history.json"
     verdict = judge_purified(_suspect_loaded(base), loaded, open_shards(base.inputs.clean, Storage(base.storage)),
@@ -575,9 +579,10 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
 
 
 def _suspect_loaded(base: JobConfig):
-    from fip.io import load_model
+    """The suspect as every caller runs it (its input normalisation applied by itself)."""
+    from pipeline.transforms import load_model_for_data
 
-    return load_model(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
+    return load_model_for_data(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
 
 
 def sweep_summary(result: SweepResult) -> dict:

@@ -1,11 +1,14 @@
 """The diagonal Fisher against independent computations: a per-sample loop and a closed form."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fip.fisher import FisherDiag, fisher_diag, per_sample_grads, per_sample_grads_loop, trainable_params
 from fip.models import build_model
+
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
 
 
 def _loop_squared_grads(model, x, y):

@@ -3,6 +3,8 @@ import torch
 
 from fip.models import ARCHITECTURES, ModelSpec, build_model
 
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
+
 
 @pytest.mark.parametrize(
     "spec",

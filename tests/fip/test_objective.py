@@ -18,6 +18,8 @@ from fip.objective import (
     trace_penalty_signed,
 )
 
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
+
 
 class TinyConvNet(nn.Module):
     def __init__(self):

@@ -9,6 +9,8 @@ from toy import acc_asr, blobs, train_backdoored
 from fip.fisher import fisher_diag
 from fip.purify import NonFiniteLossError, PurifyConfig, purify
 
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
+
 
 def test_fip_lowers_fisher_trace_and_trigger_success_while_accuracy_holds(one_thread):
     model = train_backdoored()

@@ -14,6 +14,8 @@ from fip.smoothness import (
     spectral_density,
 )
 
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
+
 
 @pytest.fixture
 def least_squares():

@@ -18,6 +18,8 @@ from torch.func import functional_call
 
 from fip.smoothness import Estimate, HessianOperator, hessian_trace, smoothness_report
 
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
+
 
 def _tiny_mlp(seed: int = 0, n: int = 32):
     """A 6-8-3 tanh MLP on random data, its batch, and its exact (dense) Hessian."""

@@ -1,10 +1,13 @@
 """Fast FIP: the singular-value-shift form is exact at delta = 0, trains only shifts, and folds back."""
 
+import pytest
 import torch
 from torch import nn
 
 from fip.models import ModelSpec, build_model
 from fip.spectral import SpectralShift, count_trainable, fold_spectral_shift, to_spectral_shift
+
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
 
 
 def _spec(arch):

@@ -10,6 +10,8 @@ from lab.defenses import DEFENSES, CleanSet, DefenseError, run_defense
 from lab.defenses.common import most_aggressive_within
 from lab.defenses.ibau import implicit_hypergradient
 
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
+
 
 @pytest.fixture(scope="module")
 def digits_bn_lab(tmp_path_factory):

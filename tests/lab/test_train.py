@@ -1,11 +1,14 @@
 """The lab's attacker training: augmentation is applied when asked and names its own cached model."""
 
+import pytest
 import torch
 
 from fip.models import ModelSpec, build_model
 from lab.backdoor import LabConfig
 from lab.datasets import ImageSet
 from lab.train import TrainConfig, train_classifier
+
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
 
 
 def _data(n=64):

@@ -12,6 +12,8 @@ from tuning.objective import Holdout, ObjectiveWeights, fisher_trace, measure, s
 from tuning.report import spearman
 from tuning.space import SearchSpace
 
+pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
+
 
 def test_split_is_class_balanced_disjoint_and_seeded():
     y = torch.arange(10).repeat_interleave(20)

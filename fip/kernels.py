@@ -1,0 +1,43 @@
+"""A guard against a CPU kernel bug: oneDNN's convolution weight gradient on channels-last inputs.
+
+With torch 2.13.0 (oneDNN v3.12) on a CPU whose oneDNN code path is AVX2 (no AVX-512, or
+``ONEDNN_MAX_CPU_ISA=AVX2``), one intra-op thread, the weight gradient of a 1x1 stride-2 convolution
+whose input is channels-last (NHWC) with 1 to 6 input channels writes outside its buffers: the heap is
+corrupted and the process aborts later (``corrupted double-linked list``, ``free(): invalid pointer``) or,
+worse, goes on with wrong numbers. Every backward pass is exposed (training, the Fisher, FIP's
+``Tr(F)`` penalty, Hessian-vector products); channels-last inputs arise on their own, e.g. a
+one-channel batch sliced from ``(N, H, W, 1)`` memory. docs/stack-notes.md has the reproduction and
+the measured cost.
+
+:func:`guard_cpu_convolutions` hands every convolution of a model its CPU input in the default
+(NCHW) layout, where the bug does not occur; on a GPU channels-last stays as it is (it is what tensor
+cores want). The copy happens only for an input that is not already contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_GUARDED = "_fip_cpu_layout_guard"
+
+
+def cpu_default_layout(x: torch.Tensor) -> torch.Tensor:
+    """`x` in the default contiguous layout when it lives on the CPU; unchanged elsewhere or if already so."""
+    if x.device.type == "cpu" and not x.is_contiguous():
+        return x.contiguous()
+    return x
+
+
+def _pre_hook(module: nn.Module, args: tuple) -> tuple:
+    return (cpu_default_layout(args[0]), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
+
+
+def guard_cpu_convolutions(model: nn.Module) -> nn.Module:
+    """Register the layout guard on each convolution of `model` (once; it survives ``copy.deepcopy``)."""
+    for module in model.modules():
+        if isinstance(module, CONVOLUTIONS) and not getattr(module, _GUARDED, False):
+            module.register_forward_pre_hook(_pre_hook)
+            setattr(module, _GUARDED, True)
+    return model

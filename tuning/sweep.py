@@ -37,6 +37,7 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.driver import StageError
 from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Tracker, check_store, default_tracking_uri, local_root
+from pipeline.validation import check_batch_fits
 from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
@@ -336,7 +337,7 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     (train url, holdout url, holdout)."""
     from lab.backdoor import check_record_belongs
     from pipeline.shards import open_shards
-    from pipeline.validation import check_batch_fits, check_clean_is_not_test, check_model_fits
+    from pipeline.validation import check_clean_is_not_test, check_model_fits
     from tuning.holdout import read_holdout, write_split
 
     store = Storage(base.storage)
@@ -355,7 +356,6 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
             progress(f"[fip tune] {warning}")
     sweep_dir = join(base.run.work_dir, cfg.name)
     train_url, held_url = write_split(inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
-    check_batch_fits(base.purify.batch_size, open_count(train_url, store), f"{train_url} (the trials' share of D_val)")
     x, y = read_holdout(held_url, store)
     holdout = Holdout.from_suspect(loaded.model, x, y)
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
@@ -392,6 +392,9 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     if not resume and state_file.is_file():
         raise ValueError(f"sweep {cfg.name!r} already exists in {base.run.work_dir}: pass --resume or another --name")
     train_url, _held_url, holdout = prepare(base, cfg, progress)
+    # every trial trains on the train share: a batch larger than it is refused before Ray starts, as in plan_job
+    check_batch_fits(base.purify.batch_size, open_count(train_url, Storage(base.storage)),
+                     f"{train_url} (the trials' share of D_val)")
 
     tracker = _tracker(base) if base.tracking.log_to_mlflow else None
     parent = None

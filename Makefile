@@ -36,7 +36,8 @@ test: setup
 test-avx2: setup
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -n 1 -m "numerics and not heavy"
 
-# the Ray Tune sweeps and the cluster submission end to end (several minutes each on 2 cores)
+# the cluster submission end to end and the slowest reliability cases (two `fip purify` at once, the
+# secret grep, three stop signals): several minutes each on 2 cores. The sweeps run in `make test`.
 test-heavy: setup
 	$(BIN)/python -m pytest -q -n 1 -m heavy
 

@@ -147,7 +147,8 @@ def fisher_rate(device: str = "cuda", batch: int = 64, chunk: int = 32, steps: i
 def make_shards(folder: Path, images: int, classes: int, size: int, workers: int) -> Path:
     """A synthetic JPEG set (benchmarks.scale_bench) written as shards with the streaming writer."""
     from benchmarks.scale_bench import synthetic_imagenet
-    from pipeline.shard_writer import folder_source, write_source
+    from pipeline.shard_sources import folder_source
+    from pipeline.shard_writer import write_source
 
     root = synthetic_imagenet(folder / "inet", images, classes, size)
     dest = folder / "shards"
@@ -225,6 +226,7 @@ def _ray_worker(config: dict) -> None:
     """One Ray Train worker: FIP steps on synthetic device batches, DDP across the workers."""
     from fip.fisher import trainable_params
     from fip.purify import Purifier, PurifyConfig, prepare_model
+    from pipeline.artifacts import METRICS
     from pipeline.transforms import batch_to_device, mixed_precision, prepare_for_device
     from pipeline.workers import device, report, world, wrap_ddp
 
@@ -248,7 +250,7 @@ def _ray_worker(config: dict) -> None:
     _sync(dev)
     # Ray Train V2 keeps only metrics reported with a checkpoint (docs/stack-notes.md): rank 0 attaches one
     metrics = {"seconds": time.perf_counter() - t, "rank": rank}
-    report(metrics, {"metrics.json": json.dumps(metrics).encode()} if rank == 0 else None)
+    report(metrics, {METRICS: json.dumps(metrics).encode()} if rank == 0 else None)
 
 
 def ray_sharing(workers: tuple[int, ...] = (1, 2), use_gpu: bool = True, batch: int = 64, steps: int = 10,

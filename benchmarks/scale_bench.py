@@ -72,7 +72,8 @@ def _write_in_fresh_process(root: Path, dest: Path, workers: int, maxcount: int)
 
 
 def _write_child(root: str, dest: str, workers: int, maxcount: int) -> dict:
-    from pipeline.shard_writer import folder_source, write_source
+    from pipeline.shard_sources import folder_source
+    from pipeline.shard_writer import write_source
 
     result = write_source(folder_source(root, "train"), dest, maxcount=maxcount, workers=workers)
     s = result.stats
@@ -85,7 +86,7 @@ def _write_child(root: str, dest: str, workers: int, maxcount: int) -> dict:
 
 def raw_read_rate(dest: Path) -> float:
     """Samples/s of reading the shards' bytes and grouping them into samples, nothing decoded."""
-    from pipeline.shard_writer import iter_tar_samples
+    from pipeline.shardfmt import iter_tar_samples
 
     start, n = time.perf_counter(), 0
     for tar in sorted(dest.glob("*.tar")):

@@ -16,7 +16,8 @@ import torch
 from benchmarks.common import markdown_table, write_results
 from lab.backdoor import versions
 from lab.datasets import load_dataset
-from pipeline.shards import RankStream, open_shards, rank_loader, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import RankStream, open_shards, rank_loader
 from pipeline.storage import Storage, StorageSettings
 
 

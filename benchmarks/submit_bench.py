@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from lab.datasets import CleanSplit, load_dataset
-    from pipeline.shards import write_shards
+    from pipeline.shard_writer import write_shards
 
     lab = _digits_lab(CACHE / "submit-bench")
     tmp = Path(tempfile.mkdtemp(prefix="fip-submit-bench-"))

@@ -23,6 +23,7 @@ from fip.spectral import fold_spectral_shift, to_spectral_shift
 from fip.training import BatchSampler, check_choices, cosine_lr, derive_seed
 
 Method = Literal["fip", "fast-fip"]
+MODEL_STATE = "model"  # where the purifier's state (a resumable checkpoint's) keeps the model's weights
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
 
@@ -196,13 +197,13 @@ class Purifier:
 
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(),
+            MODEL_STATE: self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_count,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state[MODEL_STATE])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
 

@@ -137,7 +137,8 @@ def run_shard(args) -> int:
     if args.source == "index":
         return run_shard_index(args)
     from lab.datasets import CleanSplit
-    from pipeline.shard_writer import DvalSplit, dataset_source, write_source
+    from pipeline.shard_sources import DvalSplit, dataset_source
+    from pipeline.shard_writer import write_source
 
     if len(args.dest) != 1:
         raise ValueError(f"one destination expected, got {len(args.dest)}: {' '.join(args.dest)}")
@@ -169,7 +170,7 @@ def run_shard(args) -> int:
 def run_shard_index(args) -> int:
     from pathlib import Path
 
-    from pipeline.shard_writer import index_shards
+    from pipeline.shard_index import index_shards
 
     classes = None
     if args.classes:
@@ -247,12 +248,13 @@ def run_evaluate(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from lab.backdoor import attack_from_record
+    from lab.backdoor import attack_from_record, check_record_belongs
     from lab.datasets import DATASETS, load_dataset
     from lab.metrics import evaluate_model
     from pipeline.evaluation import evaluate_shards
     from pipeline.shards import open_shards
     from pipeline.transforms import load_model_for_data
+    from pipeline.validation import check_model_fits
 
     store = store_from_args(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,22 +262,33 @@ def run_evaluate(args) -> int:
             path = tracker_from_args(args).download_safetensors(args.model, Path(tmp) / "model.safetensors")
         else:
             path = store.fetch(args.model, tmp)
-        model = load_model_for_data(path).model
+        loaded = load_model_for_data(path)
+        model = loaded.model
+        test = data = None
+        if args.test in DATASETS:
+            data = load_dataset(args.test, "test", args.root)
+            check_model_fits(loaded.spec, data.num_classes, data.shape, f"{args.test} test images", args.model)
+        else:
+            test = open_shards(args.test, store)
+            check_model_fits(loaded.spec, test.manifest.num_classes, test.manifest.image_shape, "test shards",
+                             args.model)
         attack = None
         if args.attack_record:
             record = json.loads(store.read_bytes(args.attack_record))
+            warning = check_record_belongs(loaded.metadata, record, args.model, args.attack_record)
+            if warning:
+                print(f"fip evaluate: {warning}", file=sys.stderr)
             tensors = None
             if record.get("trigger_path"):
                 from safetensors.torch import load_file
 
                 tensors = load_file(store.fetch(record["trigger_path"], tmp))
             attack = attack_from_record(record, tensors)
-    if args.test in DATASETS:
-        data = load_dataset(args.test, "test", args.root)
+    if data is not None:
         metrics = evaluate_model(model, data.floats(), data.y, *((attack.trigger_floats, attack.target_of)
                                                                   if attack else (None, None)))
     else:
-        metrics = evaluate_shards(model, open_shards(args.test, store), attack)
+        metrics = evaluate_shards(model, test, attack)
     print("  ".join(f"{k.upper()} {100 * v:.2f}%" for k, v in metrics.items()), file=sys.stderr)
     print(json.dumps({"model": args.model, "test": args.test, **metrics}))
     return 0

@@ -317,9 +317,32 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
         "lab_config": cfg.to_dict(),
         "versions": versions(),
     }
-    save_model(model, spec, model_path, {"attack_record": record_path.name, "attack": cfg.attack.name, "config_hash": chash})
+    save_model(model, spec, model_path, {"attack_record": record_path.name, "attack": cfg.attack.name, RECORD_LINK_KEY: chash})
     record_path.write_text(json.dumps(record, indent=2, default=str))
     return BackdoorArtifacts(model_path, record_path, dval_path, record, False, chash)
+
+
+# The model metadata key, and attack record field, that tie a lab model to its record: the lab config hash.
+# A model purified from a lab model carries its suspect's value (pipeline.stages.purify_stage).
+RECORD_LINK_KEY = "config_hash"
+
+
+class RecordMismatch(ValueError):
+    """An attack record was written for another model than the one it is used with."""
+
+
+def check_record_belongs(metadata: dict, record: dict, model: str, record_name: str) -> str | None:
+    """Refuse an attack record made for another model: its trigger and target would measure a backdoor the model
+    does not have (an ASR near 0 % for a model whose ASR is 100 %). Returns a one-line warning when the link
+    cannot be checked (a model brought by a user carries no lab config hash), else None."""
+    ours, theirs = metadata.get(RECORD_LINK_KEY), record.get(RECORD_LINK_KEY)
+    if ours and theirs and ours != theirs:
+        raise RecordMismatch(f"attack record {record_name} ({RECORD_LINK_KEY} {theirs}) does not belong to the model "
+                             f"{model} ({RECORD_LINK_KEY} {ours}): pass the record the lab wrote with that model")
+    if ours and theirs:
+        return None
+    missing = f"the model carries no {RECORD_LINK_KEY}" if not ours else f"the record has no {RECORD_LINK_KEY}"
+    return f"warning: cannot check that attack record {record_name} belongs to {model} ({missing}); ASR and RA assume it does"
 
 
 def attack_from_record(record: dict | str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Attack:

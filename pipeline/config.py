@@ -122,6 +122,25 @@ class AnalysisSettings:
 
 
 @dataclass
+class AcceptanceSettings:
+    """When a purified model is refused instead of registered: judged on D_val only (the defender's clean set),
+    against the suspect measured the same way (:mod:`pipeline.acceptance`).
+
+    The default allows a fall of 25 points in D_val accuracy: about three times the largest test-ACC drop of
+    any setting the lab's sweeps chose (7.98 points, Blend, docs/tuning.md), while a model wrecked to chance
+    level on 10 classes falls by 60 points or more. D_val is what FIP trains on, so its drop is the smaller."""
+
+    max_dval_acc_drop: float = 0.25  # largest fall in D_val accuracy (a fraction) from suspect to purified
+    dval_samples: int | None = 2000  # D_val samples both models are measured on (None: all)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_dval_acc_drop <= 1:
+            raise ConfigError(f"max_dval_acc_drop must be in [0, 1], got {self.max_dval_acc_drop}")
+        if self.dval_samples is not None and self.dval_samples < 1:
+            raise ConfigError(f"dval_samples must be >= 1 (or none for all), got {self.dval_samples}")
+
+
+@dataclass
 class JobConfig:
     """One purification job; each section is a dataclass, so the whole is typed, nested plain data."""
 
@@ -132,6 +151,7 @@ class JobConfig:
     storage: StorageSettings = field(default_factory=StorageSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    acceptance: AcceptanceSettings = field(default_factory=AcceptanceSettings)
 
     def __post_init__(self) -> None:
         if self.purify.batch_size % self.resources.workers:

@@ -17,7 +17,8 @@ from lab.backdoor import LabConfig, make_backdoored_model
 from lab.datasets import CleanSplit, load_dataset
 from pipeline.config import load_job_config, merge
 from pipeline.driver import run_job
-from pipeline.shards import MANIFEST, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shardfmt import MANIFEST
 
 DEMO_PRESET = "demo"
 

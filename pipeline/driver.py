@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from fip.io import LoadedModel, check_finite_weights
+from lab.backdoor import check_record_belongs
+from pipeline.acceptance import judge_purified, rejection
 from pipeline.analysis import plot_curves, spectral_analysis
+from pipeline.artifacts import FISHER, HISTORY, METRICS, PURIFIED, PURIFIED_SIDECAR
 from pipeline.config import JobConfig, Resources, RunSettings
 from pipeline.progress import ProgressRelay
 from pipeline.shards import ShardSource, open_shards
@@ -35,7 +38,13 @@ from pipeline.stages import StageContext, fisher_stage, purify_stage
 from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Registered, Tracker, default_tracking_uri, local_root
 from pipeline.transforms import load_model_for_data
-from pipeline.validation import check_shards
+from pipeline.validation import (
+    JobError,
+    check_batch_fits,
+    check_clean_is_not_test,
+    check_model_fits,
+    check_shards,
+)
 
 StageFn = Callable[[dict], dict]
 T = TypeVar("T")
@@ -55,10 +64,6 @@ STAGES: tuple[Stage, ...] = (
     Stage("fisher", fisher_stage),
     Stage("purify", purify_stage),
 )
-
-
-class JobError(ValueError):
-    """The job was refused before any worker started (inputs do not fit together)."""
 
 
 class StageError(RuntimeError):
@@ -110,6 +115,7 @@ class JobPlan:
     clean: ShardSource
     out_dir: Path
     storage_path: str
+    warnings: list[str] = field(default_factory=list)  # one line each, shown before the job starts
 
 
 @dataclass
@@ -137,23 +143,21 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     suspect = load_model_for_data(store.fetch(cfg.inputs.model, cache_dir))
     check_finite_weights(suspect.model, cfg.inputs.model)
     spec = suspect.spec
-    expected = [spec.in_channels, spec.image_size, spec.image_size]
     sources = {"clean": open_shards(cfg.inputs.clean, store)}
     if cfg.inputs.test:
         sources["test"] = open_shards(cfg.inputs.test, store)
     for role, src in sources.items():
-        m = src.manifest
-        if m.num_classes != spec.num_classes:
-            raise JobError(f"{role} shards have {m.num_classes} classes but the model {cfg.inputs.model} "
-                           f"has {spec.num_classes}")
-        if list(m.image_shape) != expected:
-            raise JobError(f"{role} shards hold {tuple(m.image_shape)} images but the model expects {tuple(expected)}")
+        check_model_fits(spec, src.manifest.num_classes, src.manifest.image_shape, f"{role} shards", cfg.inputs.model)
+    if "test" in sources:
+        check_clean_is_not_test(sources["clean"], sources["test"], cfg.inputs.clean, cfg.inputs.test)
     check_shards(sources, cfg.run.skip_corrupt)  # first samples, and whole small sets, before any worker starts
     if sources["clean"].total < cfg.resources.workers:
         raise JobError(f"{sources['clean'].total} clean samples cannot be split across {cfg.resources.workers} workers")
-    record, tensors = None, {}
+    record, tensors, warnings = None, {}, []
     if cfg.inputs.attack_record:
         record = json.loads(store.read_bytes(cfg.inputs.attack_record))
+        warning = check_record_belongs(suspect.metadata, record, cfg.inputs.model, cfg.inputs.attack_record)
+        warnings += [warning] if warning else []
         rec_classes = record.get("model_spec", {}).get("num_classes")
         if rec_classes not in (None, spec.num_classes):
             raise JobError(f"attack record {cfg.inputs.attack_record} is for {rec_classes} classes, "
@@ -162,11 +166,14 @@ def plan_job(cfg: JobConfig) -> JobPlan:
             from safetensors.torch import load_file
 
             tensors = load_file(store.fetch(record["trigger_path"], cache_dir))
+    # what the job asks of the data and the machine, after the inputs: a bad file is the first thing to fix
+    check_batch_fits(cfg.purify.batch_size, sources["clean"].total, cfg.inputs.clean)
+    check_local_cpus(cfg.resources)
     work = join(cfg.run.work_dir, cfg.run.run_name)
     out_dir = Path(work) if not is_s3(work) else local_root(cfg.run.work_dir) / "jobs" / cfg.run.run_name
-    context = StageContext(cfg, cfg.run.run_name, join(work, "fisher.safetensors"), cache_dir, record, tensors)
+    context = StageContext(cfg, cfg.run.run_name, join(work, FISHER), cache_dir, record, tensors)
     storage_path = cfg.run.storage_path or join(cfg.run.work_dir, "ray")
-    return JobPlan(cfg, context, suspect, sources["clean"], out_dir, storage_path)
+    return JobPlan(cfg, context, suspect, sources["clean"], out_dir, storage_path, warnings)
 
 
 def ensure_ray(resources: Resources, dashboard: bool = False) -> None:
@@ -253,6 +260,21 @@ def _callers_sigterm_handler_kept() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
+def check_local_cpus(resources: Resources, also: float = 0.0, what: str = "") -> None:
+    """A local Ray (no `resources.address`) has this machine's CPUs and no autoscaler: refuse, before it starts,
+    workers that ask for more (Ray would start them all and the job wait for ever). `also`: CPUs the caller
+    needs beside the workers (a Tune trial's own), named by `what`."""
+    if resources.address:
+        return
+    have = os.cpu_count() or 1
+    need = resources.workers * resources.cpus_per_worker + also
+    if need > have:
+        extra = f" + {what} {also:g}" if also else ""
+        raise JobError(f"workers {resources.workers} x cpus_per_worker {resources.cpus_per_worker:g}{extra} needs "
+                       f"{need:g} CPUs but this machine has {have} for a local Ray: lower --workers or "
+                       "--cpus-per-worker, or pass --address of a larger cluster")
+
+
 def check_local_resources(resources: Resources) -> None:
     """Ray Train waits forever (retrying every 60 s) for GPUs a local Ray does not have: refuse that job."""
     import ray
@@ -298,7 +320,7 @@ def fit_stage(stage_fn: StageFn, context: StageContext, resources: Resources, ru
         raise RuntimeError(f"stage {name} finished without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
         files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
-    return StageOutput(json.loads(files.pop("metrics.json")), files)
+    return StageOutput(json.loads(files.pop(METRICS)), files)
 
 
 def _off_main_thread(fn: Callable[[], T]) -> T:
@@ -348,6 +370,8 @@ def run_job(cfg: JobConfig, parent_run_id: str | None = None, progress: Progress
     t0 = time.perf_counter()
     plan = plan_job(cfg)
     cfg, ctx = plan.config, plan.context
+    for warning in plan.warnings:
+        progress(f"[fip] {warning}")
     progress(f"[fip] job {ctx.run_name}: {cfg.purify.method} on {cfg.resources.workers} worker(s), "
              f"{plan.clean.total} clean samples, model {cfg.inputs.model}")
     tracker = run_id = None
@@ -392,14 +416,26 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
         if tracker is not None:
             tracker.log_metrics(run_id, out.metrics)
             for name in out.files:
-                if name != "purified.json":  # the sidecar goes with the model at registration
+                if name != PURIFIED_SIDECAR:  # the sidecar goes with the model at registration
                     tracker.log_artifact(run_id, plan.out_dir / name)
-    logs = json.loads((plan.out_dir / "history.json").read_text())
+    logs = json.loads((plan.out_dir / HISTORY).read_text())
     start_eval = [{"step": 0, **{k.removesuffix("_before"): v for k, v in metrics.items() if k.endswith("_before")}}]
     evaluations = (start_eval if len(start_eval[0]) > 1 else []) + logs["evaluations"]
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
-    purified_path = plan.out_dir / "purified.safetensors"
-    purified = load_model_for_data(purified_path).model
+    purified_path = plan.out_dir / PURIFIED
+    loaded = load_model_for_data(purified_path)
+    purified = loaded.model
+    verdict = judge_purified(plan.suspect, loaded, plan.clean, cfg.acceptance, logs["history"])
+    metrics.update(verdict.metrics)
+    if tracker is not None:
+        tracker.log_metrics(run_id, verdict.metrics)
+        tracker.set_tags(run_id, verdict.tags())
+    if not verdict.passed:
+        if tracker is not None:
+            tracker.log_history(run_id, logs["history"], evaluations)
+            tracker.log_artifact(run_id, curves)
+        raise rejection(verdict)
+    progress(f"[fip] purified model accepted: {verdict.reason}")
     if cfg.analysis.esd_samples and cfg.analysis.esd_steps:
         progress(f"[fip] analysis: Hessian spectral density of both models on {cfg.analysis.esd_samples} samples")
     esd = spectral_analysis(plan.suspect.model, purified, plan.clean, cfg.analysis, cfg.purify.seed,

@@ -4,7 +4,8 @@ Any standard WebDataset shard is read: a sample is the tar members sharing a key
 under ``jpg``, ``jpeg``, ``png`` or ``webp`` and its label under ``cls`` (``idx``, the index in the
 source split, is optional). Shards written here (:mod:`pipeline.shard_writer`, ``fip shard``) are
 ``DEST/000000.tar, 000001.tar, ...`` plus ``DEST/manifest.json``; a source JPEG keeps its bytes,
-raw arrays are lossless PNG. DEST is a local folder or ``s3://bucket/prefix``.
+raw arrays are lossless PNG. DEST is a local folder or ``s3://bucket/prefix``. The format itself
+(manifest, names, tar layout, hashing) is :mod:`pipeline.shardfmt`.
 
 The exact rank split needs each shard's sample count before reading, so every shard set has a
 manifest (counts, classes, image shape, per-shard SHA-256): ours beside our shards, or for shards
@@ -21,160 +22,33 @@ and DDP never waits on a rank that ran out of data. Decoding and the transform t
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
-import re
+import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fip.training import generator
-from lab.datasets import ImageSet
-from pipeline.shard_writer import MalformedSample, iter_tar_samples, parse_sample
+from pipeline.shardfmt import (
+    MANIFEST,
+    PARTIAL_MANIFEST,
+    HashedStream,
+    MalformedSample,
+    ShardError,
+    ShardHashError,
+    ShardInfo,
+    ShardManifest,
+    expand_braces,
+    index_name,
+    iter_tar_samples,
+    parse_sample,
+    split_url,
+)
 from pipeline.storage import NotFound, Storage, StorageError, join
 from pipeline.transforms import KEEP, ImageDecodeError, Transform, eval_transform, train_transform
-
-MANIFEST = "manifest.json"
-PARTIAL_MANIFEST = "manifest.partial.json"  # an unfinished write's progress (pipeline.shard_writer)
-INDEX_SUFFIX = ".manifest.json"
-SHARD_NAME = "{:06d}.tar"
-
-
-class ShardError(ValueError):
-    """A shard is missing, empty, corrupt or truncated; the message names it."""
-
-
-class ShardHashError(ShardError):
-    """A shard's bytes differ from the SHA-256 its manifest records."""
-
-
-@dataclass
-class ShardInfo:
-    name: str
-    count: int
-    sha256: str
-    source_digest: str = ""  # what went in (our writer): a resumed write keeps a shard whose digest matches
-    meta: dict = field(default_factory=dict)  # stored formats and image sizes
-
-
-@dataclass
-class ShardManifest:
-    dataset: str
-    split: str
-    classes: list[str]
-    image_shape: list[int]  # what a reader yields: (C, S, S), after the transform when sizes vary
-    count: int
-    shards: list[ShardInfo]
-    meta: dict = field(default_factory=dict)
-    base: str | None = None  # where the shards live, when the manifest is kept elsewhere (read-only bucket)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> ShardManifest:
-        try:
-            d = json.loads(text)
-            d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-            manifest = cls(**d)
-        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
-            raise ShardError(f"{where} is not a shard manifest: {e}") from e
-        manifest.check(where)
-        return manifest
-
-    def check(self, where: str) -> None:
-        """Refuse a manifest that contradicts itself (types, shape, its total against its shards' counts)."""
-
-        def count_ok(n) -> bool:
-            return isinstance(n, int) and not isinstance(n, bool) and n >= 0
-
-        shape = self.image_shape
-        if not (isinstance(shape, list) and len(shape) == 3 and all(count_ok(v) and v > 0 for v in shape)):
-            raise ShardError(f"{where}: image_shape must be three positive integers (C, H, W), got {shape!r}")
-        if not isinstance(self.classes, list) or not self.classes:
-            raise ShardError(f"{where}: classes must be a non-empty list")
-        for s in self.shards:
-            if not count_ok(s.count) or not isinstance(s.sha256, str):
-                raise ShardError(f"{where}: shard {s.name!r} has count {s.count!r} and sha256 {s.sha256!r}")
-        listed = sum(s.count for s in self.shards)
-        if self.count != listed:
-            raise ShardError(f"{where}: count {self.count} but its shards' counts add up to {listed}")
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def variable_size(self) -> bool:
-        """Stored images differ in size (source JPEGs): readers resize them to ``image_shape``."""
-        return bool(self.meta.get("variable_size"))
-
-
-# ---------------------------------------------------------------- writing (in-memory data sets)
-def write_shards(
-    data: ImageSet,
-    dest: str,
-    maxcount: int = 1000,
-    indices: np.ndarray | list[int] | None = None,
-    dataset: str = "",
-    split: str = "",
-    meta: dict | None = None,
-    progress: bool = False,
-    store: Storage | None = None,
-    workers: int = 1,
-) -> ShardManifest:
-    """Write an in-memory `data` set as PNG shards of at most `maxcount` samples (replacing what is
-    at `dest`). Folders of files and large sets stream through :func:`pipeline.shard_writer.write_source`."""
-    from pipeline.shard_writer import imageset_source, write_source
-
-    if len(data) == 0:
-        raise ShardError(f"refusing to write shards of an empty data set to {dest}")
-    indices = np.arange(len(data)) if indices is None else np.asarray(indices)
-    if len(indices) != len(data):
-        raise ShardError(f"{len(indices)} source indices for {len(data)} samples")
-    source = imageset_source(data, indices, dataset or data.name, split)
-    result = write_source(source, dest, maxcount=maxcount, workers=workers, store=store, meta=meta,
-                          progress=progress, overwrite=True)
-    return result.manifests[dest]
-
-
-# ---------------------------------------------------------------- locating shards
-def expand_braces(pattern: str) -> list[str]:
-    """``a/{000000..000003}.tar`` -> four URLs (zero padding kept), ``{a,b}`` -> two; no braces -> [pattern]."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        if int(hi) < int(lo):
-            raise ShardError(f"brace range {{{body}}} in {pattern!r} runs backwards")
-        choices = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-    elif "," in body:
-        choices = body.split(",")
-    else:
-        raise ShardError(f"cannot expand {{{body}}} in {pattern!r}: expected {{000..009}} or {{a,b}}")
-    return [url for c in choices for url in expand_braces(pattern[: m.start()] + c + pattern[m.end() :])]
-
-
-def _split_url(url: str) -> tuple[str, str]:
-    """(folder, name) of a shard or manifest URL."""
-    return (url.rsplit("/", 1)[0], url.rsplit("/", 1)[1]) if "/" in url else (".", url)
-
-
-def index_name(pattern: str) -> str:
-    """The index file ``fip shard index`` writes for a shard pattern: ``imagenet-train-{000000..001281}.tar``
-    -> ``imagenet-train.manifest.json`` (one folder may hold several shard sets)."""
-    name = _split_url(pattern)[1]
-    stem = re.sub(r"\{[^{}]*\}.*$", "", name)
-    if stem == name:  # a single shard: its name without .tar
-        stem = name.removesuffix(".tar")
-    stem = stem.rstrip("-_.")
-    return f"{stem}{INDEX_SUFFIX}" if stem else MANIFEST
 
 
 @dataclass
@@ -189,7 +63,7 @@ class ShardSource:
     def infos(self) -> list[ShardInfo]:
         """The manifest's entry of each URL, in URL order."""
         by_name = {s.name: s for s in self.manifest.shards}
-        return [by_name[_split_url(u)[1]] for u in self.urls]
+        return [by_name[split_url(u)[1]] for u in self.urls]
 
     @property
     def counts(self) -> list[int]:
@@ -221,12 +95,12 @@ def open_shards(spec: str, store: Storage | None = None) -> ShardSource:
         manifest = _read_manifest(spec, store)
         if manifest is None:
             raise ShardError(f"no shard manifest at {spec}")
-        base = (manifest.base or _split_url(spec)[0]).rstrip("/")
+        base = (manifest.base or split_url(spec)[0]).rstrip("/")
         urls = [join(base, s.name) for s in manifest.shards]
         where = spec
     elif spec.endswith(".tar") or "{" in spec:
         urls = expand_braces(spec)
-        folders = {_split_url(u)[0] for u in urls}
+        folders = {split_url(u)[0] for u in urls}
         if len(folders) != 1:
             raise ShardError(f"{spec}: shards of one set must share a folder, found {len(folders)}")
         base = folders.pop()
@@ -252,7 +126,7 @@ def open_shards(spec: str, store: Storage | None = None) -> ShardSource:
         urls = [join(base, s.name) for s in manifest.shards]
     known = {s.name: s for s in manifest.shards}
     for u in urls:
-        name = _split_url(u)[1]
+        name = split_url(u)[1]
         if name not in known:
             raise ShardError(f"shard {u} is not listed in {where}")
         if known[name].count == 0:
@@ -300,11 +174,6 @@ def iter_raw_shard(url: str, store: Storage, expect: ShardInfo | None = None) ->
 
     With `expect` (its manifest entry), a shard read to its end is checked against its count, then its
     SHA-256: the bytes are hashed as the tar reader takes them, so the check costs no second pass."""
-    import hashlib
-    import tarfile
-
-    from pipeline.shard_writer import HashedStream
-
     try:
         stream = HashedStream(store.open_read(url), hashlib.sha256(), drain_on_close=False)
     except StorageError as e:

@@ -31,7 +31,8 @@ from fip.io import LoadedModel, save_model
 from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, prepare_model
 from fip.training import augment_batch, derive_seed, generator
 from lab.attacks import Attack
-from lab.backdoor import attack_from_record
+from lab.backdoor import RECORD_LINK_KEY, attack_from_record
+from pipeline.artifacts import FISHER, HISTORY, METRICS, PURIFIED, PURIFIED_SIDECAR
 from pipeline.config import JobConfig
 from pipeline.evaluation import evaluate_shards
 from pipeline.shards import (
@@ -160,9 +161,9 @@ def fisher_stage(config: dict) -> dict:
     files = None
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            data = est.save(Path(tmp) / "fisher.safetensors").read_bytes()
+            data = est.save(Path(tmp) / FISHER).read_bytes()
         ctx.store.write_bytes(ctx.fisher_url, data)
-        files = {"fisher.safetensors": data, "metrics.json": json.dumps(metrics).encode()}
+        files = {FISHER: data, METRICS: json.dumps(metrics).encode()}
     report(metrics, files)
     return metrics
 
@@ -295,14 +296,16 @@ def purify_stage(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             manifest = open_shards(ctx.job.inputs.clean, ctx.store).manifest
             train = train_transform_for(manifest)
+            # a lab suspect's link to its attack record stays with the purified model (lab.backdoor.check_record_belongs)
+            lab_link = {k: suspect.metadata[k] for k in (RECORD_LINK_KEY,) if suspect.metadata.get(k)}
             inputs = {NORMALIZATION_KEY: suspect.metadata.get(NORMALIZATION_KEY),  # None: [0, 1] inputs as they are
                       TRANSFORM_KEY: {"eval": default_transform(manifest).describe(),
                                       "train": train.describe() if train is not None else None}}
-            path = save_model(purified.cpu(), suspect.spec, Path(tmp) / "purified.safetensors",
+            path = save_model(purified.cpu(), suspect.spec, Path(tmp) / PURIFIED,
                               {"source_sha256": suspect.sha256, "method": pcfg.method, "run_name": ctx.run_name,
-                               **inputs})
-            files = {"purified.safetensors": path.read_bytes(), "purified.json": path.with_suffix(".json").read_bytes(),
-                     "history.json": json.dumps(logs).encode(), "metrics.json": json.dumps(metrics).encode()}
+                               **inputs, **lab_link})
+            files = {PURIFIED: path.read_bytes(), PURIFIED_SIDECAR: path.with_suffix(".json").read_bytes(),
+                     HISTORY: json.dumps(logs).encode(), METRICS: json.dumps(metrics).encode()}
     report(metrics, files)
     return metrics
 

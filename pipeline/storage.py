@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,14 +135,31 @@ class Storage:
             bucket, key = split_s3(url)
             self.with_retries(f"writing {url}", lambda: self.s3_client().put_object(Bucket=bucket, Key=key, Body=data))
             return
-        path = Path(url.removeprefix("file://"))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        except OSError as e:
-            raise StorageError(f"writing {url}: {e}") from e
+        _write_local(url, lambda tmp: tmp.write_bytes(data))
+
+    def put_file(self, url: str, path: str | Path) -> None:
+        """Store the local file `path` at `url`, streamed from disk (a shard need not fit in memory);
+        a local destination appears whole or not at all."""
+        url = str(url)
+        if is_s3(url):
+            bucket, key = split_s3(url)
+
+            def put() -> None:
+                with open(path, "rb") as body:
+                    self.s3_client().put_object(Bucket=bucket, Key=key, Body=body)
+
+            self.with_retries(f"writing {url}", put)
+            return
+        _write_local(url, lambda tmp: shutil.copyfile(path, tmp))
+
+    def delete(self, url: str) -> None:
+        """Remove `url`; one that is not there is no error."""
+        url = str(url)
+        if is_s3(url):
+            bucket, key = split_s3(url)
+            self.with_retries(f"deleting {url}", lambda: self.s3_client().delete_object(Bucket=bucket, Key=key))
+            return
+        Path(url.removeprefix("file://")).unlink(missing_ok=True)
 
     def exists(self, url: str) -> bool:
         if is_s3(url):
@@ -177,6 +195,18 @@ def absolute_url(url: str | None, cwd: str | Path | None = None) -> str | None:
     if url is None or "://" in url:
         return url
     return str((Path(cwd) if cwd is not None else Path.cwd()).joinpath(url).resolve())
+
+
+def _write_local(url: str, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file beside the local path `url`, then move it there: whole or not at all."""
+    path = Path(url.removeprefix("file://"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        tmp.replace(path)
+    except OSError as e:
+        raise StorageError(f"writing {url}: {e}") from e
 
 
 def join(base: str, name: str) -> str:

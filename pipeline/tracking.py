@@ -9,6 +9,7 @@ the default ``runs/jobs``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -71,6 +72,68 @@ def _requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
 
 
+STORE_CHECK_TIMEOUT_S = 5.0  # an MLflow server answers /health in milliseconds; a dead one must not hold a command
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PASSED_THROUGH_SCHEMES = ("postgresql", "mysql", "mssql", "databricks", "databricks-uc")  # MLflow checks these itself
+
+
+def check_store(uri: str, create: bool = True, timeout_s: float = STORE_CHECK_TIMEOUT_S) -> None:
+    """Refuse, in one line and within `timeout_s`, a tracking URI MLflow would retry for minutes or fail on with a
+    traceback: an http(s) server that does not answer ``GET /health``, an SQLite path that is a folder, not an
+    SQLite file or not creatable, a file store (a bare path or ``file://``, which MLflow 3 refuses) or an
+    unknown scheme. Database servers and Databricks pass through. `create` False: the SQLite file must exist."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "sqlite":
+        _check_sqlite(uri, create)
+    elif scheme in ("http", "https"):
+        _check_http(uri, timeout_s)
+    elif scheme in ("", "file"):
+        raise TrackingError(f"tracking URI {uri} is a file store, which MLflow no longer serves: pass "
+                            f"sqlite:///PATH/mlflow.db or http(s)://HOST:PORT of an `mlflow server`")
+    elif scheme.split("+")[0] not in PASSED_THROUGH_SCHEMES:
+        raise TrackingError(f"tracking URI {uri}: unknown scheme {scheme!r}; use sqlite:///PATH, http(s)://HOST:PORT "
+                            f"or one of {', '.join(PASSED_THROUGH_SCHEMES)}")
+
+
+def _check_sqlite(uri: str, create: bool) -> None:
+    path = Path(uri.removeprefix("sqlite:///"))
+    if uri in ("sqlite://", "sqlite:///") or path.is_dir():
+        raise TrackingError(f"tracking URI {uri} names a folder, not an SQLite file: pass sqlite:///"
+                            f"{path / 'mlflow.db' if uri != 'sqlite://' else 'PATH/mlflow.db'}")
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except OSError as e:
+            raise TrackingError(f"cannot read the MLflow store {path} (tracking URI {uri}): {e.strerror or e}") from e
+        if head and head != SQLITE_MAGIC:
+            raise TrackingError(f"{path} is not an SQLite database (tracking URI {uri})")
+        return
+    if not create:
+        raise TrackingError(f"no MLflow store at {path} (tracking URI {uri}); pass --tracking-uri")
+    ancestor = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise TrackingError(f"cannot create the MLflow store {path} (tracking URI {uri}): {ancestor} is "
+                            + ("not a folder" if not ancestor.is_dir() else "not writable"))
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            response.read(64)
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):  # a server that wants credentials is there; MLflow's client brings them
+            raise TrackingError(f"tracking URI {uri} is not an MLflow server: GET {url} answered HTTP {e.code}") from e
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"MLflow server {uri} does not answer (GET {url}: {reason}, waited at most "
+                            f"{timeout_s:g} s): start it or pass another --tracking-uri") from e
+
+
 class Tracker:
     """One MLflow store (tracking and registry at the same URI), used through an explicit client.
 
@@ -79,12 +142,9 @@ class Tracker:
     """
 
     def __init__(self, uri: str, artifact_root: str | Path | None = None, create: bool = True) -> None:
+        check_store(uri, create)  # before MLflow's client, which retries a dead store for minutes
         from mlflow import MlflowClient
 
-        if uri.startswith("sqlite:///") and not create:
-            path = Path(uri.removeprefix("sqlite:///"))
-            if not path.is_file():
-                raise TrackingError(f"no MLflow store at {path} (tracking URI {uri}); pass --tracking-uri")
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.uri = uri

@@ -12,9 +12,16 @@ workers' own reader (the same checks, :func:`pipeline.shards.iter_range`), whose
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from fip.models import ModelSpec
 from pipeline.shards import ShardSource, iter_range
+
+
+class JobError(ValueError):
+    """The job was refused before any worker started (inputs do not fit together)."""
+
 
 FULL_CHECK_SAMPLES = 20_000  # per shard set: read whole shards while the running count stays within this
 
@@ -44,3 +51,36 @@ def check_shards(sources: dict[str, ShardSource], skip_corrupt: bool = False,
 def _read(source: ShardSource, start: int, stop: int) -> None:
     for _ in iter_range(source, start, stop):
         pass
+
+
+def check_model_fits(spec: ModelSpec, num_classes: int, image_shape: Sequence[int], role: str, model: str) -> None:
+    """Refuse data the model cannot read, in one line: another number of classes (labels out of its range, or
+    a silently wrong accuracy), channels or image size (a convolution error deep in a worker). Every command
+    that runs a model on data calls this first (purify, evaluate, tune), with a shard manifest's
+    ``num_classes`` and ``image_shape`` (what its readers yield), or a data set's."""
+    shape = tuple(int(v) for v in image_shape)
+    expected = (spec.in_channels, spec.image_size, spec.image_size)
+    if num_classes != spec.num_classes:
+        raise JobError(f"{role} have {num_classes} classes but the model {model} has {spec.num_classes}")
+    if shape != expected:
+        raise JobError(f"{role} hold {shape} images but the model {model} expects {expected} "
+                       f"({spec.in_channels} channel(s), {spec.image_size}x{spec.image_size})")
+
+
+def check_clean_is_not_test(clean: ShardSource, test: ShardSource, clean_url: str, test_url: str) -> None:
+    """Refuse test data given as the defender's D_val (or sharing shards with it): whatever the job then
+    reports on the test set was trained on, and in a sweep the test set would leak into the choice. Shards are
+    the same when their resolved URLs are, or their manifests record the same SHA-256."""
+    same_urls = set(clean.urls) & set(test.urls)
+    same_hashes = {s.sha256 for s in clean.manifest.shards if s.sha256} & {s.sha256 for s in test.manifest.shards}
+    if same_urls or same_hashes:
+        how = f"{len(same_urls)} shard URL(s)" if same_urls else f"{len(same_hashes)} shard(s) by SHA-256"
+        raise JobError(f"clean shards {clean_url} and test shards {test_url} share {how}: the defender's D_val "
+                       "must not be test data; pass test shards written apart from D_val")
+
+
+def check_batch_fits(batch_size: int, clean_total: int, clean_url: str) -> None:
+    """A global batch larger than D_val would be cut short on every step without a word: refuse it."""
+    if batch_size > clean_total:
+        raise JobError(f"batch_size {batch_size} is larger than the {clean_total} clean samples in {clean_url}: "
+                       f"pass --batch-size {clean_total} or less")

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.artifacts import LOGS, STATE
+
 
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without a process group."""
@@ -104,7 +106,7 @@ def checkpoint(state: dict, logs: dict, metrics: dict) -> None:
     if world()[0] == 0:
         buf = io.BytesIO()
         torch.save(state, buf)
-        files = {"state.pt": buf.getvalue(), "logs.json": json.dumps(logs).encode()}
+        files = {STATE: buf.getvalue(), LOGS: json.dumps(logs).encode()}
     report(metrics, files)
 
 
@@ -120,9 +122,9 @@ def restore() -> tuple[dict, dict] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        state_path = Path(d) / "state.pt"
+        state_path = Path(d) / STATE
         if not state_path.is_file():
             return None
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        logs = json.loads((Path(d) / "logs.json").read_text())
+        logs = json.loads((Path(d) / LOGS).read_text())
     return state, logs

@@ -50,3 +50,81 @@ def test_the_graph_has_no_cycles():
         return any(n == b or (n not in seen and reaches(n, b, (*seen, n))) for n in graph[a])
 
     assert not [p for p in graph if reaches(p, p)]
+
+
+def module_name(path: Path) -> str:
+    """``pipeline/shards.py`` -> ``pipeline.shards``; a package's ``__init__.py`` -> the package."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_graph(package: str) -> dict[str, set[str]]:
+    """Which modules of `package` each of its modules imports, at module level or inside functions."""
+    files = {module_name(p): p for p in sorted((ROOT / package).rglob("*.py"))}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = here.split(".")[: len(here.split(".")) - (node.level - 1)]
+                    base = ".".join([*up, *([base] if base else [])])
+                targets |= {resolve(f"{base}.{a.name}") for a in node.names}  # a submodule, else the module
+        graph[name] = {t for t in targets if t is not None and t != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of a module graph: its strongly connected components of more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+# circles inside a package that are known and not yet mended, each with why
+KNOWN_CIRCLES: list[list[str]] = [
+    # `fip submit` checks the job's command line with the whole `fip` parser (fipcli.main.build_parser),
+    # and that parser registers `fip submit`: mending it means a parser module that takes its commands
+    # as an argument (the CLI's own restructuring, outside the shard-format pass that added this test)
+    ["fipcli.cluster_cmds", "fipcli.main"],
+]
+
+
+def test_no_package_has_an_import_circle_inside():
+    found = [c for p in PACKAGES for c in circles(module_graph(p)) if c not in KNOWN_CIRCLES]
+    assert not found, "import circles inside a package:\n" + "\n".join(" <-> ".join(c) for c in found)

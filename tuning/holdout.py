@@ -15,7 +15,9 @@ import torch
 
 from fip.training import generator
 from lab.datasets import ImageSet
-from pipeline.shards import ShardError, open_shards, read_all, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shardfmt import ShardError
+from pipeline.shards import open_shards, read_all
 from pipeline.storage import Storage, join
 
 TRAIN_NAME, HOLDOUT_NAME = "dval-train", "dval-holdout"

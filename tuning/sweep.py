@@ -33,10 +33,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipeline.artifacts import HISTORY, STATE
 from pipeline.config import ConfigError, JobConfig
 from pipeline.driver import StageError
 from pipeline.storage import Storage, absolute_url, is_s3, join
-from pipeline.tracking import Tracker, default_tracking_uri, local_root
+from pipeline.tracking import Tracker, check_store, default_tracking_uri, local_root
+from pipeline.validation import check_batch_fits
 from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
@@ -126,11 +128,11 @@ def _suspect(ctx: TrialContext):
 
 def _objective_of_state(ctx: TrialContext, purify: dict, state: dict) -> dict:
     """The objective of a trial's intermediate checkpoint (the purifier's state at that step)."""
-    from fip.purify import PurifyConfig, finalize_model, prepare_model
+    from fip.purify import MODEL_STATE, PurifyConfig, finalize_model, prepare_model
 
     pcfg = PurifyConfig(**purify)
     work = prepare_model(_suspect(ctx), pcfg)
-    work.load_state_dict(state["model"])
+    work.load_state_dict(state[MODEL_STATE])
     return evaluate_objective(finalize_model(work, pcfg), ctx.holdout, ctx.weights)
 
 
@@ -149,7 +151,7 @@ def _report_callback(ctx: TrialContext, purify: dict):
                 import torch
 
                 with checkpoint.as_directory() as d:
-                    state_path = Path(d) / "state.pt"
+                    state_path = Path(d) / STATE
                     if state_path.is_file():
                         state = torch.load(state_path, map_location="cpu", weights_only=True)
             # Tune wants the metric in every result: a report without a purify state (the Fisher stage's) is the suspect's
@@ -168,6 +170,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     """One Tune trial: a pipeline job on dval-train with these purify settings, scored on dval-holdout."""
     from ray import tune
 
+    from pipeline.acceptance import PurificationRejected
     from pipeline.driver import run_job
     from pipeline.transforms import load_model_for_data
 
@@ -181,7 +184,11 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
         run={"work_dir": ctx.jobs_dir, "run_name": f"{ctx.sweep}-{trial_id}", "checkpoint_every": ctx.report_every},
         tracking={"register_as": None},
     )
-    result = run_job(cfg, parent_run_id=ctx.parent_run_id, callbacks=[_report_callback(ctx, purify)])
+    try:
+        result = run_job(cfg, parent_run_id=ctx.parent_run_id, callbacks=[_report_callback(ctx, purify)])
+    except PurificationRejected as e:  # the acceptance check refused the model: a trial that ends, and cannot win
+        tune.report({"objective": -math.inf, "rejected": str(e), "step": cfg.purify.iterations})
+        return
     purified = load_model_for_data(result.purified_path).model
     metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
     if ctx.test and ctx.attack_record:
@@ -244,7 +251,8 @@ class LiveTable:
                 table.update(trial, result, "RUNNING")
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                table.update(trial, trial.last_result or {}, "DONE", force=True)
+                last = trial.last_result or {}
+                table.update(trial, last, "REJECTED" if "rejected" in last else "DONE", force=True)
                 table.finished += 1
                 if table.interrupt_after is not None and table.finished >= table.interrupt_after:
                     table.interrupt_after = None
@@ -303,7 +311,10 @@ def _scheduler(cfg: SweepConfig, space: SearchSpace, base: JobConfig):
 
 
 def _check_store(base: JobConfig, cfg: SweepConfig) -> None:
+    """The store is checked before D_val is split or Ray starts (the trials' Trackers check it again)."""
     uri = one_store(base).tracking.tracking_uri
+    if base.tracking.log_to_mlflow:
+        check_store(uri)
     if base.tracking.log_to_mlflow and uri.startswith("sqlite:") and cfg.max_concurrent > 1:
         raise ConfigError(f"max_concurrent {cfg.max_concurrent} with the SQLite store {uri}: SQLite locks under "
                           "concurrent writers; run `mlflow server` and pass its URI, or use max_concurrent 1")
@@ -322,16 +333,32 @@ def _check_fits(base: JobConfig, cfg: SweepConfig) -> None:
 
 
 def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tuple[str, str, Holdout]:
-    """Split D_val (once) and score the suspect on the held-out share: (train url, holdout url, holdout)."""
-    from pipeline.transforms import load_model_for_data
+    """Check the inputs fit together as every job does (pipeline.validation: model vs shards, D_val vs test data,
+    the attack record's model), then split D_val (once) and score the suspect on the held-out share:
+    (train url, holdout url, holdout)."""
+    from lab.backdoor import check_record_belongs
+    from pipeline.shards import open_shards
+    from pipeline.validation import check_clean_is_not_test, check_model_fits
     from tuning.holdout import read_holdout, write_split
 
     store = Storage(base.storage)
+    loaded = _suspect_loaded(base)
+    inputs = base.inputs
+    clean = open_shards(inputs.clean, store)
+    check_model_fits(loaded.spec, clean.manifest.num_classes, clean.manifest.image_shape, "clean shards", inputs.model)
+    if inputs.test:
+        test = open_shards(inputs.test, store)
+        check_model_fits(loaded.spec, test.manifest.num_classes, test.manifest.image_shape, "test shards", inputs.model)
+        check_clean_is_not_test(clean, test, inputs.clean, inputs.test)
+    if inputs.attack_record:
+        warning = check_record_belongs(loaded.metadata, json.loads(store.read_bytes(inputs.attack_record)),
+                                       inputs.model, inputs.attack_record)
+        if warning:
+            progress(f"[fip tune] {warning}")
     sweep_dir = join(base.run.work_dir, cfg.name)
-    train_url, held_url = write_split(base.inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
+    train_url, held_url = write_split(inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
     x, y = read_holdout(held_url, store)
-    suspect = load_model_for_data(store.fetch(base.inputs.model, local_root(base.run.work_dir) / "cache")).model
-    holdout = Holdout.from_suspect(suspect, x, y)
+    holdout = Holdout.from_suspect(loaded.model, x, y)
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
              f"(suspect: held-out ACC {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g})")
     return train_url, held_url, holdout
@@ -348,10 +375,11 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     """Run (or with `resume`, continue) the sweep; returns every trial, the winner and its registry URI."""
     from ray import tune
 
-    from pipeline.driver import ensure_ray
+    from pipeline.driver import check_local_cpus, ensure_ray
 
     t0 = time.perf_counter()
     _check_store(base, cfg)
+    check_local_cpus(base.resources, cfg.trial_cpus, "trial_cpus")
     if is_s3(base.run.work_dir):
         raise ConfigError("a sweep needs a local run.work_dir (its Tune state lives there); inputs may be on S3")
     # trials run in Tune's own folders: every local path is made absolute here, where the user typed it
@@ -365,6 +393,9 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     if not resume and state_file.is_file():
         raise ValueError(f"sweep {cfg.name!r} already exists in {base.run.work_dir}: pass --resume or another --name")
     train_url, _held_url, holdout = prepare(base, cfg, progress)
+    # every trial trains on the train share: a batch larger than it is refused before Ray starts, as in plan_job
+    check_batch_fits(base.purify.batch_size, open_count(train_url, Storage(base.storage)),
+                     f"{train_url} (the trials' share of D_val)")
 
     tracker = _tracker(base) if base.tracking.log_to_mlflow else None
     parent = None
@@ -418,19 +449,21 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
 
 
 def collect(grid) -> list[dict]:
-    """One row per trial: its settings, last metrics, and whether it finished (DONE), was stopped, or failed
-    (ERROR, with the root cause on one line)."""
+    """One row per trial: its settings, last metrics, and whether it finished (DONE), was stopped, failed
+    (ERROR, with its root cause) or had its model refused by the acceptance check (REJECTED, with the verdict)."""
     from pipeline.driver import describe_cause
 
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
         done = "purified" in m and r.error is None
-        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": "DONE" if done else
-               ("ERROR" if r.error is not None else "STOPPED"), **{f"p.{k}": v for k, v in (r.config or {}).items()}}
+        status = ("DONE" if done else "REJECTED" if "rejected" in m else "ERROR" if r.error is not None else "STOPPED")
+        row = {"trial_id": m.get("trial_id") or Path(r.path).name, "status": status,
+               **{f"p.{k}": v for k, v in (r.config or {}).items()}}
         if r.error is not None:
             row["error"] = describe_cause(r.error)
-        for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds"):
+        for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds",
+                  "rejected"):
             if k in m:
                 row[k] = m[k]
         rows.append(row)
@@ -476,8 +509,12 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
             tracker.set_tags(parent, {"winner_trial": winner["trial_id"], "winner_run_id": winner.get("child_run_id", "")})
     if winner is None:
         failed = [t for t in trials if t["status"] == "ERROR"]
+        rejected = [t for t in trials if t["status"] == "REJECTED"]  # by the acceptance check (pipeline.acceptance)
+        first = (failed + rejected)[:1]
         raise NoTrialFinished(f"sweep {cfg.name}: none of its {len(trials)} trials finished ({len(failed)} failed"
-                              + (f"; trial {failed[0]['trial_id']}: {failed[0]['error']}" if failed else "")
+                              + (f", {len(rejected)} rejected" if rejected else "")
+                              + (f"; trial {first[0]['trial_id']}: {first[0].get('error') or first[0].get('rejected')}"
+                                 if first else "")
                               + f"); the table is in {table}")
     refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None
     if tracker is not None and parent is not None:
@@ -510,12 +547,22 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
                      progress: Progress, refit=None) -> str:
     """Register the refit model from its own run (or, without a refit, the winner's purified file from the
     trial's child run), tagged with the sweep, the trial and the trial's objective."""
+    from pipeline.acceptance import judge_purified, rejection
     from pipeline.driver import metric_tags
+    from pipeline.shards import open_shards
     from pipeline.transforms import load_model_for_data
 
     path = Path(refit.purified_path if refit is not None else winner["purified"])
     run_id = refit.run_id if refit is not None else winner["child_run_id"]
     loaded = load_model_for_data(path)
+    # the same acceptance check as every job's (pipeline.acceptance), on all of D_val, before any alias moves
+    history = path.parent / HISTORY
+    verdict = judge_purified(_suspect_loaded(base), loaded, open_shards(base.inputs.clean, Storage(base.storage)),
+                             base.acceptance, json.loads(history.read_text())["history"] if history.is_file() else ())
+    tracker.set_tags(parent, verdict.tags())
+    if not verdict.passed:
+        tracker.set_tags(run_id, verdict.tags())
+        raise rejection(verdict)
     spec = loaded.spec
     tags = {"sweep_run_id": parent, "sweep": cfg.name, "trial_id": winner["trial_id"],
             "objective": f"{winner['objective']:.6f}", "method": winner.get("p.method", base.purify.method),
@@ -523,7 +570,7 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     tags.update(metric_tags(refit.metrics if refit is not None else
                             {"acc_after": winner.get("acc"), "asr_after": winner.get("asr"), "ra_after": winner.get("ra")}))
     # the suspect's hash, as the purify stage wrote it into the file (the candidate rule compares by source)
-    source = loaded.metadata.get("source_sha256") or _suspect_sha256(base)
+    source = loaded.metadata.get("source_sha256") or _suspect_loaded(base).sha256
     tags["source_sha256"] = source
     reg = tracker.register(run_id, loaded.model, path, (spec.in_channels, spec.image_size,
                                                                         spec.image_size), cfg.register_as, tags)
@@ -535,10 +582,11 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     return f"models:/{reg.name}@candidate" if moved else f"models:/{reg.name}/{reg.version}"
 
 
-def _suspect_sha256(base: JobConfig) -> str:
-    from fip.io import file_sha256
+def _suspect_loaded(base: JobConfig):
+    """The suspect as every caller runs it (its input normalisation applied by itself)."""
+    from pipeline.transforms import load_model_for_data
 
-    return file_sha256(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
+    return load_model_for_data(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
 
 
 def sweep_summary(result: SweepResult) -> dict:

@@ -1,16 +1,22 @@
 """Two jobs at once in one Python process, each with its own S3 endpoint and MLflow store, and a stage
-added to the driver by one line: nothing the jobs need is process-wide."""
+added to the driver by one line: nothing the jobs need is process-wide. The added stage is where the
+two jobs meet: each job's workers wait there for the other job's, so the jobs pass only if both had
+Ray Train workers running at the same moment."""
 
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from lab.datasets import CleanSplit, load_dataset
 from pipeline import driver
+from pipeline.artifacts import METRICS
 from pipeline.config import JobConfig
-from pipeline.shards import open_shards, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import open_shards
 from pipeline.storage import Storage, StorageSettings
 from pipeline.tracking import Tracker
 from pipeline.workers import report, world
@@ -18,13 +24,26 @@ from pipeline.workers import report, world
 pytestmark = pytest.mark.slow
 
 
-def summary_stage(config: dict) -> dict:
-    """An extra stage for the test: reports the run name and the world size it ran on."""
-    ctx = config["context"]
-    metrics = {"summary_world": world()[1]}
-    files = {"summary.txt": ctx.run_name.encode(), "metrics.json": __import__("json").dumps(metrics).encode()}
-    report(metrics, files if world()[0] == 0 else None)
-    return metrics
+def summary_stage(meeting: Path, others: dict[str, str], wait_s: float = 300.0):
+    """An extra stage for the test: reports the run name and the world size it ran on, and whether this
+    job's workers met the other job's: rank 0 leaves a mark in `meeting` (a folder both jobs' workers
+    see), then every rank waits up to `wait_s` for the other job's mark. Jobs that ran one after the
+    other never meet (the first one waits in vain)."""
+
+    def stage(config: dict) -> dict:
+        ctx = config["context"]
+        rank, size = world()
+        if rank == 0:
+            (meeting / ctx.run_name).touch()
+        deadline = time.monotonic() + wait_s
+        while not (meeting / others[ctx.run_name]).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        metrics = {"summary_world": size, "summary_met_other": int((meeting / others[ctx.run_name]).exists())}
+        files = {"summary.txt": ctx.run_name.encode(), METRICS: json.dumps(metrics).encode()}
+        report(metrics, files if rank == 0 else None)
+        return metrics
+
+    return stage
 
 
 @pytest.fixture
@@ -64,7 +83,10 @@ def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, two
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import a test module
-    monkeypatch.setattr(driver, "STAGES", driver.STAGES + (driver.Stage("summary", summary_stage),))
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    summary = summary_stage(meeting, {"job-a": "job-b", "job-b": "job-a"})
+    monkeypatch.setattr(driver, "STAGES", driver.STAGES + (driver.Stage("summary", summary),))
     split = CleanSplit.load(digits_lab.dval_path)
     dval = load_dataset("digits", "train").subset(split.indices)
     sizes = {"a": 60, "b": 50}
@@ -84,17 +106,14 @@ def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, two
             "analysis": {"esd_samples": 0},
         })
     def run(name):
-        start = time.monotonic()
-        result = driver.run_job(configs[name], progress=lambda msg: None)
-        return name, result, (start, time.monotonic())
+        return name, driver.run_job(configs[name], progress=lambda msg: None)
 
     with ThreadPoolExecutor(2) as pool:
-        results = {name: (result, span) for name, result, span in pool.map(run, configs)}
-    (a_start, a_end), (b_start, b_end) = results["a"][1], results["b"][1]
-    assert a_start < b_end and b_start < a_end  # both were in flight together
-    for name, (result, _) in results.items():
+        results = dict(pool.map(run, configs))
+    for name, result in results.items():
         other = "b" if name == "a" else "a"
         m = result.metrics
+        assert m["summary_met_other"] == 1, f"job-{name}'s workers never met job-{other}'s: the jobs ran one by one"
         assert m["fisher_count"] == sizes[name]  # read from its own endpoint: same URL, different data
         assert m["summary_world"] == 2 and (result.purified_path.parent / "summary.txt").read_text() == f"job-{name}"
         tracker = Tracker(configs[name].tracking.tracking_uri, create=False)

@@ -14,10 +14,12 @@ from fip.io import load_model
 from fip.purify import Purifier, finalize_model, prepare_model
 from lab.backdoor import attack_from_record
 from lab.datasets import CleanSplit, load_dataset
+from pipeline.artifacts import FISHER, HISTORY
 from pipeline.config import JobConfig
 from pipeline.driver import JobError, plan_job, run_job
 from pipeline.evaluation import evaluate_shards
-from pipeline.shards import open_shards, read_all, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import open_shards, read_all
 from pipeline.stages import StageContext, step_batches
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]
@@ -112,7 +114,7 @@ def test_mlflow_run_artifacts_and_registry_cli(job, tmp_path, capsys):
     assert len(client.get_metric_history(result.run_id, "ce")) == 12
     assert [m.step for m in client.get_metric_history(result.run_id, "eval_asr")] == [0, 6, 12]
     names = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"fisher.safetensors", "history.json", "curves.png", "esd.png", "attack_record.json", "purified"} <= names
+    assert {FISHER, HISTORY, "curves.png", "esd.png", "attack_record.json", "purified"} <= names
     mv = client.get_model_version_by_alias("fip-purified", "candidate")
     assert mv.tags["method"] == "fip" and float(mv.tags["ASR"]) == pytest.approx(result.metrics["asr_after"], abs=1e-4)
 
@@ -157,7 +159,7 @@ def test_mismatched_model_is_refused_before_workers_start(digits_lab, shards, tm
         plan_job(cfg)
     spec = ModelSpec("vit-small", num_classes=10, in_channels=3, image_size=8, width=0.25)
     rgb = str(save_model(build_model(spec), spec, tmp_path / "rgb.safetensors"))
-    with pytest.raises(JobError, match=r"hold \(1, 8, 8\) images but the model expects \(3, 8, 8\)"):
+    with pytest.raises(JobError, match=r"hold \(1, 8, 8\) images but the model .* expects \(3, 8, 8\)"):
         plan_job(cfg.replace(inputs={"model": rgb}))
     with pytest.raises(ConfigError, match="global batch 16 must be divisible by 3 workers"):
         cfg.replace(resources={"workers": 3})

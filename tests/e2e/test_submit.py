@@ -30,7 +30,8 @@ from fip.io import load_model
 from lab.backdoor import attack_from_record
 from lab.datasets import CleanSplit, load_dataset
 from pipeline.evaluation import evaluate_shards
-from pipeline.shards import open_shards, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import open_shards
 from pipeline.storage import Storage, StorageSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]

@@ -36,7 +36,7 @@ def job_config(lab, clean: str, test: str, tmp: Path, s3_endpoint: str | None = 
 def write_job_shards(lab, clean: str, test: str, store=None) -> None:
     """D_val in shards of 30 (30, ..., 20: the ranks' shares) and the test set in shards of 100."""
     from lab.datasets import CleanSplit, load_dataset
-    from pipeline.shards import write_shards
+    from pipeline.shard_writer import write_shards
 
     split = CleanSplit.load(lab.dval_path)
     train, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")

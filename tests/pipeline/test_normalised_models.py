@@ -77,7 +77,7 @@ def test_fip_smoothness_analyses_the_twin_on_normalised_inputs(twin, capsys):
 def test_the_sweep_scores_the_twin_as_the_suspect(digits_lab, twin, tmp_path):
     from lab.datasets import CleanSplit, load_dataset
     from pipeline.config import JobConfig
-    from pipeline.shards import write_shards
+    from pipeline.shard_writer import write_shards
     from tuning.sweep import SweepConfig, prepare
 
     split = CleanSplit.load(digits_lab.dval_path)

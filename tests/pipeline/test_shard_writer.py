@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shard_writer import (
-    DvalSplit,
-    Source,
-    cifar10_source,
-    folder_source,
-    write_source,
-)
-from pipeline.shards import PARTIAL_MANIFEST, ShardError, open_shards, read_all
+from pipeline.shard_sources import DvalSplit, Source, cifar10_source, folder_source
+from pipeline.shard_writer import write_source
+from pipeline.shardfmt import PARTIAL_MANIFEST, ShardError
+from pipeline.shards import open_shards, read_all
 
 
 def make_folder(root, classes=3, per_class=10, seed=0, size=(24, 40), extra=True):

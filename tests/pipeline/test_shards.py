@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lab.datasets import load_dataset
+from pipeline.shard_writer import write_shards
 from pipeline.shards import (
     RankStream,
     ShardError,
@@ -17,7 +18,6 @@ from pipeline.shards import (
     open_shards,
     rank_loader,
     read_all,
-    write_shards,
 )
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.shard_writer import index_shards
+from pipeline.shard_index import index_shards
 from pipeline.shards import (
     RankStream,
     ReadStats,
@@ -188,7 +188,7 @@ def test_bad_foreign_samples_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"broken\.tar: sample 'e' is not a readable image"):
         index_shards(str(tmp_path / "broken.tar"))
     # written by hand (e.g. after an index of the healthy shard): the reader names the sample, or skips it
-    from pipeline.shards import ShardInfo, ShardManifest
+    from pipeline.shardfmt import ShardInfo, ShardManifest
 
     manifest = ShardManifest("x", "", ["0", "1"], [3, 16, 16], 3, [ShardInfo("broken.tar", 3, "")],
                              {"variable_size": True})

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lab.datasets import load_dataset
-from pipeline.shards import open_shards, read_all, write_shards
+from pipeline.shard_writer import write_shards
+from pipeline.shards import open_shards, read_all
 from pipeline.storage import Storage, StorageError, StorageSettings, register_webdataset_s3
 
 
@@ -19,6 +20,17 @@ def test_shards_round_trip_through_s3(s3_store):
     assert torch.equal(x, data.x) and torch.equal(y, data.y)
     # the brace form resolves against the manifest beside it
     assert open_shards("s3://fip-test/unit/digits/{000000..000001}.tar", s3_store).total == 60
+
+
+def test_put_file_and_delete_on_s3_and_disk(s3_store, tmp_path):
+    src = tmp_path / "shard.tar"
+    src.write_bytes(bytes(range(256)) * 64)
+    for url in ("s3://fip-test/unit/put/shard.tar", str(tmp_path / "out" / "shard.tar")):
+        s3_store.put_file(url, src)
+        assert s3_store.read_bytes(url) == src.read_bytes()
+        s3_store.delete(url)
+        assert not s3_store.exists(url)
+        s3_store.delete(url)  # already gone: no error
 
 
 def test_plain_webdataset_reads_s3_through_our_opener(s3_store):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,23 @@ def run_main(argv: list[str]) -> Observed:
         except BaseException:  # noqa: BLE001 - the point is to see what escapes
             rc, exception = None, traceback.format_exc()
     return Observed(rc, out.getvalue(), err.getvalue(), time.perf_counter() - start, exception=exception)
+
+
+def run_call(fn: Callable[[], object]) -> Observed:
+    """Call a library function as a command does (e.g. a sweep's winner registration): an error the CLI shows
+    in one line (:func:`fipcli.main.user_facing`) becomes exit 2 with that line; anything else is a traceback."""
+    from fipcli.main import user_facing
+
+    start = time.perf_counter()
+    rc, err, exception = 0, "", None
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the point is to see what escapes
+        if user_facing(e):
+            rc, err = 2, f"error: {e}"
+        else:
+            rc, exception = None, traceback.format_exc()
+    return Observed(rc, "", err, time.perf_counter() - start, exception=exception)
 
 
 def fip_command() -> list[str]:

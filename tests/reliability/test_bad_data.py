@@ -25,7 +25,7 @@ from reliability.harness import Observed, judge_error, run_main
 from fip.io import save_model
 from fip.models import ModelSpec, build_model
 from lab.datasets import ImageSet, load_dataset
-from pipeline.shards import write_shards
+from pipeline.shard_writer import write_shards
 from pipeline.validation import FULL_CHECK_SAMPLES
 
 Edit = Callable[[str, bytes], tuple[str, bytes] | None]
@@ -102,7 +102,7 @@ def base(tmp_path_factory):
     for s in range(2):
         webdataset_shard(foreign / f"their-{s:06d}.tar", [
             {"__key__": f"img{s}_{i:03d}", "jpg": _jpeg(rng), "cls": int(rng.integers(0, 10))} for i in range(12)])
-    from pipeline.shard_writer import index_shards
+    from pipeline.shard_index import index_shards
 
     index_shards(str(foreign / "their-{000000..000001}.tar"), num_classes=10)
     return {"root": root, "digits": digits, "foreign": foreign, "grey8": model_for(root, 1, 8),

@@ -36,7 +36,7 @@ def test_no_secret_in_any_log(tiny_inputs, s3_store, s3_endpoint, tmp_path, ray_
     from mlflow import MlflowClient
 
     from lab.datasets import load_dataset
-    from pipeline.shards import write_shards
+    from pipeline.shard_writer import write_shards
 
     model = "s3://fip-test/secrets/suspect.safetensors"
     s3_store.write_bytes(model, Path(tiny_inputs.model).read_bytes())

@@ -18,7 +18,7 @@ def on_s3(tiny_inputs, s3_store) -> dict[str, str]:  # noqa: F811
     from pathlib import Path
 
     from lab.datasets import load_dataset
-    from pipeline.shards import write_shards
+    from pipeline.shard_writer import write_shards
 
     model = "s3://fip-test/faults/suspect.safetensors"
     s3_store.write_bytes(model, Path(tiny_inputs.model).read_bytes())

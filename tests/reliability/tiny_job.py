@@ -35,7 +35,7 @@ def tiny_inputs(tmp_path_factory) -> TinyInputs:
     from fip.io import save_model
     from fip.models import ModelSpec, build_model
     from lab.datasets import load_dataset
-    from pipeline.shards import write_shards
+    from pipeline.shard_writer import write_shards
 
     root = tmp_path_factory.mktemp("tiny-inputs")
     spec = ModelSpec("vit-small", num_classes=10, in_channels=1, image_size=8, width=0.25)

@@ -11,7 +11,7 @@ import pytest
 
 from lab.datasets import CleanSplit, load_dataset
 from pipeline.config import JobConfig
-from pipeline.shards import write_shards
+from pipeline.shard_writer import write_shards
 from tuning.space import SearchSpace
 from tuning.sweep import SweepConfig, choose_winner, run_sweep
 

@@ -1,0 +1,154 @@
+"""What a shard writer's worker process runs (one shard: encode its samples, write the tar, move or
+upload it), the process pool that the writer and the indexer (:mod:`pipeline.shard_index`) run their
+workers in, and the progress bar both show. Light on purpose: a spawned worker imports this module
+and the shard format, not torch (about 250 MB a process).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import multiprocessing as mp
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.shardfmt import HashingWriter, SizeTally, add_sample, sniff
+from pipeline.storage import Storage, StorageSettings, is_s3
+
+
+class SourceImageError(ValueError):
+    """A source file is not a readable image; names the file."""
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _encoded(sample: tuple) -> tuple[str, bytes, tuple[int, int]]:
+    """(member key, bytes, (width, height)) of one sample."""
+    from PIL import Image, UnidentifiedImageError
+
+    _, _, _, path, pixels = sample
+    if path is None:
+        return "png", _png(pixels), (int(pixels.shape[2]), int(pixels.shape[1]))
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SourceImageError(f"cannot read {path}: {e}") from e
+    kind = sniff(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if kind is not None:
+                return kind, data, im.size
+            im = im.convert("L" if im.mode in ("1", "L", "I;16") else "RGB")
+            arr = np.asarray(im)
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            return "png", _png(arr), im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SourceImageError(f"{path} is not a readable image: {e}") from e
+
+
+def write_shard_file(samples: list[tuple], path: Path) -> dict:
+    """Stream `samples` ``(key, label, index, path, pixels)`` into a tar at `path`; count, hash, formats, sizes.
+
+    A plain ustar archive in the layout of :func:`pipeline.shardfmt.add_sample`, hashed as it is written."""
+    tally = SizeTally()
+    with open(path, "wb") as f:
+        out = HashingWriter(f)
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                key, label, index = sample[0], sample[1], sample[2]
+                kind, data, size = _encoded(sample)
+                add_sample(tar, key, kind, data, label, index)
+                tally.add(kind, size)
+    return {"count": len(samples), "sha256": out.sha.hexdigest(), "bytes": out.size, "meta": tally.meta()}
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux ``VmHWM``: unlike ``ru_maxrss`` it is not inherited
+    from the parent a spawned worker was forked from); None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def write_shard_task(task: dict, settings: StorageSettings) -> dict:
+    """Worker entry point: one shard, written to a temporary file and then moved (local) or uploaded
+    (S3), so a shard at its final name is always whole."""
+    url = task["url"]
+    if not is_s3(url):
+        final = Path(url.removeprefix("file://"))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+        try:
+            info = write_shard_file(task["samples"], tmp)
+            tmp.replace(final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        fd, name = tempfile.mkstemp(suffix=".tar", dir=task.get("tmp_dir"))
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            info = write_shard_file(task["samples"], tmp)
+            Storage(settings).put_file(url, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return {**info, "worker_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------- processes and progress
+class _Inline:
+    """The executor interface, in this process (``workers <= 1``: no start-up cost, easy to debug)."""
+
+    def submit(self, fn, *args) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 (delivered through the future, as a pool would)
+            fut.set_exception(e)
+        return fut
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def process_pool(workers: int) -> cf.Executor | _Inline:
+    """`workers` spawned processes, or this process itself for one."""
+    if workers <= 1:
+        return _Inline()
+    # spawn: fresh interpreters that import only this light module (no torch), with this process's
+    # current environment (S3 credentials). Not fork: this process may run threads (torch's, boto3's,
+    # a test's S3 server); not forkserver: its children keep the environment of the server's start.
+    ctx = mp.get_context("spawn")
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, **kwargs):
+    """A tqdm bar on the terminal when `enabled`; else one that shows nothing."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)

@@ -45,12 +45,11 @@ class Verdict:
 
 
 @torch.no_grad()
-def dval_fit(loaded: LoadedModel, clean: ShardSource, limit: int | None) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of a model on the first `limit` D_val samples, on the CPU (on a copy: the
+def dval_fit(loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of a model on D_val samples (uint8 `x`), on the CPU (on a copy: the
     caller's model stays where it is). The model is loaded as :func:`pipeline.transforms.load_model_for_data`
     loads it: it normalises its ``[0, 1]`` inputs itself."""
     model: nn.Module = copy.deepcopy(loaded.model).cpu().eval()
-    x, y, _ = read_all(clean, limit=limit)
     correct, ce = 0.0, 0.0
     for i in range(0, len(y), 256):
         logits = model(x[i : i + 256].float() / 255.0).float()
@@ -70,9 +69,10 @@ def _non_finite_weight(model: nn.Module) -> str | None:
 
 
 def judge_purified(suspect: LoadedModel, purified: LoadedModel, clean: ShardSource, settings: AcceptanceSettings,
-                   history: Iterable[dict] = ()) -> Verdict:
+                   history: Iterable[dict] = (), skip_corrupt: bool = False) -> Verdict:
     """The verdict on `purified` (see the module docstring); its metrics are the D_val measurements made. Both
-    models as :func:`pipeline.transforms.load_model_for_data` loads them."""
+    models as :func:`pipeline.transforms.load_model_for_data` loads them; D_val read once, leaving out malformed
+    samples when the job does (`skip_corrupt`)."""
     bad = _diverged_step(history)
     if bad is not None:
         terms = ", ".join(f"{k} {v}" for k, v in bad.items() if k != "step")
@@ -80,8 +80,8 @@ def judge_purified(suspect: LoadedModel, purified: LoadedModel, clean: ShardSour
     name = _non_finite_weight(purified.model)
     if name is not None:
         return Verdict(False, f"the purified weights left the finite range (NaN or infinite values in {name})", {})
-    before = dval_fit(suspect, clean, settings.dval_samples)
-    after = dval_fit(purified, clean, settings.dval_samples)
+    x, y, _ = read_all(clean, limit=settings.dval_samples, skip_corrupt=skip_corrupt)
+    before, after = dval_fit(suspect, x, y), dval_fit(purified, x, y)
     metrics = {"dval_acc_suspect": before["acc"], "dval_ce_suspect": before["ce"],
                "dval_acc_purified": after["acc"], "dval_ce_purified": after["ce"]}
     chance = math.log(purified.spec.num_classes)

@@ -425,7 +425,7 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     purified_path = plan.out_dir / PURIFIED
     loaded = load_model_for_data(purified_path)
     purified = loaded.model
-    verdict = judge_purified(plan.suspect, loaded, plan.clean, cfg.acceptance, logs["history"])
+    verdict = judge_purified(plan.suspect, loaded, plan.clean, cfg.acceptance, logs["history"], cfg.run.skip_corrupt)
     metrics.update(verdict.metrics)
     if tracker is not None:
         tracker.log_metrics(run_id, verdict.metrics)

@@ -406,12 +406,13 @@ def rank_loader(stream: RankStream, batch_size: int, num_workers: int = 0, pin_m
                       persistent_workers=False, pin_memory=pin_memory and torch.cuda.is_available(), **extra)
 
 
-def read_all(source: ShardSource, limit: int | None = None,
-             transform: Transform | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every sample in order as (uint8 images, labels, source indices): for small sets and tests."""
+def read_all(source: ShardSource, limit: int | None = None, transform: Transform | None = None,
+             skip_corrupt: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sample in order as (uint8 images, labels, source indices): for small sets and tests. With
+    `skip_corrupt`, malformed samples are left out, as a job with ``run.skip_corrupt`` leaves them out."""
     total = source.total if limit is None else min(limit, source.total)
     xs, ys, idx = [], [], []
-    for img, label, i in iter_range(source, 0, total, transform=transform):
+    for img, label, i in iter_range(source, 0, total, skip_corrupt=skip_corrupt, transform=transform):
         xs.append(img)
         ys.append(label)
         idx.append(i)

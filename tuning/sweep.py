@@ -558,7 +558,8 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     # the same acceptance check as every job's (pipeline.acceptance), on all of D_val, before any alias moves
     history = path.parent / HISTORY
     verdict = judge_purified(_suspect_loaded(base), loaded, open_shards(base.inputs.clean, Storage(base.storage)),
-                             base.acceptance, json.loads(history.read_text())["history"] if history.is_file() else ())
+                             base.acceptance, json.loads(history.read_text())["history"] if history.is_file() else (),
+                             base.run.skip_corrupt)
     tracker.set_tags(parent, verdict.tags())
     if not verdict.passed:
         tracker.set_tags(run_id, verdict.tags())

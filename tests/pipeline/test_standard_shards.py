@@ -66,6 +66,14 @@ def test_without_an_index_the_error_names_the_command(foreign):
 
 
 @pytest.fixture(scope="module")
+def foreign_test(tmp_path_factory) -> str:
+    """Test shards of the same kind, apart from D_val (a job refuses D_val as its test data), indexed."""
+    folder = tmp_path_factory.mktemp("foreign-test")
+    write_foreign(lambda name, data: (folder / name).write_bytes(data), "imagenet-val-", counts=(6, 6), seed=1)
+    return index_shards(f"{folder}/imagenet-val-{{000000..000001}}.tar", image_size=SIZE, num_classes=4)[0]
+
+
+@pytest.fixture(scope="module")
 def indexed(foreign):
     folder, pattern, samples = foreign
     where, manifest = index_shards(pattern, image_size=SIZE)
@@ -241,16 +249,16 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def test_stages_take_standard_shards_in_process(indexed, tmp_path, restore_threads):
+def test_stages_take_standard_shards_in_process(indexed, foreign_test, tmp_path, restore_threads):
     """The Fisher stage and the training batches, in this process (no Ray), on jpg/cls shards."""
     from fip.fisher import FisherDiag
     from pipeline.driver import plan_job
     from pipeline.stages import fisher_stage, step_batches
 
-    folder, pattern, _, where, _ = indexed
+    folder, pattern, _, _, _ = indexed
     plans = {}
     for norm in (False, True):
-        cfg = _config(tmp_path / str(norm), _model(tmp_path, norm), pattern, where, fisher_kind="true")
+        cfg = _config(tmp_path / str(norm), _model(tmp_path, norm), pattern, foreign_test, fisher_kind="true")
         plan = plan_job(cfg)  # the model's (3, 32, 32) matches what the index says readers yield
         metrics = fisher_stage({"context": plan.context})
         assert metrics["fisher_count"] == 21 and "acc_before" in metrics
@@ -264,12 +272,12 @@ def test_stages_take_standard_shards_in_process(indexed, tmp_path, restore_threa
 
 
 @pytest.mark.slow  # Ray Train, two stages: about a minute on 2 cores
-def test_purify_job_on_standard_jpeg_shards(ray_session, indexed, tmp_path):
+def test_purify_job_on_standard_jpeg_shards(ray_session, indexed, foreign_test, tmp_path):
     from pipeline.driver import run_job
     from pipeline.transforms import NORMALIZATION_KEY, TRANSFORM_KEY
 
-    _, pattern, _, where, _ = indexed
-    result = run_job(_config(tmp_path, _model(tmp_path, True), pattern, where))
+    _, pattern, _, _, _ = indexed
+    result = run_job(_config(tmp_path, _model(tmp_path, True), pattern, foreign_test))
     assert result.metrics["fisher_count"] == 21 and {"acc_before", "acc_after"} <= set(result.metrics)
     side = json.loads(result.purified_path.with_suffix(".json").read_text())["metadata"]
     assert side[NORMALIZATION_KEY] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -46,7 +46,7 @@ def _record(attack: str, config_hash: str, params: dict) -> dict:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Lab:
     from lab.datasets import ImageSet, load_dataset
-    from pipeline.shards import write_shards
+    from pipeline.shard_writer import write_shards
 
     root = tmp_path_factory.mktemp("mismatch")
     torch.manual_seed(0)

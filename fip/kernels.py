@@ -41,3 +41,17 @@ def guard_cpu_convolutions(model: nn.Module) -> nn.Module:
             module.register_forward_pre_hook(_pre_hook)
             setattr(module, _GUARDED, True)
     return model
+
+
+def differentiable_attention():
+    """A context in which ``scaled_dot_product_attention`` takes its math (composite) kernel.
+
+    The fused kernels (flash attention on the CPU and on CUDA, memory-efficient attention) have no derivative
+    of their backward, so FIP's ``Tr(F)`` penalty, a gradient of a gradient, fails through them
+    (``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented``); the
+    math kernel is built from ordinary differentiable ops and supports double backward, forward-mode AD and
+    vmap. Models that call the fused kernel (timm's and Hugging Face's attention, ``nn.MultiheadAttention``)
+    need no change."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip.kernels import guard_cpu_convolutions
+from fip.kernels import guard_cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -336,8 +336,8 @@ def parameter_count(spec: ModelSpec) -> int:
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Instantiate `spec.arch` from the registry, after checking on the meta device that it is not absurdly
-    large (a spec from a file could otherwise ask for petabytes); its convolutions get the CPU layout guard
-    (:mod:`fip.kernels`)."""
+    large (a spec from a file could otherwise ask for petabytes); its convolutions and BatchNorms get the CPU layout
+    guards (:mod:`fip.kernels`)."""
     n = parameter_count(spec)
     if n > MAX_PARAMETERS:
         raise ValueError(f"model spec {spec.arch} (num_classes {spec.num_classes}, width {spec.width:g}) would have "
@@ -345,5 +345,5 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if spec.source != "fip":
         from fip import families
 
-        return guard_cpu_convolutions(families.build(spec))
-    return guard_cpu_convolutions(ARCHITECTURES[spec.arch](spec))
+        return guard_cpu_kernels(families.build(spec))
+    return guard_cpu_kernels(ARCHITECTURES[spec.arch](spec))

@@ -209,7 +209,7 @@ def _check_options(spec: ModelSpec, source: str) -> None:
                           "from the model file; classes and geometry from the spec's own fields)")
     if source == "torchvision" and spec.in_channels != 3:
         raise FamilyError(f"model spec {spec.arch}: torchvision's builders take 3-channel images, spec says "
-                          f"in_channels {spec.in_channels} (gray images are repeated to 3 channels before the model)")
+                          f"in_channels {spec.in_channels} (repeat gray images to 3 channels)")
 
 
 def check_spec(spec: ModelSpec) -> None:

@@ -1,7 +1,9 @@
 """Architectures the lab attacks and FIP purifies, looked up by name in one registry.
 
 Every model is built from a :class:`ModelSpec`, which is also what the safetensors sidecar stores,
-so a purified model always reloads into the stock architecture it came from.
+so a purified model always reloads into the stock architecture it came from. Besides ours, a spec may
+name a torchvision, timm or Hugging Face model (``torchvision:resnet18``, ``timm:vit_tiny_patch16_224``,
+``hf:<folder>``); :mod:`fip.families` checks and builds those.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from fip.kernels import guard_cpu_kernels
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What it takes to rebuild a model: architecture name, classes, input geometry and width."""
+    """What it takes to rebuild a model: architecture name (ours, or ``source:name`` for a family model),
+    classes, the input geometry the model expects (channels, square image size), width (ours only) and
+    options (ours: small integers; families: builder keywords, or an HF folder's config)."""
 
     arch: str
     num_classes: int = 10

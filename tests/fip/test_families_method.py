@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from family_models import CLASSES, AttentionNet, hf_folder, timm_spec, torchvision_spec
+from references import loop_squared_grads, relative_error
 
 from fip.fisher import fisher_diag, per_sample_grads, per_sample_grads_loop, trainable_params
 from fip.io import load_model
@@ -53,40 +53,21 @@ def _batch(size, n=5, seed=1):
     return torch.rand(n, 3, size, size, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
-def _loop_squared_grads(model, x, y):
-    """Independent reference: one ordinary backward per sample (the model's own kernels), squared, summed."""
-    model.eval()
-    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
-    for i in range(len(x)):
-        model.zero_grad()
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                total[n] += p.grad.double() ** 2
-    return total
-
-
-def _rel_err(a, b):
-    num = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b) ** 0.5
-    den = sum(float(b[k].double().pow(2).sum()) for k in b) ** 0.5
-    return num / den
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vmap_fisher_matches_a_per_sample_loop(family, request):
     model, size = _family(family, request)
     x, y = _batch(size)
     est = fisher_diag(model, [(x[:3], y[:3]), (x[3:], y[3:])], chunk_size=2)
     assert model.training  # eval mode only inside the estimate: drop_path and BatchNorm statistics untouched
-    ref = _loop_squared_grads(model, x, y)
-    assert est.count == 5 and _rel_err(est.sums, ref) < 1e-4
+    ref = loop_squared_grads(model, x, y)
+    assert est.count == 5 and relative_error(est.sums, ref) < 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trace_penalty_through_fused_attention_matches_the_loop_and_differentiates(family, request):
     model, size = _family(family, request)
     x, y = _batch(size, n=4, seed=2)
-    reference = sum(float(s.sum()) for s in _loop_squared_grads(model, x, y).values()) / len(x)
+    reference = sum(float(s.sum()) for s in loop_squared_grads(model, x, y).values()) / len(x)
     exact = trace_penalty(model, x, y, "exact")
     assert exact.item() == pytest.approx(reference, rel=1e-4)
     signed = trace_penalty(model, x, y, "signed", probes=2, generator=torch.Generator().manual_seed(0))
@@ -114,7 +95,7 @@ def test_the_loop_fallback_is_chosen_where_vmap_cannot_run():
     params = trainable_params(model)
     auto = per_sample_grads(model, x, y)  # vmap raises inside; the loop answers
     loop = per_sample_grads_loop(model, params, x, y)
-    assert _rel_err(auto, loop) < 1e-6
+    assert relative_error(auto, loop) < 1e-6
     assert trace_penalty(model, x, y, "exact").item() == pytest.approx(
         sum(float(g.pow(2).sum()) for g in loop.values()) / 5, rel=1e-5)
 

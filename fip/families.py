@@ -279,11 +279,16 @@ def logits_only(module: nn.Module, args: tuple, output):
 
 # ---------------------------------------------------------------- normalisation
 def _per_channel(mean, std, channels: int) -> dict | None:
-    """mean/std for `channels` channels: as given, or averaged to one for a gray model of an RGB default."""
-    mean, std = [float(v) for v in mean], [float(v) for v in std]
-    if len(mean) == channels and len(std) == channels:
+    """mean/std for `channels` channels: as given, one value repeated, or an RGB default averaged for a gray
+    model; None where they cannot match (the caller then states the normalisation)."""
+    mean, std = ([float(v)] if isinstance(v, int | float) else [float(t) for t in v] for v in (mean, std))
+    if len(mean) != len(std) or not mean:
+        return None
+    if len(mean) == channels:
         return {"mean": mean, "std": std}
-    if channels == 1 and len(mean) == len(std) > 1:
+    if len(mean) == 1:
+        return {"mean": mean * channels, "std": std * channels}
+    if channels == 1:
         return {"mean": [sum(mean) / len(mean)], "std": [sum(std) / len(std)]}
     return None
 

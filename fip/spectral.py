@@ -100,7 +100,7 @@ def shift_targets(model: nn.Module) -> list[str]:
     names = []
     for prefix, module in model.named_modules():
         dot = f"{prefix}." if prefix else ""
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) and not parametrize.is_parametrized(module):
             names += [dot + n for n in ATTENTION_WEIGHTS if isinstance(getattr(module, n, None), nn.Parameter)]
         elif isinstance(module, SHIFTABLE):
             names.append(dot + "weight")
@@ -124,7 +124,8 @@ def to_spectral_shift(model: nn.Module, train_norms: bool = False, train_biases:
         p.requires_grad_(False)
     _replace(model, lambda m: SpectralShift(m) if isinstance(m, SHIFTABLE) else m)
     for module in list(model.modules()):
-        if isinstance(module, nn.MultiheadAttention):
+        # a module parametrized already (weight norm, say) is left alone: its fold could not undo only ours
+        if isinstance(module, nn.MultiheadAttention) and not parametrize.is_parametrized(module):
             for name in ATTENTION_WEIGHTS:
                 if isinstance(getattr(module, name, None), nn.Parameter):
                     parametrize.register_parametrization(module, name, ShiftedSpectrum(getattr(module, name)),
@@ -150,13 +151,24 @@ def fold_spectral_shift(model: nn.Module) -> nn.Module:
 
     _replace(model, fold)
     for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                if any(isinstance(p, ShiftedSpectrum) for p in module.parametrizations[name]):
-                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        if parametrize.is_parametrized(module) and any(
+                isinstance(p, ShiftedSpectrum) for plist in module.parametrizations.values() for p in plist):
+            _fold_parametrized(module)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def _fold_parametrized(module: nn.Module) -> None:
+    """Write ``W'`` into plain Parameters of `module` and drop its parametrizations (all of them ours, see
+    :func:`to_spectral_shift`). Not ``parametrize.remove_parametrizations``: it deletes the weight's property
+    from the module's injected class, which ``copy.deepcopy`` shares between copies, so folding a snapshot
+    (``purify``'s evaluations) would break the model being trained."""
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    module.__class__ = module.__class__.__bases__[0]  # this object only; the injected class stays intact
+    del module._modules["parametrizations"]
+    for name, value in values.items():
+        module.register_parameter(name, nn.Parameter(value))
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -149,9 +149,14 @@ def test_a_few_purification_steps_run_with_finite_losses(family, method, request
     model.eval()
     x, y = _batch(size, n=16, seed=5)
     cfg = PurifyConfig(method=method, iterations=3, batch_size=8, trace_every=1, trace_batch=4, augment=True,
-                       augment_pad=2, fisher_samples=8)
-    result = purify(model, x, y, cfg)
-    assert len(result.history) == 3
+                       augment_pad=2, fisher_samples=8, eval_every=1)
+
+    def evaluate(m):  # a folded snapshot each step: folding it must leave the model being trained intact
+        with torch.no_grad():
+            return {"acc": float((m(x).argmax(1) == y).float().mean())}
+
+    result = purify(model, x, y, cfg, evaluate)
+    assert len(result.history) == 3 and [e["step"] for e in result.evaluations] == [0, 1, 2, 3]
     assert all(math.isfinite(h["total"]) and h["trace"] > 0 for h in result.history)
     assert set(result.model.state_dict()) == set(model.state_dict())
     assert not any(isinstance(m, SpectralShift | ShiftedSpectrum) for m in result.model.modules())

@@ -19,13 +19,21 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from fip.models import ModelSpec
+
+class ModelSpec(Protocol):
+    """What this module reads of a :class:`fip.models.ModelSpec` (which imports this module: the spec
+    is described here, not imported)."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    options: dict
 
 SOURCES = ("torchvision", "timm", "hf")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -330,15 +338,3 @@ def family_defaults(arch: str) -> dict[str, Any]:
     if source == "torchvision":
         return {"num_classes": 1000, "in_channels": 3, "image_size": 224}
     return {}
-
-
-def spec_for(arch: str, **given: Any) -> ModelSpec:
-    """The spec of `arch` with the fields `given` (None: not given) over the family's defaults; an ``hf:``
-    folder's config and preprocessor normalisation are read into the spec's options, so the spec alone
-    rebuilds the model later."""
-    from fip.models import ModelSpec
-
-    fields = {**family_defaults(arch), **{k: v for k, v in given.items() if v is not None}}
-    if split_arch(arch)[0] == "hf" and given.get("options"):
-        fields["options"] = {**family_defaults(arch)["options"], **given["options"]}
-    return ModelSpec(arch, **fields)

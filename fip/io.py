@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fip import families
-from fip.models import ModelSpec, build_model, parameter_count
+from fip.models import ModelSpec, build_model, parameter_count, spec_for
 
 SPEC_KEY = "fip.model_spec"
 META_KEY = "fip.metadata"
@@ -271,7 +271,7 @@ def _read_hf_folder(folder: Path, spec: ModelSpec | None) -> WeightsFile:
     normalisation of ``preprocessor_config.json``), its weights from safetensors (one file or shards) or
     ``pytorch_model.bin``."""
     try:
-        spec = spec or families.spec_for(f"hf:{folder}")
+        spec = spec or spec_for(f"hf:{folder}")
     except ValueError as e:
         raise ModelFileError(f"{folder}: {e}") from e
     index = folder / HF_SHARD_INDEX

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fip import families
 from fip.kernels import guard_cpu_kernels
 
 
@@ -47,8 +49,6 @@ class ModelSpec:
         if not isinstance(self.options, dict):
             raise ValueError(f"model spec: options must be a mapping, got {type(self.options).__name__}")
         if ":" in self.arch:  # torchvision:/timm:/hf: models check their own options (fip.families)
-            from fip import families
-
             families.check_spec(self)
             return
         allowed = ARCH_OPTIONS.get(self.arch, {})
@@ -331,8 +331,6 @@ ARCH_OPTIONS: dict[str, dict[str, int]] = {"vit-small": {"patch": 64, "depth": 6
 def parameter_count(spec: ModelSpec) -> int:
     """Parameters `spec` would allocate, counted on the meta device (nothing is allocated)."""
     if spec.source != "fip":
-        from fip import families
-
         return families.parameter_count(spec)
     with torch.device("meta"):
         return sum(p.numel() for p in ARCHITECTURES[spec.arch](spec).parameters())
@@ -347,7 +345,15 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise ValueError(f"model spec {spec.arch} (num_classes {spec.num_classes}, width {spec.width:g}) would have "
                          f"{n:,} parameters; refusing more than {MAX_PARAMETERS:,}")
     if spec.source != "fip":
-        from fip import families
-
         return guard_cpu_kernels(families.build(spec))
     return guard_cpu_kernels(ARCHITECTURES[spec.arch](spec))
+
+
+def spec_for(arch: str, **given: Any) -> ModelSpec:
+    """The spec of `arch` with the fields `given` (None: not given) over the family's defaults; an ``hf:``
+    folder's config and preprocessor normalisation are read into the spec's options, so the spec alone
+    rebuilds the model later."""
+    fields = {**families.family_defaults(arch), **{k: v for k, v in given.items() if v is not None}}
+    if families.split_arch(arch)[0] == "hf" and given.get("options"):
+        fields["options"] = {**families.family_defaults(arch)["options"], **given["options"]}
+    return ModelSpec(arch, **fields)

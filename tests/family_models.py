@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fip.families import import_transformers, spec_for
+from fip.families import import_transformers
+from fip.models import spec_for
 from fip.models import ModelSpec
 
 CLASSES = 4

@@ -9,7 +9,8 @@ import torch
 from family_models import CLASSES, hf_folder, timm_spec, torchvision_spec
 from safetensors.torch import save_file
 
-from fip.families import default_normalization, import_torchvision, spec_for
+from fip.families import default_normalization, import_torchvision
+from fip.models import spec_for
 from fip.io import NORMALIZATION_KEY, ModelFileError, describe_model_file, load_model, save_model
 from fip.models import ModelSpec, build_model
 

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from fip.families import import_transformers
-from fip.models import spec_for
-from fip.models import ModelSpec
+from fip.models import ModelSpec, spec_for
 
 CLASSES = 4
 

@@ -10,9 +10,8 @@ from family_models import CLASSES, hf_folder, timm_spec, torchvision_spec
 from safetensors.torch import save_file
 
 from fip.families import default_normalization, import_torchvision
-from fip.models import spec_for
 from fip.io import NORMALIZATION_KEY, ModelFileError, describe_model_file, load_model, save_model
-from fip.models import ModelSpec, build_model
+from fip.models import ModelSpec, build_model, spec_for
 
 
 def _same_outputs(a, b, size, channels=3):

@@ -27,6 +27,9 @@ MODEL_STATE = "model"  # where the purifier's state (a resumable checkpoint's) k
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
 
+MAX_ITERATIONS = 10_000_000  # 40 days at 3 steps/s; the paper's runs take 2,000 and ImageNet runs tens of thousands
+
+
 @dataclass
 class PurifyConfig:
     """One FIP job's knobs; defaults follow the authors' CIFAR-10 script (docs/method.md, "Defaults").
@@ -69,6 +72,9 @@ class PurifyConfig:
         for name in ("iterations", "batch_size", "trace_every", "trace_probes", "trace_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.iterations > MAX_ITERATIONS:
+            raise ValueError(f"iterations must be at most {MAX_ITERATIONS:,} (the paper purifies in 2,000; "
+                             f"{self.iterations:,} steps would not end), got {self.iterations}")
         for name in ("eta_f", "eta_r", "eta_kl", "lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0 or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")

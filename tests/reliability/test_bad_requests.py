@@ -29,6 +29,10 @@ CASES = {  # (command, flags, what the error must name)
                                          ("batch_size 512", "140 clean samples")),
     "tune --batch-size beyond the trials' share of D_val": ("tune", ["--workers", "1", "--batch-size", "128"],
                                                            ("batch_size 128", "clean samples")),
+    "purify --iterations 10000000000": ("purify", ["--workers", "1", "--iterations", "10000000000"],
+                                        ("iterations", "10000000000")),
+    "tune --iterations 10000000000": ("tune", ["--workers", "1", "--iterations", "10000000000"],
+                                      ("iterations", "10000000000")),
 }
 
 

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in COMMAND_MODULES:
         mod.register(sub)
+    # `fip submit` checks a job's command line with this whole parser: handed over here, so that no command
+    # module imports this one (which imports them all)
+    parser.set_defaults(fip_parser=parser)
     return parser
 
 

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def quiet_frameworks() -> None:
     """The terminal shows our progress and real warnings: MLflow's INFO chatter (store migrations)
-    is not for the user; Ray's own logs go to Ray's log folder (pipeline.driver.ensure_ray)."""
+    is not for the user; Ray's own logs go to Ray's log folder (pipeline.ray_runtime.ensure_ray)."""
     # MLflow sets its own top logger's level when imported, so quiet the chatty module itself
     for name in ("mlflow", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)

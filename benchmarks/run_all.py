@@ -4,11 +4,12 @@ The full tables are separate, documented commands (tens of minutes to hours on 2
 ``python -m benchmarks.attack_table`` and ``python -m benchmarks.defense_table``.
 """
 
-from benchmarks import defense_table, method_bench, scale_bench, shard_bench
+from benchmarks import defense_table, families_bench, method_bench, scale_bench, shard_bench
 
 
 def main() -> None:
     method_bench.main()
+    families_bench.main([])
     shard_bench.main([])
     # ImageNet-shaped at a small size: 1,000 and 4,000 synthetic JPEGs, ResNet-50 at batch 2 on one
     # thread (two threads on two busy cores made its steps many times slower: docs/scale.md)

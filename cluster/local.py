@@ -185,14 +185,16 @@ def _spawn(name: str, cmd: list[str], env: Mapping[str, str], log_dir: Path, url
     return Service(name, proc.pid, _start_ticks(proc.pid), url, str(log))
 
 
-def _wait_http(svc: Service, path: str, deadline: float) -> None:
-    """Until `svc` answers 200 on `path`; a dead process or the deadline ends in its log's last line."""
+def _wait_http(svc: Service, path: str, deadline: float, token: str | None = None) -> None:
+    """Until `svc` answers 200 on `path` (sending `token` as Ray's bearer token); a dead process or the
+    deadline ends in its log's last line."""
     url = svc.url + path
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
         if not svc.alive():
             break
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -210,9 +212,12 @@ def _wait_http(svc: Service, path: str, deadline: float) -> None:
 
 def up(root: str | Path = DEFAULT_ROOT, *, env: Mapping[str, str], num_cpus: int = 2, with_s3: bool = True,
        ray_temp_dir: str | Path | None = None, dashboard_port: int = 8265, mlflow_port: int = 5001,
-       s3_port: int = 5002, object_store_mb: int = 256, timeout: float = 120.0, progress=print) -> LocalCluster:
+       s3_port: int = 5002, object_store_mb: int = 256, timeout: float = 120.0, ray_auth_token: str | None = None,
+       progress=print) -> LocalCluster:
     """Start the stand-in and return its addresses; `env` is the environment the services (and so the
-    jobs) get, credentials included. Ports are the preferred ones when free, else any free port."""
+    jobs) get, credentials included. Ports are the preferred ones when free, else any free port.
+    `ray_auth_token` starts Ray with token authentication, as a cluster reachable from a network runs
+    (docs/cluster.md); by default it is off, every port being on loopback."""
     root = Path(root).resolve()
     existing = LocalCluster.load(root)
     if existing is not None and existing.running():
@@ -229,6 +234,8 @@ def up(root: str | Path = DEFAULT_ROOT, *, env: Mapping[str, str], num_cpus: int
         base.update(MOTO_KEYS)
     base.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     ray_env = {**base, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    if ray_auth_token:
+        ray_env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_auth_token})
 
     cluster = LocalCluster(str(root), "", "", "", None, str(temp))
     deadline = time.monotonic() + timeout
@@ -264,7 +271,7 @@ def up(root: str | Path = DEFAULT_ROOT, *, env: Mapping[str, str], num_cpus: int
         waits.append((svc, "/api/jobs/"))  # the jobs API answers once the head's job agent is up
         cluster.save()
         for svc, path in waits:
-            _wait_http(svc, path, deadline)
+            _wait_http(svc, path, deadline, ray_auth_token if svc.name == "ray" else None)
     except BaseException:
         cluster.stop(progress=lambda msg: None)
         raise

@@ -219,18 +219,33 @@ class Jobs:
     @property
     def client(self):
         if self._client is None:
+            from ray.exceptions import AuthenticationError
             from ray.job_submission import JobSubmissionClient
 
             try:
                 self._client = JobSubmissionClient(self.address)
+            except AuthenticationError as e:
+                raise self._refused(e) from e
             except (ConnectionError, RuntimeError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ConnectionError(f"cannot reach Ray's jobs API at {self.address}: {first}") from e
         return self._client
 
+    def _refused(self, error: Exception) -> SubmitError:
+        """Ray's token authentication said no: one line with Ray's reason and where the token goes (Ray's
+        own message is a paragraph, and its exception class a traceback on the terminal)."""
+        reason = getattr(error, "message", str(error)).strip().splitlines()[0]
+        return SubmitError(f"Ray's jobs API at {self.address} refused the request ({reason}): the cluster uses "
+                           f"token authentication; give this shell its token with RAY_AUTH_MODE=token and "
+                           f"RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/cluster.md)")
+
     def _call(self, what: str, fn: Callable, *args, **kwargs):
+        from ray.exceptions import AuthenticationError
+
         try:
             return fn(*args, **kwargs)
+        except AuthenticationError as e:
+            raise self._refused(e) from e
         except RuntimeError as e:
             text = str(e)
             if "404" in text or "does not exist" in text:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fip.kernels import differentiable_attention
 from fip.models import classifier_head
 
 FisherKind = Literal["empirical", "true"]
@@ -83,8 +84,12 @@ def _sample_nll(model: nn.Module):
 
 
 def per_sample_grads_vmap(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
-    """Per-sample gradients of -log p(y|x), shape (B, *param.shape), by vmap over grad."""
-    return vmap(grad(_sample_nll(model)), in_dims=(None, 0, 0))(params, x, y)
+    """Per-sample gradients of -log p(y|x), shape (B, *param.shape), by vmap over grad.
+
+    Attention takes its math kernel (:func:`fip.kernels.differentiable_attention`): vmap has no batching rule
+    for the fused kernels and would run them one sample at a time."""
+    with differentiable_attention():
+        return vmap(grad(_sample_nll(model)), in_dims=(None, 0, 0))(params, x, y)
 
 
 def per_sample_grads_loop(

@@ -2,8 +2,11 @@
 
 Weights are written as safetensors plus a JSON sidecar (`<stem>.json`) holding the
 :class:`~fip.models.ModelSpec` and free-form metadata; the spec is also embedded in the safetensors
-header so the file alone suffices. Pickle-based files (`.pt`, `.pth`, `.ckpt`) are read only through
-``torch.load(weights_only=True)``, which refuses any object that could run code.
+header so the file alone suffices. Pickle-based files (`.pt`, `.pth`, `.ckpt`, `.bin`) are read only through
+``torch.load(weights_only=True)``, which refuses any object that could run code. A Hugging Face folder
+(``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``) loads as an ``hf:`` model
+(:mod:`fip.families`). Keys saved under a wrapper (``module.``, ``model.``, ``_orig_mod.``) are mapped to
+the architecture's; keys that still do not fit are named in one line.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import pickletools
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +25,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fip.models import ModelSpec, build_model
+from fip import families
+from fip.models import ModelSpec, build_model, parameter_count, spec_for
 
 SPEC_KEY = "fip.model_spec"
 META_KEY = "fip.metadata"
+# where a model's metadata records the normalisation it expects on [0, 1] inputs (read by pipeline.transforms)
+NORMALIZATION_KEY = "input_normalization"
+# prefixes that wrappers add to saved keys: DataParallel/DDP, Lightning-style `self.model`, torch.compile
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+HF_SHARD_INDEX = "model.safetensors.index.json"
 
 
 class ModelFileError(ValueError):
@@ -84,16 +96,38 @@ def _read_pickle_weights_only(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
+        if _pickles_a_module(path):
+            raise ModelFileError(
+                f"refusing {path}: it holds a whole pickled model (torch.save(model)), which only unpickling could "
+                "rebuild, and unpickling can run arbitrary code; save torch.save(model.state_dict(), ...) or "
+                "safetensors instead") from e
         raise ModelFileError(
             f"refusing {path}: it holds more than plain tensors, and unpickling it fully could run arbitrary code "
             f"(torch.load(weights_only=True) rejected it: {_unpickler_reason(e)}). "
             "Re-save it as a state dict or safetensors from a trusted environment."
         ) from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", "model_state_dict", "model"):  # a training checkpoint's model part
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelFileError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def _pickles_a_module(path: Path) -> bool:
+    """Whether a torch.save archive pickles an ``nn.Module`` (its state has ``_modules`` and ``_parameters``),
+    found by reading the pickle's opcodes without executing any of them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None:
+                return False
+            data = archive.read(name)
+        strings = {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)}
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError):
+        return False
+    return {"_modules", "_parameters"} <= strings
 
 
 def _unpickler_reason(error: BaseException) -> str:
@@ -104,20 +138,43 @@ def _unpickler_reason(error: BaseException) -> str:
     return (m.group(1) if m else text).strip() or type(error).__name__
 
 
+def fit_keys(state: dict[str, torch.Tensor], expected: set[str] | list[str]) -> dict[str, torch.Tensor]:
+    """`state` with wrapper prefixes (:data:`WRAPPER_PREFIXES`) removed where every key carries one that the
+    architecture's keys do not (``module.`` from DataParallel, ``_orig_mod.`` from torch.compile, nested)."""
+    expected = set(expected)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in expected):
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise naming the first key whose presence or shape differs from `model`'s."""
+    """Raise in one line naming the missing, unexpected and mis-shaped keys (a few of each, with counts)."""
     expected = model.state_dict()
-    for key, ref in expected.items():
-        if key not in state:
-            raise ModelFileError(f"{source}: missing tensor {key!r} (expected shape {tuple(ref.shape)})")
-        if tuple(state[key].shape) != tuple(ref.shape):
-            raise ModelFileError(
-                f"{source}: tensor {key!r} has shape {tuple(state[key].shape)}, "
-                f"the architecture expects {tuple(ref.shape)}"
-            )
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise ModelFileError(f"{source}: unexpected tensor {extra[0]!r} not in the architecture")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s) ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s) not in the architecture ({_few(unexpected)})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (first: {k!r} has shape {tuple(state[k].shape)}, the "
+                     f"architecture expects {tuple(expected[k].shape)})")
+    raise ModelFileError(f"{source}: the weights do not fit the architecture: " + "; ".join(parts))
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -151,14 +208,24 @@ def _header_json(header: dict, key: str, path: Path):
         raise ModelFileError(f"{path}: header entry {key!r} is not valid JSON: {e}") from e
 
 
-def load_model(path: str | Path, spec: ModelSpec | None = None) -> LoadedModel:
-    """Load weights into the stock architecture named by `spec` (or the file's own spec).
+@dataclass
+class WeightsFile:
+    """What a model file holds before anything is built: its tensors, the spec and metadata it records (or the
+    caller's spec), where they came from, and its SHA-256."""
 
-    Safetensors files carry their spec; pickle-based files need `spec` (or a JSON sidecar) and are
-    read with ``weights_only=True``. The sidecar is untrusted too: it must agree with the header's spec
-    and with the file's SHA-256 when it records them. Any mismatch raises :class:`ModelFileError`.
-    """
+    path: Path
+    state: dict[str, torch.Tensor]
+    spec: ModelSpec | None
+    metadata: dict = field(default_factory=dict)
+    sha256: str = ""
+    format: str = ""
+
+
+def read_weights(path: str | Path, spec: ModelSpec | None = None) -> WeightsFile:
+    """Read a model file or Hugging Face folder without building anything (see :func:`load_model`)."""
     path = Path(path)
+    if path.is_dir():
+        return _read_hf_folder(path, spec)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
     with open(path, "rb") as f:
@@ -173,6 +240,7 @@ def load_model(path: str | Path, spec: ModelSpec | None = None) -> LoadedModel:
                              f"records {str(side['sha256'])[:16]}... (changed since it was saved?)")
     is_safetensors = len(head) >= 9 and head[8:9] == b"{"
     if is_safetensors:
+        fmt = "safetensors"
         state, header = _read_safetensors(path)
         if SPEC_KEY in header:
             header_spec = _spec_from(_header_json(header, SPEC_KEY, path), f"{path} (header spec)")
@@ -188,23 +256,131 @@ def load_model(path: str | Path, spec: ModelSpec | None = None) -> LoadedModel:
                 raise ModelFileError(f"{path}: header entry {META_KEY!r} must be a JSON object")
             metadata = {**meta, **metadata}
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        fmt = "torch.save state dict (read with weights_only=True)"
         state = _read_pickle_weights_only(path)
     elif head[:2] == b"PK" or head[:1] == b"\x80":
         raise ModelFileError(f"{path} is a pickle (torch.save) file, not safetensors: refusing to unpickle it; "
                              "name it .pt to load it with torch.load(weights_only=True), or convert it")
     else:
         raise ModelFileError(f"{path} is neither safetensors nor a .pt/.pth weights file (starts with {head[:8]!r})")
-    spec = spec or side_spec
-    if spec is None:
-        raise ModelFileError(f"{path} carries no model spec: pass the architecture explicitly")
+    return WeightsFile(path, state, spec or side_spec, metadata, sha256, fmt)
+
+
+def _read_hf_folder(folder: Path, spec: ModelSpec | None) -> WeightsFile:
+    """A local ``AutoModelForImageClassification`` folder: its spec from ``config.json`` (and the
+    normalisation of ``preprocessor_config.json``), its weights from safetensors (one file or shards) or
+    ``pytorch_model.bin``."""
     try:
-        model = build_model(spec)
+        spec = spec or spec_for(f"hf:{folder}")
+    except ValueError as e:
+        raise ModelFileError(f"{folder}: {e}") from e
+    index = folder / HF_SHARD_INDEX
+    if (folder / HF_WEIGHTS[0]).is_file():
+        files, fmt = [folder / HF_WEIGHTS[0]], "Hugging Face folder, safetensors"
+    elif index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFileError(f"{index} is not a safetensors shard index: {e}") from e
+        files, fmt = [folder / Path(name).name for name in shards], "Hugging Face folder, safetensors shards"
+    elif (folder / HF_WEIGHTS[1]).is_file():
+        files, fmt = [folder / HF_WEIGHTS[1]], "Hugging Face folder, pytorch_model.bin (read with weights_only=True)"
+    else:
+        raise ModelFileError(f"Hugging Face folder {folder} has no weights ({', '.join(HF_WEIGHTS)} or "
+                             f"{HF_SHARD_INDEX}); save_pretrained writes them beside config.json")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise ModelFileError(f"{folder}: weights shard {file.name} is missing")
+        state.update(_read_safetensors(file)[0] if file.suffix == ".safetensors" else _read_pickle_weights_only(file))
+    digest = file_sha256(files[0]) if len(files) == 1 else hashlib.sha256(
+        "".join(file_sha256(f) for f in files).encode()).hexdigest()
+    return WeightsFile(folder, state, spec, {}, digest, fmt)
+
+
+def _build(spec: ModelSpec, path: Path) -> nn.Module:
+    try:
+        return build_model(spec)
     except ValueError as e:
         raise ModelFileError(f"{path}: {e}") from e
+
+
+def load_model(path: str | Path, spec: ModelSpec | None = None, check_finite: bool = False) -> LoadedModel:
+    """Load weights into the stock architecture named by `spec` (or the file's own spec).
+
+    Safetensors files carry their spec; pickle-based files need `spec` (or a JSON sidecar) and are
+    read with ``weights_only=True``; a Hugging Face folder brings its own config. The sidecar is untrusted
+    too: it must agree with the header's spec and with the file's SHA-256 when it records them. Any mismatch,
+    and with `check_finite` a NaN or infinite weight, raises :class:`ModelFileError` in one line.
+
+    A family model (``torchvision:``, ``timm:``, ``hf:``) whose metadata records no ``input_normalization``
+    gets its family's default there (:func:`fip.families.default_normalization`); an explicit ``null``
+    records a model trained without normalisation.
+    """
+    weights = read_weights(path, spec)
+    path, spec = weights.path, weights.spec
+    if spec is None:
+        raise ModelFileError(f"{path} carries no model spec: pass the architecture explicitly "
+                             "(ours, or torchvision:<builder>, timm:<name>, hf:<folder>)")
+    model = _build(spec, path)
+    state = fit_keys(weights.state, model.state_dict().keys())
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)
     model.eval()
-    return LoadedModel(model=model, spec=spec, metadata=metadata, sha256=sha256)
+    if check_finite:
+        try:
+            check_finite_weights(model, str(path))
+        except ValueError as e:
+            raise ModelFileError(str(e)) from e
+    metadata = dict(weights.metadata)
+    if NORMALIZATION_KEY not in metadata:
+        default = families.default_normalization(spec)
+        if default is not None:
+            metadata[NORMALIZATION_KEY] = default
+    return LoadedModel(model=model, spec=spec, metadata=metadata, sha256=weights.sha256)
+
+
+def describe_model_file(path: str | Path, spec: ModelSpec | None = None) -> str:
+    """What was understood from a model file or HF folder, as text (``fip models inspect``): format, spec,
+    normalisation and where it comes from, keys and whether they fit, parameter count. Problems are reported
+    as lines, not raised, except for a file that cannot be read at all."""
+    w = read_weights(path, spec)
+    lines = [f"file: {w.path}", f"format: {w.format}", f"sha256: {w.sha256}",
+             f"tensors: {len(w.state)} ({sum(t.numel() for t in w.state.values()):,} values)"]
+    if w.spec is None:
+        sample = ", ".join(list(w.state)[:3])
+        lines += ["spec: none recorded; pass the architecture (ours, or torchvision:<builder>, timm:<name>, "
+                  f"hf:<folder>) with its classes and image size (first keys: {sample})"]
+        return "\n".join(lines)
+    s = w.spec
+    options = ({"model_type": s.options["config"].get("model_type"), **{k: v for k, v in s.options.items()
+                                                                       if k not in ("config",)}}
+               if s.source == "hf" else s.options)
+    lines += [f"architecture: {s.arch} (source: {s.source})",
+              f"classes: {s.num_classes}",
+              f"input: {s.in_channels} channel(s), {s.image_size} x {s.image_size}",
+              f"options: {json.dumps(options)}"]
+    if NORMALIZATION_KEY in w.metadata:
+        norm, origin = w.metadata[NORMALIZATION_KEY], "recorded in the file's metadata"
+    else:
+        norm, origin = families.default_normalization(s), "the family's default"
+    lines.append(f"normalisation: {json.dumps(norm)} ({origin})" if norm else
+                 "normalisation: none (the model takes [0, 1] inputs as they are)")
+    try:
+        lines.append(f"parameters: {parameter_count(s):,}")
+        model = _build(s, w.path)
+        state = fit_keys(w.state, model.state_dict().keys())
+        mapped = len(set(state) - set(w.state))
+        check_state_dict(model, state, str(w.path))
+        lines.append("keys: all fit the architecture" + (f" ({mapped} after removing a wrapper prefix)"
+                                                          if mapped else ""))
+        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        lines.append(f"finite: no, {len(bad)} tensor(s) hold NaN or inf (first {bad[0]})" if bad else "finite: yes")
+    except ValueError as e:
+        lines.append(f"problem: {e}")
+    if w.metadata:
+        lines.append(f"metadata keys: {', '.join(sorted(w.metadata))}")
+    return "\n".join(lines)
 
 
 def check_finite_weights(model: nn.Module, source: str = "model") -> None:

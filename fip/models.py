@@ -1,25 +1,31 @@
 """Architectures the lab attacks and FIP purifies, looked up by name in one registry.
 
 Every model is built from a :class:`ModelSpec`, which is also what the safetensors sidecar stores,
-so a purified model always reloads into the stock architecture it came from.
+so a purified model always reloads into the stock architecture it came from. Besides ours, a spec may
+name a torchvision, timm or Hugging Face model (``torchvision:resnet18``, ``timm:vit_tiny_patch16_224``,
+``hf:<folder>``); :mod:`fip.families` checks and builds those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fip.kernels import guard_cpu_convolutions
+from fip import families
+from fip.kernels import guard_cpu_kernels
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What it takes to rebuild a model: architecture name, classes, input geometry and width."""
+    """What it takes to rebuild a model: architecture name (ours, or ``source:name`` for a family model),
+    classes, the input geometry the model expects (channels, square image size), width (ours only) and
+    options (ours: small integers; families: builder keywords, or an HF folder's config)."""
 
     arch: str
     num_classes: int = 10
@@ -31,8 +37,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         """A spec comes from untrusted files (sidecar, safetensors header): refuse wrong types and absurd
         sizes here, before anything is allocated for them."""
-        if not isinstance(self.arch, str) or self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        if not isinstance(self.arch, str) or not (self.arch in ARCHITECTURES or ":" in self.arch):
+            raise ValueError(_unknown_architecture(self.arch))
         for name, lo, hi in (("num_classes", 2, MAX_CLASSES), ("in_channels", 1, MAX_CHANNELS),
                              ("image_size", 1, MAX_IMAGE_SIZE)):
             object.__setattr__(self, name, _bounded_int(name, getattr(self, name), lo, hi))
@@ -42,6 +48,9 @@ class ModelSpec:
         object.__setattr__(self, "width", float(w))
         if not isinstance(self.options, dict):
             raise ValueError(f"model spec: options must be a mapping, got {type(self.options).__name__}")
+        if ":" in self.arch:  # torchvision:/timm:/hf: models check their own options (fip.families)
+            families.check_spec(self)
+            return
         allowed = ARCH_OPTIONS.get(self.arch, {})
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
@@ -54,6 +63,11 @@ class ModelSpec:
     def input_shape(self) -> tuple[int, int, int]:
         """One input image's shape, (channels, height, width): what the model reads, and what its data must hold."""
         return (self.in_channels, self.image_size, self.image_size)
+
+    @property
+    def source(self) -> str:
+        """Where the architecture comes from: "fip" (ours), "torchvision", "timm" or "hf"."""
+        return self.arch.partition(":")[0] if ":" in self.arch else "fip"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +83,16 @@ class ModelSpec:
         if "arch" not in d:
             raise ValueError("model spec has no 'arch'")
         return cls(**d)
+
+
+def _unknown_architecture(arch) -> str:
+    """One line: the unknown name, our names, the families' forms, and the close names among ours."""
+    import difflib
+
+    known = sorted(ARCHITECTURES)
+    close = difflib.get_close_matches(str(arch), known, n=3, cutoff=0.5)
+    return (f"unknown architecture {arch!r}; known: {', '.join(known)}, or torchvision:<builder>, timm:<name>, "
+            f"hf:<folder>" + (f"; close names: {', '.join(close)}" if close else ""))
 
 
 # Upper bounds for specs read from files: far above any real model here, far below what would exhaust memory.
@@ -318,16 +342,30 @@ def classifier_head(model: nn.Module) -> nn.Linear | None:
 
 def parameter_count(spec: ModelSpec) -> int:
     """Parameters `spec` would allocate, counted on the meta device (nothing is allocated)."""
+    if spec.source != "fip":
+        return families.parameter_count(spec)
     with torch.device("meta"):
         return sum(p.numel() for p in ARCHITECTURES[spec.arch](spec).parameters())
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Instantiate `spec.arch` from the registry, after checking on the meta device that it is not absurdly
-    large (a spec from a file could otherwise ask for petabytes); its convolutions get the CPU layout guard
-    (:mod:`fip.kernels`)."""
+    large (a spec from a file could otherwise ask for petabytes); its convolutions and BatchNorms get the CPU layout
+    guards (:mod:`fip.kernels`)."""
     n = parameter_count(spec)
     if n > MAX_PARAMETERS:
         raise ValueError(f"model spec {spec.arch} (num_classes {spec.num_classes}, width {spec.width:g}) would have "
                          f"{n:,} parameters; refusing more than {MAX_PARAMETERS:,}")
-    return guard_cpu_convolutions(ARCHITECTURES[spec.arch](spec))
+    if spec.source != "fip":
+        return guard_cpu_kernels(families.build(spec))
+    return guard_cpu_kernels(ARCHITECTURES[spec.arch](spec))
+
+
+def spec_for(arch: str, **given: Any) -> ModelSpec:
+    """The spec of `arch` with the fields `given` (None: not given) over the family's defaults; an ``hf:``
+    folder's config and preprocessor normalisation are read into the spec's options, so the spec alone
+    rebuilds the model later."""
+    fields = {**families.family_defaults(arch), **{k: v for k, v in given.items() if v is not None}}
+    if families.split_arch(arch)[0] == "hf" and given.get("options"):
+        fields["options"] = {**families.family_defaults(arch)["options"], **given["options"]}
+    return ModelSpec(arch, **fields)

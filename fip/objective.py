@@ -41,6 +41,7 @@ from fip.fisher import (
     sample_labels,
     trainable_params,
 )
+from fip.kernels import differentiable_attention
 
 TraceEstimator = Literal["exact", "signed", "hutchinson"]
 
@@ -130,13 +131,17 @@ def trace_penalty(
     kind: FisherKind = "empirical",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``Tr(F(theta))`` on a batch by the chosen estimator (the ``eta_F`` term of the objective)."""
-    if estimator == "exact":
-        return trace_penalty_exact(model, x, y, kind, generator)
-    if estimator == "signed":
-        return trace_penalty_signed(model, x, y, probes, kind, generator)
-    if estimator == "hutchinson":
-        return trace_penalty_hutchinson(model, x, y, probes, kind, generator)
+    """``Tr(F(theta))`` on a batch by the chosen estimator (the ``eta_F`` term of the objective).
+
+    Attention runs on its math kernel here (:func:`fip.kernels.differentiable_attention`): the penalty is
+    differentiated twice, which the fused attention kernels do not support."""
+    with differentiable_attention():
+        if estimator == "exact":
+            return trace_penalty_exact(model, x, y, kind, generator)
+        if estimator == "signed":
+            return trace_penalty_signed(model, x, y, probes, kind, generator)
+        if estimator == "hutchinson":
+            return trace_penalty_hutchinson(model, x, y, probes, kind, generator)
     raise ValueError(f"unknown trace estimator {estimator!r}; expected 'exact', 'signed' or 'hutchinson'")
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from fip.fisher import FisherDiag, FisherKind, Params, fisher_diag, trainable_params
 from fip.objective import TraceEstimator, fip_objective
-from fip.spectral import fold_spectral_shift, to_spectral_shift
+from fip.spectral import fold_spectral_shift, left_alone, to_spectral_shift
 from fip.training import BatchSampler, check_choices, cosine_lr, derive_seed
 
 Method = Literal["fip", "fast-fip"]
@@ -216,6 +216,7 @@ class PurifyResult:
     fisher: FisherDiag | None = None
     seconds: float = 0.0
     config: PurifyConfig | None = None
+    left_alone: list[str] = field(default_factory=list)  # Fast FIP: weights it could not shift (fip.spectral)
 
 
 def estimate_fbar(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig, batch: int = 64) -> FisherDiag:
@@ -245,7 +246,8 @@ def purify(
     work = prepare_model(model, cfg)
     fisher = estimate_fbar(work, clean_x, clean_y, cfg)
     purifier = Purifier(work, fisher.mean(), cfg)
-    result = PurifyResult(model=work, fisher=fisher, config=cfg)
+    result = PurifyResult(model=work, fisher=fisher, config=cfg,
+                          left_alone=left_alone(model) if cfg.method == "fast-fip" else [])
 
     def run_eval(step: int) -> None:
         if evaluate is None:

@@ -4,6 +4,12 @@ Each conv kernel (reshaped to ``out x (in*kh*kw)``) or linear weight is decompos
 ``W = U diag(s) V^T``; the layer then computes with ``W' = U diag(relu(s + delta)) V^T`` where the
 shift ``delta`` (zero at the start) is the only trainable tensor. :func:`fold_spectral_shift` writes
 ``W'`` back into the original layers, so the purified model is the stock architecture again.
+
+Linear and Conv2d layers are wrapped (:class:`SpectralShift`); the projection weights that
+``nn.MultiheadAttention`` holds as bare Parameters (``in_proj_weight``, or ``q/k/v_proj_weight``) are
+shifted through a parametrization (:class:`ShiftedSpectrum`) so the module's own forward reads ``W'``.
+Every other weight (embeddings, position and class tokens, Conv1d/3d kernels) is left alone:
+:func:`left_alone` names those.
 """
 
 from __future__ import annotations
@@ -11,32 +17,53 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fip.kernels import cpu_default_layout
 
 SHIFTABLE = (nn.Conv2d, nn.Linear)
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _register_spectrum(module: nn.Module, weight: torch.Tensor) -> None:
+    """Buffers ``U, s, Vh`` of `weight` (as an ``out x rest`` matrix, SVD in float64) and the shift ``delta``."""
+    w = weight.detach()
+    u, s, vh = torch.linalg.svd(w.reshape(w.shape[0], -1).double(), full_matrices=False)
+    module.register_buffer("U", u.to(w.dtype))
+    module.register_buffer("s", s.to(w.dtype))
+    module.register_buffer("Vh", vh.to(w.dtype))
+    module.delta = nn.Parameter(torch.zeros_like(module.s))
+
+
+def _shifted(module: nn.Module, shape: torch.Size) -> torch.Tensor:
+    return ((module.U * F.relu(module.s + module.delta)) @ module.Vh).reshape(shape)
 
 
 class SpectralShift(nn.Module):
-    """Wraps a Conv2d or Linear layer: ``W' = U diag(relu(s + delta)) V^T`` with only ``delta`` trainable."""
+    """Wraps a Conv2d or Linear layer: ``W' = U diag(relu(s + delta)) V^T`` with only ``delta`` trainable.
+
+    ``weight`` and ``bias`` read as the shifted layer's, for parent modules that use them directly (an
+    ``nn.MultiheadAttention`` reads ``out_proj.weight``)."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear) -> None:
         super().__init__()
         if not isinstance(layer, SHIFTABLE):
             raise TypeError(f"spectral shift applies to Conv2d/Linear, got {type(layer).__name__}")
-        weight = layer.weight.detach()
-        u, s, vh = torch.linalg.svd(weight.reshape(weight.shape[0], -1).double(), full_matrices=False)
-        self.register_buffer("U", u.to(weight.dtype))
-        self.register_buffer("s", s.to(weight.dtype))
-        self.register_buffer("Vh", vh.to(weight.dtype))
-        self.delta = nn.Parameter(torch.zeros_like(self.s))
+        _register_spectrum(self, layer.weight)
         for p in layer.parameters():
             p.requires_grad_(False)
         self.layer = layer
 
     def shifted_weight(self) -> torch.Tensor:
-        w = (self.U * F.relu(self.s + self.delta)) @ self.Vh
-        return w.reshape(self.layer.weight.shape)
+        return _shifted(self, self.layer.weight.shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.shifted_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.shifted_weight()
@@ -45,14 +72,46 @@ class SpectralShift(nn.Module):
         return F.linear(x, w, self.layer.bias)
 
 
-def _replace(model: nn.Module, fn) -> nn.Module:
+class ShiftedSpectrum(nn.Module):
+    """The same shift as a parametrization of a bare weight Parameter (``nn.MultiheadAttention``'s
+    projections): the module reads ``W'`` wherever it reads the weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        _register_spectrum(self, weight)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return _shifted(self, original.shape)
+
+
+def _replace(model: nn.Module, fn, skip: tuple[type, ...] = ()) -> nn.Module:
     for name, child in list(model.named_children()):
         new = fn(child)
         if new is not child:
             setattr(model, name, new)
-        else:
-            _replace(child, fn)
+        elif not isinstance(child, skip):
+            _replace(child, fn, skip)
     return model
+
+
+def shift_targets(model: nn.Module) -> list[str]:
+    """Names of the weights Fast FIP shifts in the stock `model`: every Linear's and Conv2d's, and the
+    projection weights of each ``nn.MultiheadAttention``."""
+    names = []
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(module, nn.MultiheadAttention) and not parametrize.is_parametrized(module):
+            names += [dot + n for n in ATTENTION_WEIGHTS if isinstance(getattr(module, n, None), nn.Parameter)]
+        elif isinstance(module, SHIFTABLE):
+            names.append(dot + "weight")
+    return names
+
+
+def left_alone(model: nn.Module) -> list[str]:
+    """Weights (tensors of two or more dimensions) of the stock `model` that Fast FIP does not shift:
+    embeddings, class and position tokens, Conv1d/Conv3d kernels. They stay frozen at the suspect's values."""
+    shifted = set(shift_targets(model))
+    return [n for n, p in model.named_parameters() if p.ndim >= 2 and n not in shifted]
 
 
 def to_spectral_shift(model: nn.Module, train_norms: bool = False, train_biases: bool = False) -> nn.Module:
@@ -64,6 +123,13 @@ def to_spectral_shift(model: nn.Module, train_norms: bool = False, train_biases:
     for p in model.parameters():
         p.requires_grad_(False)
     _replace(model, lambda m: SpectralShift(m) if isinstance(m, SHIFTABLE) else m)
+    for module in list(model.modules()):
+        # a module parametrized already (weight norm, say) is left alone: its fold could not undo only ours
+        if isinstance(module, nn.MultiheadAttention) and not parametrize.is_parametrized(module):
+            for name in ATTENTION_WEIGHTS:
+                if isinstance(getattr(module, name, None), nn.Parameter):
+                    parametrize.register_parametrization(module, name, ShiftedSpectrum(getattr(module, name)),
+                                                         unsafe=True)
     for module in model.modules():
         if train_norms and isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm):
             for p in module.parameters():
@@ -84,9 +150,25 @@ def fold_spectral_shift(model: nn.Module) -> nn.Module:
         return m
 
     _replace(model, fold)
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module) and any(
+                isinstance(p, ShiftedSpectrum) for plist in module.parametrizations.values() for p in plist):
+            _fold_parametrized(module)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def _fold_parametrized(module: nn.Module) -> None:
+    """Write ``W'`` into plain Parameters of `module` and drop its parametrizations (all of them ours, see
+    :func:`to_spectral_shift`). Not ``parametrize.remove_parametrizations``: it deletes the weight's property
+    from the module's injected class, which ``copy.deepcopy`` shares between copies, so folding a snapshot
+    (``purify``'s evaluations) would break the model being trained."""
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    module.__class__ = module.__class__.__bases__[0]  # this object only; the injected class stays intact
+    del module._modules["parametrizations"]
+    for name, value in values.items():
+        module.register_parameter(name, nn.Parameter(value))
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -72,20 +72,43 @@ def main(argv: list[str] | None = None) -> int:
     quiet_frameworks()
     parser = build_parser()
     args = parser.parse_args(argv)
+    ray_before = ray_is_up()
     try:
         with stop_signals_interrupt():
             return int(args.handler(args) or 0)
     except KeyboardInterrupt as e:
         # one line, and the shell's code for death by that signal (130 for SIGINT, 143 for SIGTERM)
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        if not ray_before:
+            end_ray_before_last_line()
         print(f"fip {args.command}: {'stopped' if isinstance(e, Stopped) else 'interrupted'} "
               f"({signal.Signals(signum).name}){interrupt_note(e)}", file=sys.stderr)
         return 128 + signum
     except Exception as e:
         if getattr(args, "debug", False) or not user_facing(e):
             raise
+        if not ray_before:
+            end_ray_before_last_line()
         print(f"fip {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def ray_is_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def end_ray_before_last_line() -> None:
+    """Shut down the Ray the command started, if any, before the line saying how the command ended: at
+    exit, Ray's core prints the calls it cancels (``actor_task_submitter.cc ... RpcError ... CANCELLED``),
+    which would otherwise come after that line. A Ray that was up before the command (a caller calling
+    `main` in its own process) is the caller's, and is left alone."""
+    ray = sys.modules.get("ray")
+    if ray_is_up():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - the command's own outcome is what the user must see
+            pass
 
 
 def interrupt_note(error: BaseException) -> str:

@@ -138,7 +138,7 @@ def run_shard(args) -> int:
         return run_shard_index(args)
     from lab.datasets import CleanSplit
     from pipeline.shard_sources import DvalSplit, dataset_source
-    from pipeline.shard_writer import write_source
+    from pipeline.shard_writer import write_source, write_warnings
 
     if len(args.dest) != 1:
         raise ValueError(f"one destination expected, got {len(args.dest)}: {' '.join(args.dest)}")
@@ -154,6 +154,8 @@ def run_shard(args) -> int:
         split = CleanSplit.load(args.indices)
         if split.dataset != args.source:
             raise ValueError(f"index file {args.indices} is for {split.dataset!r}, not {args.source!r}")
+        if args.split != "train":
+            raise ValueError(f"index file {args.indices} holds indices into the train split, not {args.split!r}")
         indices = split.indices
         meta = {"dval_sha256_16": split.digest, "dval_seed": split.seed}
     dval = DvalSplit(args.dval_fraction, args.dval_seed) if args.dval_fraction is not None else None
@@ -161,9 +163,11 @@ def run_shard(args) -> int:
                           rest=args.rest, indices=indices, limit=args.limit, meta=meta, progress=True,
                           overwrite=args.overwrite)
     s = result.stats
+    for line in write_warnings(s):
+        print(f"warning: {line}", file=sys.stderr)
     print(json.dumps({**{url: {"count": m.count, "shards": len(m.shards)} for url, m in result.manifests.items()},
                       "shards_written": s.shards_written, "shards_reused": s.shards_reused,
-                      "samples_per_s": round(s.samples / max(s.seconds, 1e-9), 1)}))
+                      "skipped": len(s.skipped), "samples_per_s": round(s.samples / max(s.seconds, 1e-9), 1)}))
     return 0
 
 

@@ -9,7 +9,7 @@ import hashlib
 import io
 import tarfile
 
-from pipeline.shard_tasks import SourceImageError, process_pool, progress_bar
+from pipeline.shard_tasks import SourceImageError, decode_all, process_pool, progress_bar
 from pipeline.shardfmt import (
     HashedStream,
     MalformedSample,
@@ -45,8 +45,9 @@ def index_shard_task(url: str, settings: StorageSettings) -> dict:
             try:
                 with Image.open(io.BytesIO(image)) as im:
                     size = im.size
+                    decode_all(im)
             except Exception as e:  # noqa: BLE001 (any decoder error: named with the sample)
-                raise SourceImageError(f"shard {url}: sample {key!r} is not a readable image ({e})") from e
+                raise SourceImageError(f"shard {url}: sample {key!r}", str(e)) from e
             tally.add(sniff(image) or "other", size)
     except (tarfile.TarError, EOFError) as e:
         raise MalformedSample(f"shard {url} is corrupt or truncated: {e}") from e

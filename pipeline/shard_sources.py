@@ -47,6 +47,7 @@ class Source:
     image_size: int | None = None  # files: resize target when stored sizes vary (None: 224)
     root: str = ""
     describe: dict = field(default_factory=dict)  # identifies the source in the resume plan
+    size: int | None = None  # samples in the source, where known without reading it (checks --indices up front)
 
 
 def folder_source(root: str | Path, split: str = "train", image_size: int | None = None, channels: int = 3,
@@ -105,7 +106,8 @@ def imageset_source(data: ImageSet, indices: Iterable[int] | None = None, name: 
     digest = hashlib.sha256(np.ascontiguousarray(x)).hexdigest()[:16]
     return Source(name or data.name, split, list(data.classes), int(data.shape[0]), groups,
                   fixed_shape=list(data.shape), describe={"kind": "arrays", "name": name or data.name,
-                                                          "pixels_sha256_16": digest})
+                                                          "pixels_sha256_16": digest},
+                  size=len(data) if indices is None else None)
 
 
 def dataset_source(name: str, split: str = "train", root: str | Path | None = None,

@@ -21,7 +21,21 @@ from pipeline.storage import Storage, StorageSettings, is_s3
 
 
 class SourceImageError(ValueError):
-    """A source file is not a readable image; names the file."""
+    """A source file is not a readable image; names the file (`path`) and what is wrong (`reason`)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path} is not a readable image: {reason}")
+        self.path, self.reason = path, reason
+
+
+def decode_all(im) -> None:
+    """Decode the whole image, so a truncated or corrupt source fails here, at write time and naming
+    its file, and not later in a reader naming a sample key. A JPEG decodes at its smallest DCT scale:
+    every byte of its entropy-coded data is still read (truncation is caught) at two thirds of the cost
+    of a full decode (docs/scale.md)."""
+    if im.format == "JPEG":
+        im.draft(im.mode, (1, 1))
+    im.load()
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -43,34 +57,46 @@ def _encoded(sample: tuple) -> tuple[str, bytes, tuple[int, int]]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise SourceImageError(f"cannot read {path}: {e}") from e
+        raise SourceImageError(str(path), f"cannot read it ({e.strerror or e})") from e
     kind = sniff(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
             if kind is not None:
-                return kind, data, im.size
+                size = im.size
+                decode_all(im)
+                return kind, data, size
             im = im.convert("L" if im.mode in ("1", "L", "I;16") else "RGB")
             arr = np.asarray(im)
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             return "png", _png(arr), im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SourceImageError(f"{path} is not a readable image: {e}") from e
+        raise SourceImageError(str(path), str(e)) from e
 
 
 def write_shard_file(samples: list[tuple], path: Path) -> dict:
     """Stream `samples` ``(key, label, index, path, pixels)`` into a tar at `path`; count, hash, formats, sizes.
 
-    A plain ustar archive in the layout of :func:`pipeline.shardfmt.add_sample`, hashed as it is written."""
+    A plain ustar archive in the layout of :func:`pipeline.shardfmt.add_sample`, hashed as it is written.
+    A source file that is not a readable image is left out and listed in the shard's ``meta["skipped"]``
+    (index, file, reason): the rest of the set is still written, and the manifest says what is missing."""
     tally = SizeTally()
+    skipped: list[dict] = []
     with open(path, "wb") as f:
         out = HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
                 key, label, index = sample[0], sample[1], sample[2]
-                kind, data, size = _encoded(sample)
+                try:
+                    kind, data, size = _encoded(sample)
+                except SourceImageError as e:
+                    skipped.append({"index": int(index), "path": e.path, "reason": e.reason})
+                    continue
                 add_sample(tar, key, kind, data, label, index)
                 tally.add(kind, size)
-    return {"count": len(samples), "sha256": out.sha.hexdigest(), "bytes": out.size, "meta": tally.meta()}
+    meta = tally.meta()
+    if skipped:
+        meta["skipped"] = skipped
+    return {"count": len(samples) - len(skipped), "sha256": out.sha.hexdigest(), "bytes": out.size, "meta": meta}
 
 
 def peak_rss_mb() -> float | None:
@@ -95,7 +121,8 @@ def write_shard_task(task: dict, settings: StorageSettings) -> dict:
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
         try:
             info = write_shard_file(task["samples"], tmp)
-            tmp.replace(final)
+            if info["count"]:  # a shard whose every source was unreadable is not written (a reader refuses it)
+                tmp.replace(final)
         finally:
             tmp.unlink(missing_ok=True)
     else:
@@ -104,7 +131,8 @@ def write_shard_task(task: dict, settings: StorageSettings) -> dict:
         tmp = Path(name)
         try:
             info = write_shard_file(task["samples"], tmp)
-            Storage(settings).put_file(url, tmp)
+            if info["count"]:
+                Storage(settings).put_file(url, tmp)
         finally:
             tmp.unlink(missing_ok=True)
     return {**info, "worker_rss_mb": peak_rss_mb()}

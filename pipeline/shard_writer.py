@@ -31,7 +31,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,6 +63,8 @@ class WriteStats:
     peak_buffered: int = 0  # samples the writer held at once: open shards + queued and in-flight shards
     peak_worker_rss_mb: float | None = None  # the largest peak resident memory of a writing process
     seconds: float = 0.0
+    skipped: list[dict] = field(default_factory=list)  # unreadable source files left out: index, path, reason
+    empty_groups: list[str] = field(default_factory=list)  # source groups (class folders) holding no samples
 
 
 @dataclass
@@ -124,7 +126,13 @@ class _Output:
     def finish(self, source: Source, meta: dict) -> ShardManifest:
         if not self.done:
             raise ShardError(f"no samples went to {self.dest}: nothing to write")
-        infos = [self.done[n] for n in sorted(self.done)]
+        infos = [self.done[n] for n in sorted(self.done) if self.done[n].count]  # all-unreadable shards: unwritten
+        skipped = [entry for n in sorted(self.done) for entry in self.done[n].meta.get("skipped", [])]
+        if not infos:
+            raise ShardError(f"no readable image went to {self.dest}: all {len(skipped)} source files were "
+                             f"unreadable, e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
+        if skipped:
+            meta = {**meta, "skipped": len(skipped)}
         shape, shape_meta = manifest_shape(infos, source.channels, source.image_size, source.fixed_shape)
         manifest = ShardManifest(
             source.name, source.split, list(source.classes), shape, sum(i.count for i in infos), infos,
@@ -185,6 +193,7 @@ class _ShardPool:
                                              info["meta"])
         self.stats.shards_written += 1
         self.stats.bytes_written += info["bytes"]
+        self.stats.skipped += info["meta"].get("skipped", [])
         if info.get("worker_rss_mb") is not None:
             self.stats.peak_worker_rss_mb = max(self.stats.peak_worker_rss_mb or 0.0, info["worker_rss_mb"])
         self.bar.update(job.count)
@@ -236,6 +245,7 @@ class _Router:
         if old is not None and old.source_digest == digest and out.store.exists(join(out.dest, name)):
             out.done[out.number] = old
             self.stats.shards_reused += 1
+            self.stats.skipped += old.meta.get("skipped", [])
             self.bar.update(len(samples))
         else:
             self.pool.submit(out, digest, samples)
@@ -275,7 +285,7 @@ def write_source(
     if rest is not None and dval is None:
         raise ShardError("a destination for the rest needs a D_val split (dval fraction)")
     store = store or Storage()
-    keep = None if indices is None else {int(i) for i in indices}
+    keep = None if indices is None else _checked_indices(indices, source)
     plan = {"source": source.describe, "split": source.split, "maxcount": maxcount, "limit": limit,
             "indices_sha256_16": None if keep is None else hashlib.sha256(
                 np.array(sorted(keep), dtype=np.int64).tobytes()).hexdigest()[:16],
@@ -292,11 +302,17 @@ def write_source(
     pool = _ShardPool(workers, queue or 2 * workers, store, tmp_dir, stats, bar, save_every)
     router = _Router(main, other, dval, maxcount, pool, source.root, stats, bar)
     outputs = {dest: main} if other is None else {dest: main, rest: other}
+    seen: set[int] = set()
     try:
-        for group, samples in _limited(source.groups(), keep, limit):
+        for group, samples in _limited(source.groups(), keep, limit, seen, stats):
             router.add(group, samples)
         router.finish()
         pool.drain()
+        if keep is not None and limit is None and keep - seen:
+            missing = sorted(keep - seen)
+            raise ShardError(f"{len(missing)} of the {len(keep)} indices asked for are not in the source "
+                             f"{source.name}/{source.split} (e.g. {', '.join(map(str, missing[:3]))}); the "
+                             f"shards written so far are kept in {PARTIAL_MANIFEST}, no manifest was finalised")
     except BaseException:
         pool.salvage()
         for out in outputs.values():
@@ -308,6 +324,8 @@ def write_source(
     manifests = {}
     for url, out in outputs.items():
         extra = dict(meta or {})
+        if stats.empty_groups:
+            extra["empty_groups"] = list(stats.empty_groups)
         if dval is not None:
             extra["dval"] = {**asdict(dval), "role": out.plan["role"], "count": out.count}
         manifests[url] = out.finish(source, extra)
@@ -315,12 +333,48 @@ def write_source(
     return WriteResult(manifests, stats)
 
 
-def _limited(groups: Iterator[tuple[str, list[Sample]]], keep: set[int] | None,
-             limit: int | None) -> Iterator[tuple[str, list[Sample]]]:
-    """The source's groups with only the `keep` indices, stopping after `limit` samples."""
+def write_warnings(stats: WriteStats) -> list[str]:
+    """One line per thing a write left out, for the terminal (the manifest keeps the full lists)."""
+    lines = []
+    if stats.skipped:
+        first = stats.skipped[0]
+        lines.append(f"left out {len(stats.skipped)} unreadable source file(s), e.g. {first['path']} "
+                     f"({first['reason']}); each is listed under its shard's meta.skipped in the manifest")
+    if stats.empty_groups:
+        lines.append(f"{len(stats.empty_groups)} source group(s) hold no samples (an empty class folder is a "
+                     f"label with no samples): {', '.join(stats.empty_groups[:5])}")
+    return lines
+
+
+def _checked_indices(indices: Iterable[int], source: Source) -> set[int]:
+    """The source indices to keep; duplicates, negative ones and (where the source knows its size)
+    ones past its end are refused before anything is written."""
+    wanted = [int(i) for i in indices]
+    keep = set(wanted)
+    if not keep:
+        raise ShardError("the list of indices to keep is empty")
+    if len(keep) != len(wanted):
+        raise ShardError(f"the indices to keep repeat {len(wanted) - len(keep)} entries: each sample can be kept once")
+    low, high = min(keep), max(keep)
+    if low < 0:
+        raise ShardError(f"indices to keep must be >= 0, got {low}")
+    if source.size is not None and high >= source.size:
+        outside = sum(1 for i in keep if i >= source.size)
+        raise ShardError(f"{outside} of the {len(keep)} indices to keep lie past the end of {source.name}/"
+                         f"{source.split} ({source.size} samples, indices 0..{source.size - 1}; largest asked: {high})")
+    return keep
+
+
+def _limited(groups: Iterator[tuple[str, list[Sample]]], keep: set[int] | None, limit: int | None,
+             seen: set[int], stats: WriteStats) -> Iterator[tuple[str, list[Sample]]]:
+    """The source's groups with only the `keep` indices, stopping after `limit` samples; notes the
+    kept indices met (`seen`) and the groups that hold no sample at all (`stats.empty_groups`)."""
     taken = 0
     for group, samples in groups:
+        if not samples:
+            stats.empty_groups.append(group)
         if keep is not None:
+            seen.update(s.index for s in samples if s.index in keep)
             samples = [s for s in samples if s.index in keep]
         if limit is not None:
             samples = samples[: max(limit - taken, 0)]

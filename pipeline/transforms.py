@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fip.io import LoadedModel, load_model
+from fip.io import NORMALIZATION_KEY, LoadedModel, load_model
 
 EVAL_CROP_FRACTION = 0.875  # centre crop over resize: 224 of 256, the usual ImageNet evaluation
-NORMALIZATION_KEY = "input_normalization"
 TRANSFORM_KEY = "input_transforms"
 
 Mode = Literal["keep", "eval", "train"]

@@ -83,3 +83,16 @@ def test_purify_help_lists_choices_and_defaults(capsys):
         assert choices in out
     assert "--augment BOOL default: True" in out and "--eta-f ETA_F default: 0.0001" in out
     assert "--preset {demo,paper,paper-300}" in out
+
+
+def test_a_failing_command_leaves_a_ray_it_did_not_start_up(ray_session, tmp_path):
+    """`main` shuts down the Ray a command started before its last line (so Ray's teardown chatter comes
+    first), but a Ray that was up before, the caller's, stays up: shutting it down made the caller's next
+    Ray call end the whole process."""
+    import ray
+
+    from fipcli.main import main
+
+    assert main(["evaluate", "--model", str(tmp_path / "missing.safetensors"), "--test", str(tmp_path)]) == 2
+    assert ray.is_initialized()
+    assert ray.get(ray.put(7)) == 7

@@ -3,30 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from references import loop_squared_grads, relative_error
 from torch import nn
 
 from fip.fisher import FisherDiag, fisher_diag, per_sample_grads, per_sample_grads_loop, trainable_params
 from fip.models import build_model
 
 pytestmark = pytest.mark.numerics  # figures from the CPU's kernels: `make test-avx2` runs them again
-
-
-def _loop_squared_grads(model, x, y):
-    """Independent reference: one backward per sample, squared, summed."""
-    model.eval()
-    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
-    for i in range(len(x)):
-        model.zero_grad()
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        for n, p in model.named_parameters():
-            total[n] += p.grad.double() ** 2
-    return total
-
-
-def _max_rel_err(a, b):
-    num = sum(float((a[k] - b[k]).detach().pow(2).sum()) for k in a) ** 0.5
-    den = sum(float(b[k].detach().pow(2).sum()) for k in b) ** 0.5
-    return num / den
 
 
 def test_vectorised_fisher_matches_per_sample_loop(tiny_spec):
@@ -36,9 +19,9 @@ def test_vectorised_fisher_matches_per_sample_loop(tiny_spec):
     x, y = torch.randn(12, 1, 8, 8), torch.randint(0, 10, (12,))
     est = fisher_diag(model, [(x[:5], y[:5]), (x[5:], y[5:])], chunk_size=4)
     assert model.training
-    ref = _loop_squared_grads(model, x, y)
+    ref = loop_squared_grads(model, x, y)
     assert est.count == 12
-    assert _max_rel_err(est.sums, ref) < 1e-5
+    assert relative_error(est.sums, ref) < 1e-5
 
 
 def test_loop_fallback_matches_vmap(tiny_spec):
@@ -49,10 +32,10 @@ def test_loop_fallback_matches_vmap(tiny_spec):
     vec = per_sample_grads(model, x, y)
     loop = per_sample_grads_loop(model, params, x, y)
     assert set(vec) == set(loop)
-    assert _max_rel_err(vec, loop) < 1e-5
+    assert relative_error(vec, loop) < 1e-5
     slow = fisher_diag(model, [(x, y)], vectorize=False)
     fast = fisher_diag(model, [(x, y)])
-    assert _max_rel_err(slow.sums, fast.sums) < 1e-5
+    assert relative_error(slow.sums, fast.sums) < 1e-5
 
 
 def test_logistic_regression_fisher_closed_form():

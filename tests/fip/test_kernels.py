@@ -64,3 +64,20 @@ def test_guarded_weight_gradient_survives_the_avx2_path(form):
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     done = subprocess.run([sys.executable, "-c", CASE, form], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_batch_norm_guard_gives_the_gradients_of_a_token_layout_batch_of_one():
+    """BatchNorm2d (eval) whose output is flattened into tokens: the bias gradient is the sum of the output
+    gradient over positions, whatever layout that gradient arrives in."""
+    from fip.kernels import guard_cpu_batch_norm
+
+    torch.manual_seed(0)
+    bn = guard_cpu_batch_norm(nn.BatchNorm2d(8)).eval()
+    for n in (1, 3):
+        bn.zero_grad()
+        x = torch.rand(n, 8, 4, 4, requires_grad=True)
+        w = torch.randn(n, 16, 8)
+        (bn(x).flatten(2).transpose(1, 2) * w).sum().backward()
+        assert torch.allclose(bn.bias.grad, w.sum((0, 1)), atol=1e-5)
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        assert torch.allclose(x.grad, (w.transpose(1, 2).reshape(n, 8, 4, 4) * scale.view(1, -1, 1, 1)), atol=1e-5)

@@ -26,7 +26,8 @@ def verdict(request):
         assert kind in KINDS and expected in GOOD
         observed, detail = judged
         name = case or request.node.name.removeprefix("test_")
-        _recorder(request.config).add(Outcome(name, kind, expected, detail, observed, seconds))
+        source = Path(str(request.node.path)).stem
+        _recorder(request.config).add(Outcome(name, kind, expected, detail, observed, seconds, source))
         assert observed == expected, f"{name}: expected {expected}, got {observed}: {detail}"
 
     return check

@@ -46,6 +46,7 @@ class Outcome:
     observed: str
     verdict: str
     seconds: float
+    source: str = ""  # the test file, which is the class of fault it belongs to (e.g. test_bad_sources)
 
 
 def run_main(argv: list[str]) -> Observed:
@@ -165,11 +166,22 @@ class Recorder:
             row[o.verdict] = row.get(o.verdict, 0) + 1
         return table
 
+    def counts_by_source(self) -> dict[str, dict[str, int]]:
+        table: dict[str, dict[str, int]] = {}
+        for o in self.outcomes:
+            row = table.setdefault(o.source, {"cases": 0, "good": 0})
+            row["cases"] += 1
+            row["good"] += o.verdict in GOOD
+        return table
+
     def markdown(self, header: str) -> str:
         lines = [header, "", "| kind | cases | clean error or recovered | otherwise |", "|---|---|---|---|"]
         for kind, row in self.counts().items():
             rest = ", ".join(f"{v}: {n}" for v, n in row.items() if v in BAD) or "-"
             lines.append(f"| {kind} | {row['cases']} | {row['good']} | {rest} |")
+        lines += ["", "| file (class of fault) | cases | clean error or recovered |", "|---|---|---|"]
+        for source, row in sorted(self.counts_by_source().items()):
+            lines.append(f"| `{source}` | {row['cases']} | {row['good']} |")
         lines += ["", "| case | kind | expected | observed | verdict | s |", "|---|---|---|---|---|---|"]
         for o in self.outcomes:
             observed = o.observed.replace("|", "\\|").replace("\n", " ")

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fip.kernels import differentiable_attention
+from fip.models import classifier_head
 
 FisherKind = Literal["empirical", "true"]
 Params = dict[str, torch.Tensor]
@@ -244,5 +245,5 @@ def fisher_diag(
 
 
 def _num_classes(model: nn.Module) -> int | None:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return last[-1].out_features if last else None
+    head = classifier_head(model)
+    return head.out_features if head is not None else None

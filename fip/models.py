@@ -60,6 +60,11 @@ class ModelSpec:
             _bounded_int(f"options.{key}", value, 1, allowed[key])
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One input image's shape, (channels, height, width): what the model reads, and what its data must hold."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    @property
     def source(self) -> str:
         """Where the architecture comes from: "fip" (ours), "torchvision", "timm" or "hf"."""
         return self.arch.partition(":")[0] if ":" in self.arch else "fip"
@@ -326,6 +331,13 @@ ARCHITECTURES: dict[str, Callable[[ModelSpec], nn.Module]] = {
 
 # Options an architecture takes from its spec, with their upper bounds (all positive integers).
 ARCH_OPTIONS: dict[str, dict[str, int]] = {"vit-small": {"patch": 64, "depth": 64, "heads": 64}}
+
+
+def classifier_head(model: nn.Module) -> nn.Linear | None:
+    """The classifier's head: the model's last ``nn.Linear`` (every architecture here ends in one), whose
+    inputs are the penultimate features and whose outputs are the classes; None for a model without one."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def parameter_count(spec: ModelSpec) -> int:

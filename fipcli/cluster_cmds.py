@@ -128,14 +128,13 @@ def quiet_ray_client() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _check_fip_command(argv: list[str]) -> None:
-    """Parse `argv` with the `fip` parser itself: a job that cannot start is refused here, in one line."""
-    from fipcli.main import build_parser
-
+def _check_fip_command(argv: list[str], fip_parser: argparse.ArgumentParser) -> None:
+    """Parse `argv` with the `fip` parser itself (`fip_parser`, which fipcli.main hands to every command):
+    a job that cannot start is refused here, in one line."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            build_parser().parse_args(argv)
+            fip_parser.parse_args(argv)
     except SystemExit as e:
         if e.code:
             lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
@@ -166,7 +165,7 @@ def _submission(args):
             raise ValueError("fip submit bench needs a benchmark NAME (a module of benchmarks/)")
         return args, command_submission(target[1:], working_dir, kind="bench", pip=pip,
                                         submission_id=args.submission_id), None
-    _check_fip_command(target)
+    _check_fip_command(target, args.fip_parser)
     kind = "tune" if target[0] == "tune" else "fip"
     return args, command_submission(target, working_dir, kind=kind, pip=pip, submission_id=args.submission_id,
                                     tracking_uri=os.environ.get("MLFLOW_TRACKING_URI")), None

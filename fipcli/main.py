@@ -23,12 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in COMMAND_MODULES:
         mod.register(sub)
+    # `fip submit` checks a job's command line with this whole parser: handed over here, so that no command
+    # module imports this one (which imports them all)
+    parser.set_defaults(fip_parser=parser)
     return parser
 
 
 def quiet_frameworks() -> None:
     """The terminal shows our progress and real warnings: MLflow's INFO chatter (store migrations)
-    is not for the user; Ray's own logs go to Ray's log folder (pipeline.driver.ensure_ray)."""
+    is not for the user; Ray's own logs go to Ray's log folder (pipeline.ray_runtime.ensure_ray)."""
     # MLflow sets its own top logger's level when imported, so quiet the chatty module itself
     for name in ("mlflow", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -252,13 +252,13 @@ def run_evaluate(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from lab.backdoor import attack_from_record, check_record_belongs
     from lab.datasets import DATASETS, load_dataset
     from lab.metrics import evaluate_model
     from pipeline.evaluation import evaluate_shards
+    from pipeline.plan import load_attack_record
     from pipeline.shards import open_shards
     from pipeline.transforms import load_model_for_data
-    from pipeline.validation import check_model_fits
+    from pipeline.validation import check_inputs, check_model_fits
 
     store = store_from_args(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,20 +274,11 @@ def run_evaluate(args) -> int:
             check_model_fits(loaded.spec, data.num_classes, data.shape, f"{args.test} test images", args.model)
         else:
             test = open_shards(args.test, store)
-            check_model_fits(loaded.spec, test.manifest.num_classes, test.manifest.image_shape, "test shards",
-                             args.model)
-        attack = None
-        if args.attack_record:
-            record = json.loads(store.read_bytes(args.attack_record))
-            warning = check_record_belongs(loaded.metadata, record, args.model, args.attack_record)
-            if warning:
-                print(f"fip evaluate: {warning}", file=sys.stderr)
-            tensors = None
-            if record.get("trigger_path"):
-                from safetensors.torch import load_file
-
-                tensors = load_file(store.fetch(record["trigger_path"], tmp))
-            attack = attack_from_record(record, tensors)
+        record = load_attack_record(args.attack_record, store, tmp) if args.attack_record else None
+        for warning in check_inputs(loaded, args.model, test=test, test_url=args.test,
+                                    record=record.record if record else None, record_url=args.attack_record or ""):
+            print(f"fip evaluate: {warning}", file=sys.stderr)
+        attack = record.attack() if record else None
     if data is not None:
         metrics = evaluate_model(model, data.floats(), data.y, *((attack.trigger_floats, attack.target_of)
                                                                   if attack else (None, None)))

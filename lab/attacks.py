@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fip.models import classifier_head
 from lab.datasets import ImageSet, to_uint8
 
 
@@ -450,7 +451,9 @@ class Trojan(Attack):
 
 def _penultimate(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
     """The feature extractor before the final linear layer, and that layer (via a forward hook)."""
-    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    head = classifier_head(model)
+    if head is None:
+        raise AttackError(f"{type(model).__name__} has no linear classifier head")
 
     def features(x: torch.Tensor) -> torch.Tensor:
         captured = {}

@@ -362,7 +362,7 @@ def attack_from_record(record: dict | str | Path, tensors: dict[str, torch.Tenso
         cfg = AttackConfig(record["attack"], record["target"], record["poison_rate"], record["all_to_all"], record["seed"], record["params"])
     except KeyError as e:
         raise ValueError(f"attack record lacks field {e}") from e
-    attack = build_attack(cfg, (spec.in_channels, spec.image_size, spec.image_size), spec.num_classes)
+    attack = build_attack(cfg, spec.input_shape, spec.num_classes)
     if tensors:
         attack.load_state_tensors(tensors)
     elif record.get("trigger_path"):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from pipeline.artifacts import Measured
 from pipeline.config import AnalysisSettings
 from pipeline.shards import ShardSource, read_all
 
@@ -47,18 +48,19 @@ def plot_curves(history: list[dict], evaluations: list[dict], path: Path) -> Pat
 
 
 def spectral_analysis(suspect: nn.Module, purified: nn.Module, clean: ShardSource, settings: AnalysisSettings,
-                      seed: int, path: Path) -> dict[str, float]:
-    """lambda_max of both models from an SLQ density on a few clean images, plotted to `path` (off at 0)."""
+                      seed: int, path: Path) -> Measured:
+    """lambda_max of both models from an SLQ density on a few clean images, plotted to `path` (off at 0:
+    nothing measured)."""
     if not settings.esd_samples or not settings.esd_steps:
-        return {}
+        return Measured()
     from fip.smoothness import HessianOperator, plot_spectral_density, spectral_density
 
     x, y, _ = read_all(clean, limit=settings.esd_samples)
     batch = [(x.float() / 255.0, y)]
-    densities, out = {}, {}
-    for label, when, model in (("suspect", "before", suspect), ("purified", "after", purified)):
+    densities, out = {}, Measured()
+    for label, figures, model in (("suspect", out.before, suspect), ("purified", out.after, purified)):
         esd = spectral_density(HessianOperator(model, batch), runs=1, steps=settings.esd_steps, seed=seed)
         densities[label] = esd
-        out[f"lambda_max_{when}"] = float(esd.nodes.max())
+        figures["lambda_max"] = float(esd.nodes.max())
     plot_spectral_density(densities, path, title="Hessian eigenvalue density (SLQ)")
     return out

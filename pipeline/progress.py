@@ -1,7 +1,7 @@
 """The job's own progress on the driver's terminal, relayed from rank 0 of each stage.
 
 Ray forwards every worker's output (and Ray Train's own chatter) to the driver when asked to; the
-driver asks it not to (:func:`pipeline.driver.ensure_ray`), so that output stays in Ray's log folder
+driver asks it not to (:func:`pipeline.ray_runtime.ensure_ray`), so that output stays in Ray's log folder
 and dashboard, and our stages send their progress through a small Ray queue instead. Step records
 become one bar per stage on a terminal, or a line every tenth of the run when output is a file.
 """

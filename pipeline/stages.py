@@ -3,8 +3,8 @@
 Every stage takes Ray's ``train_loop_config``, ``{"context": StageContext}``: the job's config as it
 is, plus what the driver resolved once (run name, where the Fisher goes, the attack record). It
 reports its metrics and the files it produced as the checkpoint of its last ``report``; the driver
-keeps each file and logs it. To add a stage, write its function here and add one line to
-``pipeline.driver.STAGES``.
+keeps each file and logs it. Its output is a type of :mod:`pipeline.artifacts` (before/after figures as
+structure). To add a stage, write its function here and add one line to ``pipeline.driver.STAGES``.
 
 - :func:`fisher_stage`: each rank sums per-sample squared gradients over its share of the clean
   shards; sums and counts are all-reduced; rank 0 writes ``Fbar``. The suspect model is also
@@ -32,7 +32,18 @@ from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, pre
 from fip.training import augment_batch, derive_seed, generator
 from lab.attacks import Attack
 from lab.backdoor import RECORD_LINK_KEY, attack_from_record
-from pipeline.artifacts import FISHER, HISTORY, METRICS, PURIFIED, PURIFIED_SIDECAR
+from pipeline.artifacts import (
+    FISHER,
+    HISTORY,
+    METRICS,
+    PURIFIED,
+    PURIFIED_SIDECAR,
+    CheckpointOutput,
+    FisherOutput,
+    Measured,
+    PurifyOutput,
+    encode_output,
+)
 from pipeline.config import JobConfig
 from pipeline.evaluation import evaluate_shards
 from pipeline.shards import (
@@ -156,16 +167,15 @@ def fisher_stage(config: dict) -> dict:
     before = ctx.evaluate(suspect)
     if before:
         ctx.log("suspect model: " + _percent(before))
-    metrics = {"fisher_count": est.count, "fisher_trace": est.trace(), "skipped_samples": skipped,
-               "fisher_seconds": time.perf_counter() - start, **{f"{k}_before": v for k, v in before.items()}}
+    output = FisherOutput(est.count, est.trace(), skipped, time.perf_counter() - start, Measured(before=before))
     files = None
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             data = est.save(Path(tmp) / FISHER).read_bytes()
         ctx.store.write_bytes(ctx.fisher_url, data)
-        files = {FISHER: data, METRICS: json.dumps(metrics).encode()}
-    report(metrics, files)
-    return metrics
+        files = {FISHER: data, METRICS: encode_output(output)}
+    report(output.metrics(), files)
+    return output.metrics()
 
 
 # ---------------------------------------------------------------- stage 2: FIP fine-tuning
@@ -281,7 +291,7 @@ def purify_stage(config: dict) -> dict:
             logs["evaluations"].append({"step": done, **metrics})
             ctx.log(f"eval at step {done}: " + _percent(metrics))
         if done % run.checkpoint_every == 0 and done < pcfg.iterations:
-            checkpoint(purifier.state_dict(), {**logs, "seconds": elapsed(), "saved_at": time.time()},
+            checkpoint(CheckpointOutput(purifier.state_dict(), {**logs, "seconds": elapsed(), "saved_at": time.time()}),
                        {"step": done, **{k: v for k, v in record.items() if k != "step"}})
     sync_buffers(work)
     purified = finalize_model(work, pcfg)
@@ -290,7 +300,7 @@ def purify_stage(config: dict) -> dict:
         logs["evaluations"].append({"step": pcfg.iterations, **after})
         ctx.log("purified model: " + _percent(after))
     logs["seconds"] = elapsed()
-    metrics = {"step": purifier.step_count, "purify_seconds": logs["seconds"], **{f"{k}_after": v for k, v in after.items()}}
+    output = PurifyOutput(purifier.step_count, logs["seconds"], Measured(after=after))
     files = None
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -305,7 +315,7 @@ def purify_stage(config: dict) -> dict:
                               {"source_sha256": suspect.sha256, "method": pcfg.method, "run_name": ctx.run_name,
                                **inputs, **lab_link})
             files = {PURIFIED: path.read_bytes(), PURIFIED_SIDECAR: path.with_suffix(".json").read_bytes(),
-                     HISTORY: json.dumps(logs).encode(), METRICS: json.dumps(metrics).encode()}
-    report(metrics, files)
-    return metrics
+                     HISTORY: json.dumps(logs).encode(), METRICS: encode_output(output)}
+    report(output.metrics(), files)
+    return output.metrics()
 

@@ -56,6 +56,7 @@ class Registered:
     name: str
     version: str
     model_uri: str
+    candidate: bool = False  # whether @candidate moved to this version (pipeline.registry)
 
 
 # torch.export traces through process-wide dispatch modes: two exports at once in one process (two jobs

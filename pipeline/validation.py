@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from fip.io import LoadedModel
 from fip.models import ModelSpec
+from lab.backdoor import check_record_belongs
 from pipeline.shards import ShardSource, iter_range
 
 
@@ -59,7 +61,7 @@ def check_model_fits(spec: ModelSpec, num_classes: int, image_shape: Sequence[in
     that runs a model on data calls this first (purify, evaluate, tune), with a shard manifest's
     ``num_classes`` and ``image_shape`` (what its readers yield), or a data set's."""
     shape = tuple(int(v) for v in image_shape)
-    expected = (spec.in_channels, spec.image_size, spec.image_size)
+    expected = spec.input_shape
     if num_classes != spec.num_classes:
         raise JobError(f"{role} have {num_classes} classes but the model {model} has {spec.num_classes}")
     if shape != expected:
@@ -77,6 +79,28 @@ def check_clean_is_not_test(clean: ShardSource, test: ShardSource, clean_url: st
         how = f"{len(same_urls)} shard URL(s)" if same_urls else f"{len(same_hashes)} shard(s) by SHA-256"
         raise JobError(f"clean shards {clean_url} and test shards {test_url} share {how}: the defender's D_val "
                        "must not be test data; pass test shards written apart from D_val")
+
+
+def check_inputs(suspect: LoadedModel, model_url: str, *, clean: ShardSource | None = None, clean_url: str = "",
+                 test: ShardSource | None = None, test_url: str = "", record: dict | None = None,
+                 record_url: str = "") -> list[str]:
+    """The checks every command that runs a model on data makes first (``fip purify`` through
+    :func:`pipeline.plan.plan_job`, ``fip tune``, ``fip evaluate``), in one order: the model against each
+    shard set, D_val against the test data, and the attack record against the model (its link, its classes).
+    Raises the first problem in one line; returns the warnings to show (a link that cannot be checked)."""
+    spec = suspect.spec
+    for role, source in (("clean shards", clean), ("test shards", test)):
+        if source is not None:
+            check_model_fits(spec, source.manifest.num_classes, source.manifest.image_shape, role, model_url)
+    if clean is not None and test is not None:
+        check_clean_is_not_test(clean, test, clean_url, test_url)
+    if record is None:
+        return []
+    warning = check_record_belongs(suspect.metadata, record, model_url, record_url)
+    rec_classes = record.get("model_spec", {}).get("num_classes")
+    if rec_classes not in (None, spec.num_classes):
+        raise JobError(f"attack record {record_url} is for {rec_classes} classes, the model has {spec.num_classes}")
+    return [warning] if warning else []
 
 
 def check_batch_fits(batch_size: int, clean_total: int, clean_url: str) -> None:

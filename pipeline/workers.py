@@ -7,8 +7,6 @@ local mode, or called directly in a test.
 
 from __future__ import annotations
 
-import io
-import json
 import tempfile
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.artifacts import LOGS, STATE
+from pipeline.artifacts import CheckpointOutput
 
 
 def world() -> tuple[int, int]:
@@ -100,20 +98,14 @@ def report(metrics: dict, files: dict[str, bytes] | None = None) -> None:
         ray.train.report(metrics)
 
 
-def checkpoint(state: dict, logs: dict, metrics: dict) -> None:
-    """A resumable checkpoint: torch state (this run's own tensors) and JSON logs, from rank 0."""
-    files = None
-    if world()[0] == 0:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        files = {STATE: buf.getvalue(), LOGS: json.dumps(logs).encode()}
-    report(metrics, files)
+def checkpoint(output: CheckpointOutput, metrics: dict) -> None:
+    """A resumable checkpoint (torch state, this run's own tensors, and JSON logs) from rank 0, reported with
+    `metrics` on every rank."""
+    report(metrics, output.files() if world()[0] == 0 else None)
 
 
 def restore() -> tuple[dict, dict] | None:
-    """The latest checkpoint's (state, logs) on every rank, or None on a fresh start.
-
-    The state file is one this job wrote, and is still read with ``weights_only=True``."""
+    """The latest checkpoint's (state, logs) on every rank, or None on a fresh start."""
     if not in_ray_train():
         return None
     import ray.train
@@ -122,9 +114,5 @@ def restore() -> tuple[dict, dict] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        state_path = Path(d) / STATE
-        if not state_path.is_file():
-            return None
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        logs = json.loads((Path(d) / LOGS).read_text())
-    return state, logs
+        saved = CheckpointOutput.read(d)
+    return (saved.state, saved.logs) if saved is not None else None

@@ -68,7 +68,7 @@ def s3_store(s3_endpoint):
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint):
     """One local Ray for the whole test session (2 CPUs, small object store), with the dashboard a sweep
-    needs (pipeline.driver.ensure_ray: ASHA-stopped trials release their CPUs only through its State API)."""
+    needs (pipeline.ray_runtime.ensure_ray: ASHA-stopped trials release their CPUs only through its State API)."""
     import ray
 
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=True, log_to_driver=False)

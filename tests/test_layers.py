@@ -117,12 +117,7 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 # circles inside a package that are known and not yet mended, each with why
-KNOWN_CIRCLES: list[list[str]] = [
-    # `fip submit` checks the job's command line with the whole `fip` parser (fipcli.main.build_parser),
-    # and that parser registers `fip submit`: mending it means a parser module that takes its commands
-    # as an argument (the CLI's own restructuring, outside the shard-format pass that added this test)
-    ["fipcli.cluster_cmds", "fipcli.main"],
-]
+KNOWN_CIRCLES: list[list[str]] = []
 
 
 def test_no_package_has_an_import_circle_inside():

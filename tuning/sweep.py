@@ -6,10 +6,11 @@
 1. splits D_val once into ``dval-train`` (every trial's ``inputs.clean``) and ``dval-holdout`` (read
    only by the objective, :mod:`tuning.objective`), in the sweep's folder;
 2. opens one MLflow parent run for the sweep;
-3. runs ``num_samples`` trials through Ray Tune: each is :func:`pipeline.driver.run_job` (Ray Train
-   inside the Tune trial) with a nested child run, no registration, no test shards and no attack
-   record. Intermediate checkpoints are scored on the held-out share by :class:`ObjectiveReport`, so
-   ASHA can stop weak trials early; an Optuna searcher (or random search) proposes the settings;
+3. runs ``num_samples`` trials through Ray Tune (:mod:`tuning.trial`, what runs inside one): each is
+   :func:`pipeline.driver.run_job` (Ray Train inside the Tune trial) with a nested child run, no
+   registration, no test shards and no attack record. Intermediate checkpoints are scored on the
+   held-out share, so ASHA can stop weak trials early; an Optuna searcher (or random search) proposes
+   the settings;
 4. picks the finished trial with the highest objective and registers its model (with ``refit=True``
    the winner's settings first re-run on all of D_val and that unscored model is registered instead),
    with the alias ``candidate`` and tags naming the sweep's run and the trial, and logs the sweep table
@@ -33,15 +34,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.artifacts import HISTORY, STATE
+from pipeline.artifacts import HISTORY, Measured
 from pipeline.config import ConfigError, JobConfig
-from pipeline.driver import StageError
+from pipeline.ray_runtime import StageError
 from pipeline.storage import Storage, absolute_url, is_s3, join
-from pipeline.tracking import Tracker, check_store, default_tracking_uri, local_root
+from pipeline.tracking import Tracker, check_store, local_root
 from pipeline.validation import check_batch_fits
-from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
+from tuning.objective import Holdout, ObjectiveWeights
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
+from tuning.trial import TrialContext, load_suspect, one_store, plain, run_trial, sweep_tracker
 
 Progress = Callable[[str], None]
 
@@ -100,140 +102,6 @@ class SweepResult:
     plot_path: Path | None
     seconds: float
     refit_run_id: str | None = None  # the job that re-ran the winner's settings on all of D_val
-
-
-@dataclass
-class TrialContext:
-    """What every trial receives (through Tune's object store): the base config and the sweep's fixed parts."""
-
-    base: dict
-    sweep: str
-    train_url: str
-    jobs_dir: str
-    holdout: Holdout
-    weights: ObjectiveWeights
-    report_every: int
-    parent_run_id: str | None
-    test: str | None = None
-    attack_record: str | None = None
-
-
-# ---------------------------------------------------------------- inside a trial
-def _suspect(ctx: TrialContext):
-    from pipeline.transforms import load_model_for_data
-
-    base = JobConfig.from_dict(ctx.base)
-    return load_model_for_data(Storage(base.storage).fetch(base.inputs.model, Path(ctx.jobs_dir) / "cache")).model
-
-
-def _objective_of_state(ctx: TrialContext, purify: dict, state: dict) -> dict:
-    """The objective of a trial's intermediate checkpoint (the purifier's state at that step)."""
-    from fip.purify import MODEL_STATE, PurifyConfig, finalize_model, prepare_model
-
-    pcfg = PurifyConfig(**purify)
-    work = prepare_model(_suspect(ctx), pcfg)
-    work.load_state_dict(state[MODEL_STATE])
-    return evaluate_objective(finalize_model(work, pcfg), ctx.holdout, ctx.weights)
-
-
-def _report_callback(ctx: TrialContext, purify: dict):
-    """Ray Tune's Train callback, adding the held-out objective to each report that carries a purify checkpoint."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    suspect_row = {"step": 0, "objective": 0.0, "holdout_acc": ctx.holdout.suspect["acc"], "agreement": 1.0,
-                   "kl_to_suspect": 0.0, "trace_ratio": 1.0}
-
-    class ObjectiveReport(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            metrics = [dict(m) for m in metrics]
-            state = None
-            if checkpoint is not None:
-                import torch
-
-                with checkpoint.as_directory() as d:
-                    state_path = Path(d) / STATE
-                    if state_path.is_file():
-                        state = torch.load(state_path, map_location="cpu", weights_only=True)
-            # Tune wants the metric in every result: a report without a purify state (the Fisher stage's) is the suspect's
-            metrics[0].update(_objective_of_state(ctx, purify, state) if state is not None else suspect_row)
-            super().after_report(run_context, metrics, checkpoint)
-
-    return ObjectiveReport()
-
-
-def _plain(params: dict) -> dict:
-    """Sampled settings as plain Python values (Tune hands out numpy scalars; the job config is strict)."""
-    return {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}
-
-
-def run_trial(params: dict, ctx: TrialContext) -> None:
-    """One Tune trial: a pipeline job on dval-train with these purify settings, scored on dval-holdout."""
-    from ray import tune
-
-    from pipeline.acceptance import PurificationRejected
-    from pipeline.driver import run_job
-    from pipeline.transforms import load_model_for_data
-
-    trial_id = tune.get_context().get_trial_id()
-    params = _plain(params)
-    base = JobConfig.from_dict(ctx.base)
-    purify = {**base.purify.to_dict(), **params}
-    cfg = base.replace(
-        purify=params,
-        inputs={"clean": ctx.train_url, "test": None, "attack_record": None},
-        run={"work_dir": ctx.jobs_dir, "run_name": f"{ctx.sweep}-{trial_id}", "checkpoint_every": ctx.report_every},
-        tracking={"register_as": None},
-    )
-    try:
-        result = run_job(cfg, parent_run_id=ctx.parent_run_id, callbacks=[_report_callback(ctx, purify)])
-    except PurificationRejected as e:  # the acceptance check refused the model: a trial that ends, and cannot win
-        tune.report({"objective": -math.inf, "rejected": str(e), "step": cfg.purify.iterations})
-        return
-    purified = load_model_for_data(result.purified_path).model
-    metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
-    if ctx.test and ctx.attack_record:
-        metrics.update(_benchmark_metrics(ctx, base, purified))
-    if result.run_id and cfg.tracking.log_to_mlflow:
-        tracker = _tracker(base)
-        tracker.log_metrics(result.run_id, metrics)
-        tracker.set_tags(result.run_id, {"sweep": ctx.sweep, "trial_id": trial_id})
-    tune.report({**metrics, "step": cfg.purify.iterations, "purified": str(result.purified_path),
-                 "child_run_id": result.run_id or "", "seconds": result.metrics.get("seconds", math.nan)})
-
-
-def _benchmark_metrics(ctx: TrialContext, base: JobConfig, purified) -> dict:
-    """ACC/ASR/RA/DER on the test shards (benchmark mode): reported, never used to choose."""
-    from lab.backdoor import attack_from_record
-    from lab.metrics import defense_effectiveness_rating
-    from pipeline.evaluation import evaluate_shards
-    from pipeline.shards import open_shards
-
-    store = Storage(base.storage)
-    record = json.loads(store.read_bytes(ctx.attack_record))
-    tensors = {}
-    if record.get("trigger_path"):
-        from safetensors.torch import load_file
-
-        tensors = load_file(store.fetch(record["trigger_path"], Path(ctx.jobs_dir) / "cache"))
-    attack = attack_from_record(record, tensors)
-    test = open_shards(ctx.test, store)
-    after = evaluate_shards(purified, test, attack)
-    before = evaluate_shards(_suspect(ctx), test, attack)
-    der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
-    return {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "der": der,
-            "acc_before": before["acc"], "asr_before": before["asr"]}
-
-
-# ---------------------------------------------------------------- the driver side
-def one_store(base: JobConfig) -> JobConfig:
-    """`base` with its MLflow store spelled out: the sweep, every trial and the refit then write to that one
-    store. Left implicit, each job would derive it from its own work folder (a trial's is inside the sweep's),
-    and the sweep's parent run and its trials' runs would land in two SQLite files."""
-    return base.replace(tracking={"tracking_uri": base.tracking.tracking_uri or default_tracking_uri(base.run.work_dir)})
-
-
-def _tracker(base: JobConfig) -> Tracker:
-    return Tracker(one_store(base).tracking.tracking_uri, local_root(base.run.work_dir) / "mlartifacts")
 
 
 class LiveTable:
@@ -333,28 +201,24 @@ def _check_fits(base: JobConfig, cfg: SweepConfig) -> None:
 
 
 def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tuple[str, str, Holdout]:
-    """Check the inputs fit together as every job does (pipeline.validation: model vs shards, D_val vs test data,
-    the attack record's model), then split D_val (once) and score the suspect on the held-out share:
-    (train url, holdout url, holdout)."""
-    from lab.backdoor import check_record_belongs
+    """Check the inputs fit together as every job does (:func:`pipeline.validation.check_inputs`: model vs
+    shards, D_val vs test data, the attack record's model), then split D_val (once) and score the suspect on
+    the held-out share: (train url, holdout url, holdout)."""
+    from pipeline.plan import load_attack_record
     from pipeline.shards import open_shards
-    from pipeline.validation import check_clean_is_not_test, check_model_fits
+    from pipeline.validation import check_inputs
     from tuning.holdout import read_holdout, write_split
 
     store = Storage(base.storage)
-    loaded = _suspect_loaded(base)
+    cache_dir = local_root(base.run.work_dir) / "cache"
+    loaded = load_suspect(base, cache_dir)
     inputs = base.inputs
-    clean = open_shards(inputs.clean, store)
-    check_model_fits(loaded.spec, clean.manifest.num_classes, clean.manifest.image_shape, "clean shards", inputs.model)
-    if inputs.test:
-        test = open_shards(inputs.test, store)
-        check_model_fits(loaded.spec, test.manifest.num_classes, test.manifest.image_shape, "test shards", inputs.model)
-        check_clean_is_not_test(clean, test, inputs.clean, inputs.test)
-    if inputs.attack_record:
-        warning = check_record_belongs(loaded.metadata, json.loads(store.read_bytes(inputs.attack_record)),
-                                       inputs.model, inputs.attack_record)
-        if warning:
-            progress(f"[fip tune] {warning}")
+    record = load_attack_record(inputs.attack_record, store, cache_dir).record if inputs.attack_record else None
+    warnings = check_inputs(loaded, inputs.model, clean=open_shards(inputs.clean, store), clean_url=inputs.clean,
+                            test=open_shards(inputs.test, store) if inputs.test else None, test_url=inputs.test or "",
+                            record=record, record_url=inputs.attack_record or "")
+    for warning in warnings:
+        progress(f"[fip tune] {warning}")
     sweep_dir = join(base.run.work_dir, cfg.name)
     train_url, held_url = write_split(inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
     x, y = read_holdout(held_url, store)
@@ -375,7 +239,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     """Run (or with `resume`, continue) the sweep; returns every trial, the winner and its registry URI."""
     from ray import tune
 
-    from pipeline.driver import check_local_cpus, ensure_ray
+    from pipeline.ray_runtime import check_local_cpus, ensure_ray
 
     t0 = time.perf_counter()
     _check_store(base, cfg)
@@ -397,7 +261,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     check_batch_fits(base.purify.batch_size, open_count(train_url, Storage(base.storage)),
                      f"{train_url} (the trials' share of D_val)")
 
-    tracker = _tracker(base) if base.tracking.log_to_mlflow else None
+    tracker = sweep_tracker(base) if base.tracking.log_to_mlflow else None
     parent = None
     if resume:
         parent = json.loads(state_file.read_text()).get("parent_run_id")
@@ -451,7 +315,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
 def collect(grid) -> list[dict]:
     """One row per trial: its settings, last metrics, and whether it finished (DONE), was stopped, failed
     (ERROR, with its root cause) or had its model refused by the acceptance check (REJECTED, with the verdict)."""
-    from pipeline.driver import describe_cause
+    from pipeline.ray_runtime import describe_cause
 
     rows = []
     for r in grid:
@@ -535,7 +399,7 @@ def _refit_winner(base: JobConfig, cfg: SweepConfig, winner: dict, parent: str |
     (0.914 -> 0.864), so it runs only when asked for (docs/tuning.md)."""
     from pipeline.driver import run_job
 
-    params = _plain({k[2:]: v for k, v in winner.items() if k.startswith("p.")})
+    params = plain({k[2:]: v for k, v in winner.items() if k.startswith("p.")})
     progress(f"[fip tune] refit: trial {winner['trial_id']}'s settings on all of D_val")
     job = base.replace(purify=params,
                        run={"work_dir": str(sweep_dir / "jobs"), "run_name": f"{cfg.name}-refit"},
@@ -548,46 +412,35 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     """Register the refit model from its own run (or, without a refit, the winner's purified file from the
     trial's child run), tagged with the sweep, the trial and the trial's objective."""
     from pipeline.acceptance import judge_purified, rejection
-    from pipeline.driver import metric_tags
+    from pipeline.registry import register_purified, registry_tags
     from pipeline.shards import open_shards
     from pipeline.transforms import load_model_for_data
 
     path = Path(refit.purified_path if refit is not None else winner["purified"])
     run_id = refit.run_id if refit is not None else winner["child_run_id"]
     loaded = load_model_for_data(path)
+    suspect = load_suspect(base, local_root(base.run.work_dir) / "cache")
     # the same acceptance check as every job's (pipeline.acceptance), on all of D_val, before any alias moves
     history = path.parent / HISTORY
-    verdict = judge_purified(_suspect_loaded(base), loaded, open_shards(base.inputs.clean, Storage(base.storage)),
+    verdict = judge_purified(suspect, loaded, open_shards(base.inputs.clean, Storage(base.storage)),
                              base.acceptance, json.loads(history.read_text())["history"] if history.is_file() else (),
                              base.run.skip_corrupt)
     tracker.set_tags(parent, verdict.tags())
     if not verdict.passed:
         tracker.set_tags(run_id, verdict.tags())
         raise rejection(verdict)
-    spec = loaded.spec
-    tags = {"sweep_run_id": parent, "sweep": cfg.name, "trial_id": winner["trial_id"],
-            "objective": f"{winner['objective']:.6f}", "method": winner.get("p.method", base.purify.method),
-            "refit": "all of D_val" if refit is not None else "no"}
-    tags.update(metric_tags(refit.metrics if refit is not None else
-                            {"acc_after": winner.get("acc"), "asr_after": winner.get("asr"), "ra_after": winner.get("ra")}))
+    # the refit job measured its model before and after; a trial's row holds the purified model's test figures
+    measured = refit.measured if refit is not None else \
+        Measured(after={k: winner.get(k) for k in ("acc", "asr", "ra")})
     # the suspect's hash, as the purify stage wrote it into the file (the candidate rule compares by source)
-    source = loaded.metadata.get("source_sha256") or _suspect_loaded(base).sha256
-    tags["source_sha256"] = source
-    reg = tracker.register(run_id, loaded.model, path, (spec.in_channels, spec.image_size,
-                                                                        spec.image_size), cfg.register_as, tags)
+    tags = registry_tags(loaded.metadata.get("source_sha256") or suspect.sha256,
+                         winner.get("p.method", base.purify.method), measured,
+                         sweep_run_id=parent, sweep=cfg.name, trial_id=winner["trial_id"],
+                         objective=f"{winner['objective']:.6f}", refit="all of D_val" if refit is not None else "no")
     # the house rule for @candidate (docs/registry.md): it moves when the objective beats the holder's
-    moved, why = tracker.offer_candidate(reg.name, reg.version, tags)
-    tracker.set_tags(parent, {"registered": f"{reg.name}/{reg.version}", "candidate_moved": moved})
-    progress(f"[fip tune] registered {reg.name} version {reg.version}; @candidate "
-             f"{'moves to it' if moved else 'stays'} ({why})")
-    return f"models:/{reg.name}@candidate" if moved else f"models:/{reg.name}/{reg.version}"
-
-
-def _suspect_loaded(base: JobConfig):
-    """The suspect as every caller runs it (its input normalisation applied by itself)."""
-    from pipeline.transforms import load_model_for_data
-
-    return load_model_for_data(Storage(base.storage).fetch(base.inputs.model, local_root(base.run.work_dir) / "cache"))
+    reg = register_purified(tracker, run_id, loaded, path, cfg.register_as, tags, progress, "[fip tune]")
+    tracker.set_tags(parent, {"registered": f"{reg.name}/{reg.version}", "candidate_moved": reg.candidate})
+    return reg.model_uri
 
 
 def sweep_summary(result: SweepResult) -> dict:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fip.models import classifier_head
 from fip.training import BatchSampler, SGDSettings, cosine_lr, cross_entropy
 from lab.metrics import accuracy_from_predictions, predict
 
@@ -101,10 +102,10 @@ def most_aggressive_within(
 
 def penultimate_head(model: nn.Module) -> nn.Linear:
     """The classifier's final linear layer (its input is the penultimate feature vector)."""
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not heads:
+    head = classifier_head(model)
+    if head is None:
         raise DefenseError(f"{type(model).__name__} has no linear classifier head")
-    return heads[-1]
+    return head
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

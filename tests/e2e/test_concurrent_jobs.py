@@ -1,9 +1,8 @@
 """Two jobs at once in one Python process, each with its own S3 endpoint and MLflow store, and a stage
 added to the driver by one line: nothing the jobs need is process-wide. The added stage is where the
-two jobs meet: each job's workers wait there for the other job's, so the jobs pass only if both had
-Ray Train workers running at the same moment."""
+two jobs meet: each job's rank 0 asks Ray's State API which actors are alive, so the jobs pass only if
+Ray itself had both jobs' Ray Train workers alive at the same moment."""
 
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ import pytest
 
 from lab.datasets import CleanSplit, load_dataset
 from pipeline import driver
-from pipeline.artifacts import METRICS
+from pipeline.artifacts import METRICS, StageMetrics, encode_output
 from pipeline.config import JobConfig
 from pipeline.shard_writer import write_shards
 from pipeline.shards import open_shards
@@ -24,24 +23,45 @@ from pipeline.workers import report, world
 pytestmark = pytest.mark.slow
 
 
+def _wait_for(condition, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
 def summary_stage(meeting: Path, others: dict[str, str], wait_s: float = 300.0):
-    """An extra stage for the test: reports the run name and the world size it ran on, and whether this
-    job's workers met the other job's: rank 0 leaves a mark in `meeting` (a folder both jobs' workers
-    see), then every rank waits up to `wait_s` for the other job's mark. Jobs that ran one after the
-    other never meet (the first one waits in vain)."""
+    """An extra stage for the test: reports the run name and the world size it ran on, and how many of the
+    other job's workers Ray's own state showed alive while this job's workers were alive too.
+
+    Every rank leaves its Ray actor id in `meeting/<run name>/` (a folder both jobs' workers see); rank 0
+    waits for the other job's ids, then asks Ray's State API which actors are ALIVE and counts the other
+    job's among them. Neither job's workers leave before both rank 0s have asked (a second mark), so each
+    job's answer is read while both worker groups exist. Jobs that ran one after the other count 0: the
+    first waits in vain for ids, and the second finds the first's workers DEAD."""
 
     def stage(config: dict) -> dict:
+        import ray
+        from ray.util.state import list_actors
+
         ctx = config["context"]
         rank, size = world()
+        mine, theirs = meeting / ctx.run_name, meeting / others[ctx.run_name]
+        mine.mkdir(exist_ok=True)
+        (mine / f"rank{rank}").write_text(ray.get_runtime_context().get_actor_id())
+        alive_other = 0
         if rank == 0:
-            (meeting / ctx.run_name).touch()
-        deadline = time.monotonic() + wait_s
-        while not (meeting / others[ctx.run_name]).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        metrics = {"summary_world": size, "summary_met_other": int((meeting / others[ctx.run_name]).exists())}
-        files = {"summary.txt": ctx.run_name.encode(), METRICS: json.dumps(metrics).encode()}
-        report(metrics, files if rank == 0 else None)
-        return metrics
+            if _wait_for(lambda: theirs.is_dir() and len(list(theirs.glob("rank*"))) == size, wait_s):
+                ids = {f.read_text() for f in theirs.glob("rank*")}
+                alive = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)}
+                alive_other = len(ids & alive)
+            (meeting / f"{ctx.run_name}.asked").touch()
+        _wait_for(lambda: all((meeting / f"{name}.asked").exists() for name in (ctx.run_name, others[ctx.run_name])),
+                  wait_s)
+        output = StageMetrics({"summary_world": size, "summary_other_alive": alive_other})
+        files = {"summary.txt": ctx.run_name.encode(), METRICS: encode_output(output)}
+        report(output.metrics(), files if rank == 0 else None)
+        return output.metrics()
 
     return stage
 
@@ -113,7 +133,9 @@ def test_two_jobs_with_their_own_stores_run_at_once(ray_session, digits_lab, two
     for name, result in results.items():
         other = "b" if name == "a" else "a"
         m = result.metrics
-        assert m["summary_met_other"] == 1, f"job-{name}'s workers never met job-{other}'s: the jobs ran one by one"
+        # Ray's state, read by this job's rank 0 while its own workers ran: both of the other job's workers ALIVE
+        assert m["summary_other_alive"] == 2, (f"Ray showed {m['summary_other_alive']} of job-{other}'s 2 workers "
+                                               f"alive while job-{name}'s ran: the jobs did not run at once")
         assert m["fisher_count"] == sizes[name]  # read from its own endpoint: same URL, different data
         assert m["summary_world"] == 2 and (result.purified_path.parent / "summary.txt").read_text() == f"job-{name}"
         tracker = Tracker(configs[name].tracking.tracking_uri, create=False)

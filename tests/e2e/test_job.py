@@ -16,11 +16,13 @@ from lab.backdoor import attack_from_record
 from lab.datasets import CleanSplit, load_dataset
 from pipeline.artifacts import FISHER, HISTORY
 from pipeline.config import JobConfig
-from pipeline.driver import JobError, plan_job, run_job
+from pipeline.driver import run_job
 from pipeline.evaluation import evaluate_shards
+from pipeline.plan import plan_job
 from pipeline.shard_writer import write_shards
 from pipeline.shards import open_shards, read_all
 from pipeline.stages import StageContext, step_batches
+from pipeline.validation import JobError
 
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]
 

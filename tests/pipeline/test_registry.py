@@ -77,9 +77,13 @@ def test_tampered_artifact_is_refused(store, tmp_path):
 def test_metric_tags_one_spelling_for_jobs_and_sweeps():
     """A job's metrics and a sweep's trial row end in the same ACC/ASR/RA/DER tags; DER follows the
     definition (ASR removed minus ACC lost, halved, plus a half) computed here by hand."""
-    from pipeline.driver import metric_tags
+    from pipeline.artifacts import Measured
+    from pipeline.registry import metric_tags
 
-    tags = metric_tags({"acc_before": 0.92, "asr_before": 1.0, "acc_after": 0.89, "asr_after": 0.04, "ra_after": 0.85})
+    job = Measured(before={"acc": 0.92, "asr": 1.0}, after={"acc": 0.89, "asr": 0.04, "ra": 0.85})
+    tags = metric_tags(job)
     assert tags == {"ACC": "0.8900", "ASR": "0.0400", "RA": "0.8500", "DER": f"{(1 + 0.96 - 0.03) / 2:.4f}"}
-    assert metric_tags({"acc_after": 0.5, "asr_after": None, "ra_after": None}) == {"ACC": "0.5000"}
-    assert metric_tags({}) == {}
+    assert metric_tags(Measured(after={"acc": 0.5, "asr": None, "ra": None})) == {"ACC": "0.5000"}
+    assert metric_tags(Measured()) == {}
+    # the names users read in MLflow are made from the structure in one place
+    assert job.flat() == {"acc_before": 0.92, "asr_before": 1.0, "acc_after": 0.89, "asr_after": 0.04, "ra_after": 0.85}

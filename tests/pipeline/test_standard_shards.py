@@ -252,7 +252,7 @@ def restore_threads():
 def test_stages_take_standard_shards_in_process(indexed, foreign_test, tmp_path, restore_threads):
     """The Fisher stage and the training batches, in this process (no Ray), on jpg/cls shards."""
     from fip.fisher import FisherDiag
-    from pipeline.driver import plan_job
+    from pipeline.plan import plan_job
     from pipeline.stages import fisher_stage, step_batches
 
     folder, pattern, _, _, _ = indexed

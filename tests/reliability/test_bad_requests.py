@@ -49,6 +49,6 @@ def test_request_beyond_the_machine(case, tiny_inputs, tmp_path, monkeypatch, ve
 def test_address_is_not_checked_against_this_machine():
     """With --address the cluster's own size decides (checked once Ray is connected): nothing refused here."""
     from pipeline.config import Resources
-    from pipeline.driver import check_local_cpus
+    from pipeline.ray_runtime import check_local_cpus
 
     check_local_cpus(Resources(workers=64, address="ray://head:10001"))

@@ -1,0 +1,49 @@
+"""The one way a purified model enters the MLflow registry, for a job (:mod:`pipeline.driver`) and for a
+sweep's winner (:mod:`tuning.sweep`): a new version tagged with its source, its method and, in benchmark
+mode, its test figures, then ``@candidate`` offered to it under the house rule
+(:meth:`pipeline.tracking.Tracker.offer_candidate`, docs/registry.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fip.io import LoadedModel
+from pipeline.artifacts import Measured
+from pipeline.tracking import Registered, Tracker
+
+
+def metric_tags(measured: Measured) -> dict[str, str]:
+    """The registry tags of a model measured in benchmark mode (ACC, ASR, RA and, with the suspect's
+    figures, DER); the ones not measured are left out. One spelling for every registered version,
+    whether a job or a sweep registers it."""
+    from lab.metrics import defense_effectiveness_rating
+
+    before, after = measured.before, measured.after
+    tags = {tag: f"{after[key]:.4f}" for key, tag in (("acc", "ACC"), ("asr", "ASR"), ("ra", "RA"))
+            if after.get(key) is not None}
+    if all(d.get(k) is not None for d in (before, after) for k in ("acc", "asr")):
+        der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
+        tags["DER"] = f"{der:.4f}"
+    return tags
+
+
+def registry_tags(source_sha256: str, method: str, measured: Measured, **extra: str) -> dict[str, str]:
+    """Every registered version's tags: the suspect's hash (the candidate rule compares by source), the
+    method, the benchmark figures, and what the caller adds (a sweep: its run, trial and objective)."""
+    return {**extra, "method": method, **metric_tags(measured), "source_sha256": source_sha256}
+
+
+def register_purified(tracker: Tracker, run_id: str, purified: LoadedModel, path: Path, name: str,
+                      tags: dict[str, str], progress: Callable[[str], None], prefix: str = "[fip]") -> Registered:
+    """A new version of `name` from the run `run_id` (the model, its safetensors file and sidecar), then
+    ``@candidate`` moved to it only if it beats the holder; the URI returned is ``NAME@candidate`` when it
+    moved, else the version's own."""
+    progress(f"{prefix} registering the purified model as {name}")
+    reg = tracker.register(run_id, purified.model, path, purified.spec.input_shape, name, tags)
+    moved, why = tracker.offer_candidate(name, reg.version, tags)
+    progress(f"{prefix} registered {name} version {reg.version}; @candidate "
+             + (f"moved to it ({why})" if moved else f"stays ({why})"))
+    return Registered(reg.name, reg.version, f"models:/{name}@candidate" if moved else f"models:/{name}/{reg.version}",
+                      moved)

@@ -102,6 +102,15 @@ def register(sub) -> None:
     q.add_argument("version")
     q.add_argument("alias")
     q.set_defaults(handler=run_models_promote)
+    q = msub.add_parser("inspect", help="what a model file (.safetensors, .pth, .bin) or Hugging Face folder holds, "
+                                        "as the pipeline understands it; nothing in it is unpickled or run")
+    q.add_argument("file")
+    q.add_argument("--arch", default=None, help="for a file that records no spec: ours (e.g. preactresnet18), "
+                                               "torchvision:<builder>, timm:<name> or hf:<folder>")
+    q.add_argument("--num-classes", type=int, default=None)
+    q.add_argument("--in-channels", type=int, default=None)
+    q.add_argument("--image-size", type=int, default=None)
+    q.set_defaults(handler=run_models_inspect)
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("evaluate", help="ACC (and ASR/RA with an attack record) of a saved or registered model",
@@ -244,6 +253,17 @@ def run_models_get(args) -> int:
 def run_models_promote(args) -> int:
     tracker_from_args(args).promote(args.name, args.version, args.alias)
     print(f"{args.name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def run_models_inspect(args) -> int:
+    from fip.io import describe_model_file
+    from fip.models import spec_for
+
+    given = {"num_classes": args.num_classes, "in_channels": args.in_channels, "image_size": args.image_size}
+    if args.arch is None and any(v is not None for v in given.values()):
+        raise ValueError("--num-classes, --in-channels and --image-size describe an architecture: pass --arch too")
+    print(describe_model_file(args.file, spec_for(args.arch, **given) if args.arch else None))
     return 0
 
 

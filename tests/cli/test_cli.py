@@ -96,3 +96,25 @@ def test_a_failing_command_leaves_a_ray_it_did_not_start_up(ray_session, tmp_pat
     assert main(["evaluate", "--model", str(tmp_path / "missing.safetensors"), "--test", str(tmp_path)]) == 2
     assert ray.is_initialized()
     assert ray.get(ray.put(7)) == 7
+
+
+def test_models_inspect_reads_a_users_pth_without_unpickling(tmp_path, capsys):
+    """`fip models inspect` says what a torchvision-style .pth holds (prefix mapped, the family's normalisation),
+    and refuses a whole pickled model in one line."""
+    import torch
+    from family_models import CLASSES, torchvision_spec
+
+    from fip.models import build_model
+    from fipcli.main import main
+
+    model = build_model(torchvision_spec())
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "m.pth")
+    assert main(["models", "inspect", str(tmp_path / "m.pth"), "--arch", "torchvision:resnet18",
+                 "--num-classes", str(CLASSES), "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: torchvision:resnet18" in out and "keys: all fit" in out
+    assert "0.485" in out and "the family's default" in out
+    torch.save(model, tmp_path / "whole.pth")
+    assert main(["models", "inspect", str(tmp_path / "whole.pth")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "whole pickled model" in err[0]

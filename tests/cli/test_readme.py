@@ -55,6 +55,7 @@ RECIPES: dict[str, Recipe] = {
     "fip models get fip-purified@candidate -o purified.safetensors": Recipe(),
     # the README promotes version 3 of a store with history; this fresh store has version 1
     "fip models promote fip-purified 3 production": Recipe(replace={"fip-purified 3": "fip-purified 1"}),
+    "fip models inspect purified.safetensors": Recipe(),
     "fip smoothness --model purified.safetensors --plot esd.png":
         Recipe(("--samples", "16", "--iters", "3", "--max-probes", "4", "--density-steps", "4")),
     "fip tune --preset paper-300 --model suspect.safetensors --clean runs/shards/dval --workers 1 "

@@ -157,21 +157,14 @@ class Recorder:
     def add(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
 
-    def counts(self) -> dict[str, dict[str, int]]:
+    def counts(self, by: str = "kind") -> dict[str, dict[str, int]]:
+        """Cases, good ones and each verdict, per `by` (an Outcome field: kind, or source, the test file)."""
         table: dict[str, dict[str, int]] = {}
         for o in self.outcomes:
-            row = table.setdefault(o.kind, {"cases": 0, "good": 0})
+            row = table.setdefault(getattr(o, by), {"cases": 0, "good": 0})
             row["cases"] += 1
             row["good"] += o.verdict in GOOD
             row[o.verdict] = row.get(o.verdict, 0) + 1
-        return table
-
-    def counts_by_source(self) -> dict[str, dict[str, int]]:
-        table: dict[str, dict[str, int]] = {}
-        for o in self.outcomes:
-            row = table.setdefault(o.source, {"cases": 0, "good": 0})
-            row["cases"] += 1
-            row["good"] += o.verdict in GOOD
         return table
 
     def markdown(self, header: str) -> str:
@@ -180,7 +173,7 @@ class Recorder:
             rest = ", ".join(f"{v}: {n}" for v, n in row.items() if v in BAD) or "-"
             lines.append(f"| {kind} | {row['cases']} | {row['good']} | {rest} |")
         lines += ["", "| file (class of fault) | cases | clean error or recovered |", "|---|---|---|"]
-        for source, row in sorted(self.counts_by_source().items()):
+        for source, row in sorted(self.counts("source").items()):
             lines.append(f"| `{source}` | {row['cases']} | {row['good']} |")
         lines += ["", "| case | kind | expected | observed | verdict | s |", "|---|---|---|---|---|---|"]
         for o in self.outcomes:

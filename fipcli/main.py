@@ -79,16 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # one line, and the shell's code for death by that signal (130 for SIGINT, 143 for SIGTERM)
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        if not ray_before:
-            end_ray_before_last_line()
+        end_ray_before_last_line(ray_before)
         print(f"fip {args.command}: {'stopped' if isinstance(e, Stopped) else 'interrupted'} "
               f"({signal.Signals(signum).name}){interrupt_note(e)}", file=sys.stderr)
         return 128 + signum
     except Exception as e:
         if getattr(args, "debug", False) or not user_facing(e):
             raise
-        if not ray_before:
-            end_ray_before_last_line()
+        end_ray_before_last_line(ray_before)
         print(f"fip {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -98,15 +96,14 @@ def ray_is_up() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def end_ray_before_last_line() -> None:
+def end_ray_before_last_line(ray_was_up: bool) -> None:
     """Shut down the Ray the command started, if any, before the line saying how the command ended: at
     exit, Ray's core prints the calls it cancels (``actor_task_submitter.cc ... RpcError ... CANCELLED``),
     which would otherwise come after that line. A Ray that was up before the command (a caller calling
-    `main` in its own process) is the caller's, and is left alone."""
-    ray = sys.modules.get("ray")
-    if ray_is_up():
+    `main` in its own process, `ray_was_up`) is the caller's, and is left alone."""
+    if not ray_was_up and ray_is_up():
         try:
-            ray.shutdown()
+            sys.modules["ray"].shutdown()
         except Exception:  # noqa: BLE001 - the command's own outcome is what the user must see
             pass
 

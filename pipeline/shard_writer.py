@@ -123,11 +123,15 @@ class _Output:
         self.store.write_bytes(self.partial_url, json.dumps({"plan": self.plan, "shards": shards}, indent=1).encode())
         self.last_saved = now
 
+    def skipped(self) -> list[dict]:
+        """The unreadable source files its shards left out (each shard's ``meta["skipped"]``), in shard order."""
+        return [entry for n in sorted(self.done) for entry in self.done[n].meta.get("skipped", [])]
+
     def finish(self, source: Source, meta: dict) -> ShardManifest:
         if not self.done:
             raise ShardError(f"no samples went to {self.dest}: nothing to write")
         infos = [self.done[n] for n in sorted(self.done) if self.done[n].count]  # all-unreadable shards: unwritten
-        skipped = [entry for n in sorted(self.done) for entry in self.done[n].meta.get("skipped", [])]
+        skipped = self.skipped()
         if not infos:
             raise ShardError(f"no readable image went to {self.dest}: all {len(skipped)} source files were "
                              f"unreadable, e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
@@ -193,7 +197,6 @@ class _ShardPool:
                                              info["meta"])
         self.stats.shards_written += 1
         self.stats.bytes_written += info["bytes"]
-        self.stats.skipped += info["meta"].get("skipped", [])
         if info.get("worker_rss_mb") is not None:
             self.stats.peak_worker_rss_mb = max(self.stats.peak_worker_rss_mb or 0.0, info["worker_rss_mb"])
         self.bar.update(job.count)
@@ -245,7 +248,6 @@ class _Router:
         if old is not None and old.source_digest == digest and out.store.exists(join(out.dest, name)):
             out.done[out.number] = old
             self.stats.shards_reused += 1
-            self.stats.skipped += old.meta.get("skipped", [])
             self.bar.update(len(samples))
         else:
             self.pool.submit(out, digest, samples)
@@ -329,6 +331,7 @@ def write_source(
         if dval is not None:
             extra["dval"] = {**asdict(dval), "role": out.plan["role"], "count": out.count}
         manifests[url] = out.finish(source, extra)
+        stats.skipped += out.skipped()
     stats.seconds = time.perf_counter() - started
     return WriteResult(manifests, stats)
 

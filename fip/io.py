@@ -26,12 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fip import families
+from fip.inputs import NORMALIZATION_KEY
 from fip.models import ModelSpec, build_model, parameter_count, spec_for
 
 SPEC_KEY = "fip.model_spec"
 META_KEY = "fip.metadata"
-# where a model's metadata records the normalisation it expects on [0, 1] inputs (read by pipeline.transforms)
-NORMALIZATION_KEY = "input_normalization"
 # prefixes that wrappers add to saved keys: DataParallel/DDP, Lightning-style `self.model`, torch.compile
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")

@@ -59,8 +59,14 @@ def register(sub) -> None:
                    help=f"one of: {', '.join(ATTACKS)} (see below)")
     p.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
     p.add_argument("--root", default=None, help="data set folder (Fashion-MNIST defaults to Debian's location)")
-    p.add_argument("--arch", default="preactresnet18")
-    p.add_argument("--width", type=float, default=0.125, help="channel width multiplier")
+    p.add_argument("--arch", default="preactresnet18",
+                   help="ours (preactresnet18, resnet50, vgg11, vit-small), torchvision:<builder>, timm:<name> or "
+                        "hf:<folder with config.json>")
+    p.add_argument("--width", type=float, default=0.125, help="channel width multiplier (ours)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="a family model's input size (default: the data's); the model resizes its input itself")
+    p.add_argument("--arch-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="a family model's builder keyword, e.g. patch_size=4 for a timm ViT")
     p.add_argument("--target", type=int, default=0)
     p.add_argument("--poison-rate", type=float, default=None, help="fraction of the training set (default: the attack's own, below)")
     p.add_argument("--all-to-all", action="store_true")
@@ -99,6 +105,8 @@ def run(args) -> int:
         root=args.root,
         arch=args.arch,
         width=args.width,
+        image_size=args.image_size,
+        arch_options=dict(args.arch_option),
         train=TrainConfig(epochs=args.epochs or default_epochs(args.attack), lr=args.lr, batch_size=args.batch_size,
                           seed=args.seed, augment_pad=args.augment_pad),
         clean_fraction=args.clean_fraction,

@@ -8,7 +8,7 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser("smoothness", help="Hessian lambda_max, Tr(H) and eigen-spectral density of a model")
-    p.add_argument("--model", required=True, help="model weights (.safetensors)")
+    p.add_argument("--model", required=True, help="model weights (.safetensors, .pth with --arch, or an HF folder)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--root", default=None)
     p.add_argument("--samples", type=int, default=200, help="clean training images (the paper uses one batch of 200)")
@@ -21,19 +21,21 @@ def register(sub) -> None:
     p.add_argument("--plot", default=None, help="PNG path for the density plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true")
+    from fipcli.pipeline_cmds import add_model_flags
+
+    add_model_flags(p)
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     import torch
 
-    from fip.io import check_finite_weights
     from fip.smoothness import plot_spectral_density, smoothness_report
+    from fipcli.pipeline_cmds import model_settings_from_args
     from lab.datasets import load_dataset
-    from pipeline.transforms import load_model_for_data
+    from pipeline.suspect import load_suspect
 
-    loaded = load_model_for_data(args.model)
-    check_finite_weights(loaded.model, args.model)
+    loaded = load_suspect(args.model, model_settings_from_args(args))
     data = load_dataset(args.dataset, "train", args.root)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
     batch = (data.floats()[idx], data.y[idx])

@@ -22,12 +22,31 @@ def add_store_flags(p: argparse.ArgumentParser) -> None:
 
 
 def store_from_args(args):
-    from fipcli.config_flags import config_overrides
-    from pipeline.config import build
     from pipeline.storage import Storage, StorageSettings
 
-    return Storage(build(StorageSettings, config_overrides(args, {"storage": StorageSettings}).get("storage", {}),
-                         "storage"))
+    return Storage(section_from_args(args, "storage", StorageSettings))
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The job config's model section (--arch, --num-classes, ... --data-shape) on a command without a job."""
+    from fipcli.config_flags import add_config_flags
+    from pipeline.config import ModelSettings
+
+    add_config_flags(p, {"model": ModelSettings})
+
+
+def model_settings_from_args(args):
+    from pipeline.config import ModelSettings
+
+    return section_from_args(args, "model", ModelSettings)
+
+
+def section_from_args(args, name: str, cls: type):
+    """One config section from its flags alone (defaults for the rest), checked as a job's would be."""
+    from fipcli.config_flags import config_overrides
+    from pipeline.config import build
+
+    return build(cls, config_overrides(args, {name: cls}).get(name, {}), name)
 
 
 def register(sub) -> None:
@@ -105,11 +124,7 @@ def register(sub) -> None:
     q = msub.add_parser("inspect", help="what a model file (.safetensors, .pth, .bin) or Hugging Face folder holds, "
                                         "as the pipeline understands it; nothing in it is unpickled or run")
     q.add_argument("file")
-    q.add_argument("--arch", default=None, help="for a file that records no spec: ours (e.g. preactresnet18), "
-                                               "torchvision:<builder>, timm:<name> or hf:<folder>")
-    q.add_argument("--num-classes", type=int, default=None)
-    q.add_argument("--in-channels", type=int, default=None)
-    q.add_argument("--image-size", type=int, default=None)
+    add_model_flags(q)
     q.set_defaults(handler=run_models_inspect)
     p.add_argument("--debug", action="store_true")
 
@@ -121,6 +136,7 @@ def register(sub) -> None:
     p.add_argument("--attack-record", default=None, help="attack record JSON (benchmark mode: adds ASR and RA)")
     p.add_argument("--root", default=None, help="data set folder, when --test names a data set")
     add_store_flags(p)
+    add_model_flags(p)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(handler=run_evaluate)
 
@@ -258,12 +274,9 @@ def run_models_promote(args) -> int:
 
 def run_models_inspect(args) -> int:
     from fip.io import describe_model_file
-    from fip.models import spec_for
+    from pipeline.suspect import requested_spec
 
-    given = {"num_classes": args.num_classes, "in_channels": args.in_channels, "image_size": args.image_size}
-    if args.arch is None and any(v is not None for v in given.values()):
-        raise ValueError("--num-classes, --in-channels and --image-size describe an architecture: pass --arch too")
-    print(describe_model_file(args.file, spec_for(args.arch, **given) if args.arch else None))
+    print(describe_model_file(args.file, requested_spec(model_settings_from_args(args))))
     return 0
 
 
@@ -277,7 +290,7 @@ def run_evaluate(args) -> int:
     from pipeline.evaluation import evaluate_shards
     from pipeline.plan import load_attack_record
     from pipeline.shards import open_shards
-    from pipeline.transforms import load_model_for_data
+    from pipeline.suspect import load_suspect
     from pipeline.validation import check_inputs, check_model_fits
 
     store = store_from_args(args)
@@ -286,12 +299,12 @@ def run_evaluate(args) -> int:
             path = tracker_from_args(args).download_safetensors(args.model, Path(tmp) / "model.safetensors")
         else:
             path = store.fetch(args.model, tmp)
-        loaded = load_model_for_data(path)
+        loaded = load_suspect(path, model_settings_from_args(args))
         model = loaded.model
         test = data = None
         if args.test in DATASETS:
             data = load_dataset(args.test, "test", args.root)
-            check_model_fits(loaded.spec, data.num_classes, data.shape, f"{args.test} test images", args.model)
+            check_model_fits(loaded, data.num_classes, data.shape, f"{args.test} test images", args.model)
         else:
             test = open_shards(args.test, store)
         record = load_attack_record(args.attack_record, store, tmp) if args.attack_record else None

@@ -74,10 +74,12 @@ def sweep_from_args(args):
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from fipcli.pipeline_cmds import job_config_from_args
+    from fipcli.config_flags import config_overrides
+    from fipcli.pipeline_cmds import _sections, job_config_from_args
     from tuning.sweep import run_sweep, sweep_summary
 
     space, sweep = sweep_from_args(args)
+    space = space.under_flags(config_overrides(args, _sections()).get("purify", {}))
     if args.print_space:
         import yaml
 

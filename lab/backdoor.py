@@ -26,8 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fip import families
+from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY, InputAdapter, attach_inputs
 from fip.io import load_model, save_model
-from fip.models import ModelSpec, build_model
+from fip.models import ModelSpec, build_model, spec_for
 from lab.attacks import (
     Attack,
     AttackConfig,
@@ -99,8 +101,10 @@ class LabConfig:
     attack: AttackConfig = field(default_factory=lambda: AttackConfig("badnets"))
     dataset: str = "fashion-mnist"
     root: str | None = None
-    arch: str = "preactresnet18"
-    width: float = 0.125
+    arch: str = "preactresnet18"  # ours, or a family model: torchvision:<builder>, timm:<name>, hf:<folder>
+    width: float = 0.125  # ours only
+    image_size: int | None = None  # a family model's input size (None: the data's); the model resizes its input
+    arch_options: dict = field(default_factory=dict)  # a family model's builder keywords (timm: patch_size, depth)
     train: TrainConfig | None = None  # None: TrainConfig with the attack's default epochs
     clean_fraction: float = 0.01
     dval_seed: int = 0
@@ -118,7 +122,7 @@ class LabConfig:
         a = self.attack
         mode = "a2a" if a.all_to_all else f"t{a.target}"
         aug = f"-aug{self.train.augment_pad}" if self.train.augment_pad else ""
-        return f"{a.name}-{self.dataset}-{self.arch}-w{self.width:g}-{mode}-p{a.poison_rate:g}-s{a.seed}{aug}"
+        return f"{a.name}-{self.dataset}-{arch_stem(self.arch)}-w{self.width:g}-{mode}-p{a.poison_rate:g}-s{a.seed}{aug}"
 
     def cache_config(self) -> dict:
         """Every setting that can change the model or its record, normalised: the source of :attr:`config_hash`.
@@ -142,6 +146,9 @@ class LabConfig:
             d["reference_epochs"] = None
         d["train_limit"] = self.train_limit or None
         d["test_limit"] = self.test_limit or None
+        for name, unset in (("image_size", None), ("arch_options", {})):  # left out unset: older hashes stay valid
+            if d[name] == unset:
+                d.pop(name)
         d["scheme"] = CACHE_SCHEME
         return d
 
@@ -172,18 +179,44 @@ class BackdoorArtifacts:
     config_hash: str = ""
 
 
+def arch_stem(arch: str) -> str:
+    """`arch` as a file-name part: ``torchvision-resnet18``, ``timm-vit_tiny_patch16_224``, ``hf-<folder name>``."""
+    source, _, name = arch.rpartition(":") if ":" in arch else ("", "", arch)
+    return f"{source}-{Path(name).name}" if source else name
+
+
 def model_spec(cfg: LabConfig, data: ImageSet) -> ModelSpec:
+    """Ours at the data's geometry; a family model with its own channels (torchvision's are 3) at
+    `cfg.image_size` (default: the data's), the classes of the data set, and `cfg.arch_options`."""
     c, h, _ = data.shape
-    return ModelSpec(cfg.arch, data.num_classes, c, h, cfg.width)
+    if ":" not in cfg.arch:
+        return ModelSpec(cfg.arch, data.num_classes, c, h, cfg.width)
+    channels = 3 if cfg.arch.startswith("torchvision:") else c
+    return spec_for(cfg.arch, num_classes=data.num_classes, in_channels=channels, image_size=cfg.image_size or h,
+                    options=cfg.arch_options or None)
 
 
-def seeded_model(spec: ModelSpec, seed: int) -> nn.Module:
-    """`build_model(spec)` with its initial weights fixed by `seed`; the caller's global RNG is left as it was.
+def input_side(spec: ModelSpec, data: ImageSet) -> dict:
+    """The input metadata a lab model is trained and saved with (:mod:`fip.inputs`): an adapter when the network
+    takes another geometry than the data, and the family's default normalisation (none for ours)."""
+    meta = {}
+    if tuple(data.shape) != spec.input_shape:
+        meta[ADAPTER_KEY] = InputAdapter(tuple(data.shape)).to_metadata()
+    norm = families.default_normalization(spec)
+    if norm is not None:
+        meta[NORMALIZATION_KEY] = norm
+    return meta
+
+
+def seeded_model(spec: ModelSpec, seed: int, inputs: dict | None = None) -> nn.Module:
+    """`build_model(spec)` with its initial weights fixed by `seed`, taking the data as `inputs` (its input metadata)
+    say; the caller's global RNG is left as it was.
 
     The weights equal those of ``torch.manual_seed(seed); build_model(spec)`` (what the lab did before).
     """
     with seeded_global_rng(seed):
-        return build_model(spec)
+        model = build_model(spec)
+    return attach_inputs(model, spec.input_shape, inputs)
 
 
 def load_lab_data(cfg: LabConfig) -> tuple[ImageSet, ImageSet, CleanSplit]:
@@ -231,13 +264,15 @@ def reference_path(cfg: LabConfig, out_dir: Path) -> Path:
 def reference_model(cfg: LabConfig, train: ImageSet, out_dir: Path, progress: bool) -> nn.Module:
     """A clean model for attacks that need one (cached beside the outputs, keyed like the models)."""
     spec = model_spec(cfg, train)
+    inputs = input_side(spec, train)
     path = reference_path(cfg, out_dir)
     if path.is_file():
-        return load_model(path).model
-    model = seeded_model(spec, cfg.attack.seed)
+        loaded = load_model(path)
+        return attach_inputs(loaded.model, spec.input_shape, loaded.metadata)
+    model = seeded_model(spec, cfg.attack.seed, inputs)
     tcfg = TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.reference_epochs})
     train_classifier(model, train, tcfg, progress=progress, desc="reference model")
-    save_model(model, spec, path, {"role": "clean reference", "epochs": cfg.reference_epochs,
+    save_model(model, spec, path, {**inputs, "role": "clean reference", "epochs": cfg.reference_epochs,
                                    "config_hash": short_hash(reference_cache_config(cfg))})
     return model
 
@@ -274,7 +309,8 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
     poisoned = attack.poison(train)
 
     spec = model_spec(cfg, train)
-    model = seeded_model(spec, cfg.train.seed)
+    inputs = input_side(spec, train)
+    model = seeded_model(spec, cfg.train.seed, inputs)
     extra = {}
     if isinstance(attack, InputAware):
         gen_opt = attack.optimizer()
@@ -301,6 +337,7 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
         "arch": cfg.arch,
         "width": cfg.width,
         "model_spec": spec.to_dict(),
+        "data_shape": list(train.shape),
         "acc": metrics["acc"],
         "asr": metrics["asr"],
         "ra": metrics["ra"],
@@ -317,7 +354,8 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
         "lab_config": cfg.to_dict(),
         "versions": versions(),
     }
-    save_model(model, spec, model_path, {"attack_record": record_path.name, "attack": cfg.attack.name, RECORD_LINK_KEY: chash})
+    save_model(model, spec, model_path, {**inputs, "attack_record": record_path.name, "attack": cfg.attack.name,
+                                         RECORD_LINK_KEY: chash})
     record_path.write_text(json.dumps(record, indent=2, default=str))
     return BackdoorArtifacts(model_path, record_path, dval_path, record, False, chash)
 
@@ -362,7 +400,7 @@ def attack_from_record(record: dict | str | Path, tensors: dict[str, torch.Tenso
         cfg = AttackConfig(record["attack"], record["target"], record["poison_rate"], record["all_to_all"], record["seed"], record["params"])
     except KeyError as e:
         raise ValueError(f"attack record lacks field {e}") from e
-    attack = build_attack(cfg, spec.input_shape, spec.num_classes)
+    attack = build_attack(cfg, tuple(record.get("data_shape") or spec.input_shape), spec.num_classes)
     if tensors:
         attack.load_state_tensors(tensors)
     elif record.get("trigger_path"):

@@ -47,7 +47,7 @@ class Verdict:
 @torch.no_grad()
 def dval_fit(loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Accuracy and mean cross-entropy of a model on D_val samples (uint8 `x`), on the CPU (on a copy: the
-    caller's model stays where it is). The model is loaded as :func:`pipeline.transforms.load_model_for_data`
+    caller's model stays where it is). The model is loaded as :func:`pipeline.suspect.load_suspect`
     loads it: it normalises its ``[0, 1]`` inputs itself."""
     model: nn.Module = copy.deepcopy(loaded.model).cpu().eval()
     correct, ce = 0.0, 0.0
@@ -71,7 +71,7 @@ def _non_finite_weight(model: nn.Module) -> str | None:
 def judge_purified(suspect: LoadedModel, purified: LoadedModel, clean: ShardSource, settings: AcceptanceSettings,
                    history: Iterable[dict] = (), skip_corrupt: bool = False) -> Verdict:
     """The verdict on `purified` (see the module docstring); its metrics are the D_val measurements made. Both
-    models as :func:`pipeline.transforms.load_model_for_data` loads them; D_val read once, leaving out malformed
+    models as :func:`pipeline.suspect.load_suspect` loads them; D_val read once, leaving out malformed
     samples when the job does (`skip_corrupt`)."""
     bad = _diverged_step(history)
     if bad is not None:

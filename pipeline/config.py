@@ -39,6 +39,35 @@ class Inputs:
 
 
 @dataclass
+class ModelSettings:
+    """How to read the suspect model when its file does not say (a torchvision ``.pth``, a timm state dict) or
+    says something else than the user wants. ``arch`` names it: ours, ``torchvision:<builder>``,
+    ``timm:<name>`` or ``hf:<folder>``; the numbers left out come from the family's defaults
+    (:func:`fip.models.spec_for`). ``normalize``: ``auto`` (the file's record, else the family's default),
+    ``off``, ``imagenet`` or ``MEAN/STD``. ``data_shape``: ``C,H,W`` of the data's images when the network
+    takes another geometry (gray repeated to its channels, a bilinear resize inside the model)."""
+
+    arch: str | None = None  # None: the file's own spec (our safetensors files, HF folders)
+    num_classes: int | None = None
+    in_channels: int | None = None
+    image_size: int | None = None
+    normalize: str = "auto"
+    data_shape: str | None = None
+
+    def __post_init__(self) -> None:
+        from fip.inputs import InputAdapter, Normalization
+
+        given = [n for n in ("num_classes", "in_channels", "image_size") if getattr(self, n) is not None]
+        if given and self.arch is None:
+            raise ConfigError(f"model.{given[0]} is set but model.arch is not: pass --arch too (the numbers "
+                              "describe the architecture it names)")
+        if self.normalize.strip().lower() not in ("auto", "off"):
+            Normalization.parse(self.normalize)
+        if self.data_shape is not None:
+            InputAdapter.parse(self.data_shape)
+
+
+@dataclass
 class Resources:
     """Where and how wide the stages run (Ray Train workers)."""
 
@@ -145,6 +174,7 @@ class JobConfig:
     """One purification job; each section is a dataclass, so the whole is typed, nested plain data."""
 
     inputs: Inputs
+    model: ModelSettings = field(default_factory=ModelSettings)
     purify: PurifyConfig = field(default_factory=PurifyConfig)
     resources: Resources = field(default_factory=Resources)
     run: RunSettings = field(default_factory=RunSettings)

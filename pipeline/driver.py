@@ -27,8 +27,8 @@ from pipeline.progress import ProgressRelay
 from pipeline.ray_runtime import StageFn, ensure_ray, fit_stage
 from pipeline.registry import register_purified, registry_tags
 from pipeline.stages import fisher_stage, purify_stage
+from pipeline.suspect import load_purified
 from pipeline.tracking import Tracker, default_tracking_uri, local_root
-from pipeline.transforms import load_model_for_data
 
 Progress = Callable[[str], None]
 
@@ -138,7 +138,7 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     evaluations = ([{"step": 0, **measured.before}] if measured.before else []) + logs["evaluations"]
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")
     purified_path = plan.out_dir / PURIFIED
-    loaded = load_model_for_data(purified_path)
+    loaded = load_purified(purified_path)
     purified = loaded.model
     verdict = judge_purified(plan.suspect, loaded, plan.clean, cfg.acceptance, logs["history"], cfg.run.skip_corrupt)
     metrics.update(verdict.metrics)

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fip.io import LoadedModel, check_finite_weights
+from fip.io import LoadedModel
 from lab.attacks import Attack
 from lab.backdoor import attack_from_record
 from pipeline.artifacts import FISHER
@@ -21,8 +21,8 @@ from pipeline.ray_runtime import check_local_cpus
 from pipeline.shards import ShardSource, open_shards
 from pipeline.stages import StageContext
 from pipeline.storage import Storage, absolute_url, is_s3, join
+from pipeline.suspect import load_suspect
 from pipeline.tracking import local_root
-from pipeline.transforms import load_model_for_data
 from pipeline.validation import JobError, check_batch_fits, check_inputs, check_shards
 
 
@@ -74,8 +74,7 @@ def plan_job(cfg: JobConfig) -> JobPlan:
     inputs = cfg.inputs
     store = Storage(cfg.storage)
     cache_dir = str(local_root(cfg.run.work_dir) / "cache")
-    suspect = load_model_for_data(store.fetch(inputs.model, cache_dir))
-    check_finite_weights(suspect.model, inputs.model)
+    suspect = load_suspect(store.fetch(inputs.model, cache_dir), cfg.model)
     clean = open_shards(inputs.clean, store)
     test = open_shards(inputs.test, store) if inputs.test else None
     attack = load_attack_record(inputs.attack_record, store, cache_dir) if inputs.attack_record else None

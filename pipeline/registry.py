@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY
 from fip.io import LoadedModel
 from pipeline.artifacts import Measured
+from pipeline.suspect import accepted_shape
 from pipeline.tracking import Registered, Tracker
 
 
@@ -35,13 +37,24 @@ def registry_tags(source_sha256: str, method: str, measured: Measured, **extra: 
     return {**extra, "method": method, **metric_tags(measured), "source_sha256": source_sha256}
 
 
+def input_description(loaded: LoadedModel) -> dict:
+    """What the registered model's MLmodel file says about its input: the data as the user has it, in [0, 1],
+    with the adapter and normalisation that the model applies itself."""
+    shape = accepted_shape(loaded)
+    return {"input": f"float32 images in [0, 1], shape (N, {', '.join(map(str, shape))}); the model resizes and "
+                     "normalises them itself (input_adapter, input_normalization)",
+            "arch": loaded.spec.arch, "num_classes": loaded.spec.num_classes, "network_input": list(loaded.spec.input_shape),
+            NORMALIZATION_KEY: loaded.metadata.get(NORMALIZATION_KEY), ADAPTER_KEY: loaded.metadata.get(ADAPTER_KEY)}
+
+
 def register_purified(tracker: Tracker, run_id: str, purified: LoadedModel, path: Path, name: str,
                       tags: dict[str, str], progress: Callable[[str], None], prefix: str = "[fip]") -> Registered:
     """A new version of `name` from the run `run_id` (the model, its safetensors file and sidecar), then
     ``@candidate`` moved to it only if it beats the holder; the URI returned is ``NAME@candidate`` when it
     moved, else the version's own."""
     progress(f"{prefix} registering the purified model as {name}")
-    reg = tracker.register(run_id, purified.model, path, purified.spec.input_shape, name, tags)
+    reg = tracker.register(run_id, purified.model, path, accepted_shape(purified), name, tags,
+                           model_metadata=input_description(purified))
     moved, why = tracker.offer_candidate(name, reg.version, tags)
     progress(f"{prefix} registered {name} version {reg.version}; @candidate "
              + (f"moved to it ({why})" if moved else f"stays ({why})"))

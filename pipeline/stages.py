@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
+from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY
 from fip.io import LoadedModel, save_model
 from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, prepare_model
 from fip.training import augment_batch, derive_seed, generator
@@ -55,11 +56,10 @@ from pipeline.shards import (
     train_transform_for,
 )
 from pipeline.storage import Storage
+from pipeline.suspect import load_suspect
 from pipeline.transforms import (
-    NORMALIZATION_KEY,
     TRANSFORM_KEY,
     batch_to_device,
-    load_model_for_data,
     mixed_precision,
     prepare_for_device,
 )
@@ -106,9 +106,9 @@ class StageContext:
         return attack_from_record(self.attack_record, self.attack_tensors) if self.attack_record else None
 
     def suspect(self) -> LoadedModel:
-        """The suspect model; one whose metadata records an input normalisation applies it itself,
-        so shards, transforms and triggers all stay in [0, 1]."""
-        return load_model_for_data(self.store.fetch(self.job.inputs.model, self.cache_dir))
+        """The suspect model as :func:`pipeline.suspect.load_suspect` loads it with the job's model settings:
+        it adapts and normalises its inputs itself, so shards, transforms and triggers all stay in [0, 1]."""
+        return load_suspect(self.store.fetch(self.job.inputs.model, self.cache_dir), self.job.model)
 
     def test_shards(self) -> ShardSource | None:
         return open_shards(self.job.inputs.test, self.store) if self.job.inputs.test else None
@@ -309,6 +309,7 @@ def purify_stage(config: dict) -> dict:
             # a lab suspect's link to its attack record stays with the purified model (lab.backdoor.check_record_belongs)
             lab_link = {k: suspect.metadata[k] for k in (RECORD_LINK_KEY,) if suspect.metadata.get(k)}
             inputs = {NORMALIZATION_KEY: suspect.metadata.get(NORMALIZATION_KEY),  # None: [0, 1] inputs as they are
+                      ADAPTER_KEY: suspect.metadata.get(ADAPTER_KEY),
                       TRANSFORM_KEY: {"eval": default_transform(manifest).describe(),
                                       "train": train.describe() if train is not None else None}}
             path = save_model(purified.cpu(), suspect.spec, Path(tmp) / PURIFIED,

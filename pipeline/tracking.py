@@ -217,9 +217,11 @@ class Tracker:
 
     # ------------------------------------------------------------ registry
     def register(self, run_id: str, model: nn.Module, safetensors_path: Path, input_shape: tuple[int, ...],
-                 name: str, tags: dict[str, str], aliases: Iterable[str] = ()) -> Registered:
-        """Log the model (MLflow's pytorch flavour, any batch size) and our safetensors file, register a
-        new version under `name` with `tags` and the file's SHA-256, and point `aliases` at it."""
+                 name: str, tags: dict[str, str], aliases: Iterable[str] = (),
+                 model_metadata: dict | None = None) -> Registered:
+        """Log the model (MLflow's pytorch flavour, any batch size, with `model_metadata` in its MLmodel file) and
+        our safetensors file, register a new version under `name` with `tags` and the file's SHA-256, and point
+        `aliases` at it."""
         import mlflow.pytorch
         from mlflow.exceptions import MlflowException
 
@@ -237,7 +239,8 @@ class Tracker:
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
         with tempfile.TemporaryDirectory() as tmp, _EXPORT_LOCK:
             mlflow.pytorch.save_model(model.cpu().eval(), str(Path(tmp) / "model"), input_example=example,
-                                      signature=signature, pip_requirements=_requirements())
+                                      signature=signature, pip_requirements=_requirements(),
+                                      metadata=model_metadata)
             self.client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
         try:
             self.client.get_registered_model(name)

@@ -13,7 +13,7 @@ Readers run them in DataLoader worker processes, so decoding overlaps with the m
 batch leaves the workers as ``uint8`` (a quarter of the bytes of float32 through pinned memory)
 and becomes float in ``[0, 1]`` on the model's device (:func:`batch_to_device`). Triggers are
 defined in that ``[0, 1]`` space, so a model's input normalisation (mean/std) is not a transform:
-it travels with the model (:func:`attach_normalization`, recorded in its sidecar metadata).
+it travels with the model (:mod:`fip.inputs`, recorded in its sidecar metadata).
 """
 
 from __future__ import annotations
@@ -22,14 +22,11 @@ import contextlib
 import io
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
-
-from fip.io import NORMALIZATION_KEY, LoadedModel, load_model
 
 EVAL_CROP_FRACTION = 0.875  # centre crop over resize: 224 of 256, the usual ImageNet evaluation
 TRANSFORM_KEY = "input_transforms"
@@ -187,71 +184,6 @@ def eval_transform(size: int = 224, resize: int | None = None) -> Transform:
 
 def train_transform(size: int = 224, scale=(0.08, 1.0)) -> Transform:
     return Transform("train", size, scale=tuple(scale))
-
-
-# ---------------------------------------------------------------- the model's side
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel ``(x - mean) / std`` that a model expects on ``[0, 1]`` inputs."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != len(self.std) or not self.mean:
-            raise ValueError(f"normalisation needs one mean and one std per channel, got {self.mean} and {self.std}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"normalisation std must be > 0, got {self.std}")
-
-    def to_metadata(self) -> dict:
-        return {"mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_metadata(cls, meta: dict | None) -> Normalization | None:
-        """The normalisation recorded in a model's metadata (``input_normalization``), if any."""
-        entry = (meta or {}).get(NORMALIZATION_KEY)
-        if not entry:
-            return None
-        try:
-            return cls(tuple(float(v) for v in entry["mean"]), tuple(float(v) for v in entry["std"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"model metadata {NORMALIZATION_KEY!r} is malformed: {entry!r} ({e})") from e
-
-
-IMAGENET_NORMALIZATION = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-class _NormalizeInput:
-    """Forward pre-hook: normalises the first input on whatever device and dtype it arrives in.
-
-    A hook, not a wrapper module, so parameter names (Fisher files, checkpoints, the saved model)
-    stay those of the stock architecture; an object, not a closure, so ``deepcopy`` copies it."""
-
-    def __init__(self, norm: Normalization) -> None:
-        self.mean = torch.tensor(norm.mean).view(-1, 1, 1)
-        self.std = torch.tensor(norm.std).view(-1, 1, 1)
-
-    def __call__(self, module: nn.Module, args: tuple):
-        x = args[0]
-        return ((x - self.mean.to(device=x.device, dtype=x.dtype)) / self.std.to(device=x.device, dtype=x.dtype),
-                *args[1:])
-
-
-def attach_normalization(model: nn.Module, norm: Normalization | None) -> nn.Module:
-    """Make `model` normalise its ``[0, 1]`` inputs itself (no-op for None); returns the model."""
-    if norm is not None:
-        model.register_forward_pre_hook(_NormalizeInput(norm))
-    return model
-
-
-def load_model_for_data(path: str | Path) -> LoadedModel:
-    """A model file loaded as every caller meets data with it: the input normalisation its metadata records
-    (``input_normalization``) is applied by the model itself, so shards, triggers, probes and the registry
-    all feed it ``[0, 1]`` images. Every place that loads a suspect or purified model to run it goes
-    through here: a bare :func:`fip.io.load_model` would score a normalising model on un-normalised inputs."""
-    loaded = load_model(path)
-    attach_normalization(loaded.model, Normalization.from_metadata(loaded.metadata))
-    return loaded
 
 
 # ---------------------------------------------------------------- batches on the device

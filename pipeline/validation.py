@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from fip.io import LoadedModel
-from fip.models import ModelSpec
 from lab.backdoor import check_record_belongs
 from pipeline.shards import ShardSource, iter_range
+from pipeline.suspect import accepted_shape
 
 
 class JobError(ValueError):
@@ -55,18 +55,23 @@ def _read(source: ShardSource, start: int, stop: int) -> None:
         pass
 
 
-def check_model_fits(spec: ModelSpec, num_classes: int, image_shape: Sequence[int], role: str, model: str) -> None:
+def check_model_fits(suspect: LoadedModel, num_classes: int, image_shape: Sequence[int], role: str,
+                     model: str) -> None:
     """Refuse data the model cannot read, in one line: another number of classes (labels out of its range, or
     a silently wrong accuracy), channels or image size (a convolution error deep in a worker). Every command
     that runs a model on data calls this first (purify, evaluate, tune), with a shard manifest's
-    ``num_classes`` and ``image_shape`` (what its readers yield), or a data set's."""
+    ``num_classes`` and ``image_shape`` (what its readers yield), or a data set's. The shape the model takes
+    is its input adapter's where it has one (:func:`pipeline.suspect.accepted_shape`)."""
+    spec = suspect.spec
     shape = tuple(int(v) for v in image_shape)
-    expected = spec.input_shape
+    expected = accepted_shape(suspect)
     if num_classes != spec.num_classes:
         raise JobError(f"{role} have {num_classes} classes but the model {model} has {spec.num_classes}")
     if shape != expected:
+        hint = "" if expected != spec.input_shape else \
+            f"; a model of another input geometry takes them with --data-shape {','.join(map(str, shape))}"
         raise JobError(f"{role} hold {shape} images but the model {model} expects {expected} "
-                       f"({spec.in_channels} channel(s), {spec.image_size}x{spec.image_size})")
+                       f"({expected[0]} channel(s), {expected[1]}x{expected[2]}){hint}")
 
 
 def check_clean_is_not_test(clean: ShardSource, test: ShardSource, clean_url: str, test_url: str) -> None:
@@ -91,7 +96,7 @@ def check_inputs(suspect: LoadedModel, model_url: str, *, clean: ShardSource | N
     spec = suspect.spec
     for role, source in (("clean shards", clean), ("test shards", test)):
         if source is not None:
-            check_model_fits(spec, source.manifest.num_classes, source.manifest.image_shape, role, model_url)
+            check_model_fits(suspect, source.manifest.num_classes, source.manifest.image_shape, role, model_url)
     if clean is not None and test is not None:
         check_clean_is_not_test(clean, test, clean_url, test_url)
     if record is None:

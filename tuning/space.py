@@ -166,6 +166,18 @@ class SearchSpace:
                 data[name] = _value(text)
         return SearchSpace.from_dict(data, "--space")
 
+    def under_flags(self, given: dict[str, Any]) -> SearchSpace:
+        """This space with the purify settings the user gave as flags (`given`) winning over the space's fixed
+        values (``--iterations 10`` runs 10 steps, not the default space's 300); a flag for a setting the space
+        searches is refused, since one of the two would be silently ignored."""
+        searched = sorted(set(given) & set(self.dims))
+        if searched:
+            name = searched[0]
+            raise ValueError(f"--{name.replace('_', '-')} sets purify.{name}, which the search space searches "
+                             f"({self.dims[name].kind} {list(self.dims[name].args)}): drop the flag, or pin it "
+                             f"with --space {name}={given[name]}")
+        return SearchSpace(dict(self.dims), {k: v for k, v in self.fixed.items() if k not in given})
+
     def check(self) -> None:
         """Every bound and choice, with the fixed settings, must make a valid PurifyConfig."""
         for name, dim in self.dims.items():

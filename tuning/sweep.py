@@ -414,11 +414,11 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     from pipeline.acceptance import judge_purified, rejection
     from pipeline.registry import register_purified, registry_tags
     from pipeline.shards import open_shards
-    from pipeline.transforms import load_model_for_data
+    from pipeline.suspect import load_purified
 
     path = Path(refit.purified_path if refit is not None else winner["purified"])
     run_id = refit.run_id if refit is not None else winner["child_run_id"]
-    loaded = load_model_for_data(path)
+    loaded = load_purified(path)
     suspect = load_suspect(base, local_root(base.run.work_dir) / "cache")
     # the same acceptance check as every job's (pipeline.acceptance), on all of D_val, before any alias moves
     history = path.parent / HISTORY

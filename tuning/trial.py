@@ -49,10 +49,10 @@ def sweep_tracker(base: JobConfig) -> Tracker:
 
 
 def load_suspect(base: JobConfig, cache_dir: str | Path):
-    """The suspect as every caller runs it (its input normalisation applied by itself)."""
-    from pipeline.transforms import load_model_for_data
+    """The suspect as every caller runs it (:func:`pipeline.suspect.load_suspect`, with the job's model settings)."""
+    from pipeline.suspect import load_suspect as load
 
-    return load_model_for_data(Storage(base.storage).fetch(base.inputs.model, cache_dir))
+    return load(Storage(base.storage).fetch(base.inputs.model, cache_dir), base.model)
 
 
 def plain(params: dict) -> dict:
@@ -103,7 +103,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
 
     from pipeline.acceptance import PurificationRejected
     from pipeline.driver import run_job
-    from pipeline.transforms import load_model_for_data
+    from pipeline.suspect import load_purified
 
     trial_id = tune.get_context().get_trial_id()
     params = plain(params)
@@ -120,7 +120,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
     except PurificationRejected as e:  # the acceptance check refused the model: a trial that ends, and cannot win
         tune.report({"objective": -math.inf, "rejected": str(e), "step": cfg.purify.iterations})
         return
-    purified = load_model_for_data(result.purified_path).model
+    purified = load_purified(result.purified_path).model
     metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
     if ctx.test and ctx.attack_record:
         metrics.update(_benchmark_metrics(ctx, base, purified))

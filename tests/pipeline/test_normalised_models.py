@@ -14,10 +14,11 @@ import mlflow
 import pytest
 import torch
 
+from fip.inputs import NORMALIZATION_KEY
 from fip.io import load_model, save_model
 from fipcli.main import main
+from pipeline.suspect import load_suspect
 from pipeline.tracking import Tracker
-from pipeline.transforms import NORMALIZATION_KEY, load_model_for_data
 
 MEAN, STD = 0.3, 0.2
 
@@ -38,7 +39,7 @@ def twin(digits_lab, tmp_path_factory) -> Path:
 def test_the_twin_is_the_suspect_only_with_its_normalisation(digits_lab, twin):
     x = torch.rand(16, 1, 8, 8)
     suspect = load_model(digits_lab.model_path).model
-    assert torch.allclose(load_model_for_data(twin).model(x), suspect(x), atol=1e-5)
+    assert torch.allclose(load_suspect(twin).model(x), suspect(x), atol=1e-5)
     assert not torch.allclose(load_model(twin).model(x), suspect(x), atol=1e-2)  # bare: a different function
 
 
@@ -69,7 +70,7 @@ def test_fip_smoothness_analyses_the_twin_on_normalised_inputs(twin, capsys):
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:16]
     batch = (data.floats()[idx], data.y[idx])
     reports = {name: smoothness_report(m, [batch], max_iter=3, max_probes=4).lambda_max
-               for name, m in (("normalised", load_model_for_data(twin).model), ("bare", load_model(twin).model))}
+               for name, m in (("normalised", load_suspect(twin).model), ("bare", load_model(twin).model))}
     assert got["lambda_max"] == pytest.approx(reports["normalised"], rel=1e-6)
     assert reports["bare"] != pytest.approx(reports["normalised"], rel=1e-2)
 
@@ -96,7 +97,7 @@ def test_the_registered_twin_takes_images_in_0_1(digits_lab, twin, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, tmp_path / "mlartifacts")
     run_id = tracker.start_run("fip", "twin", {}, {})
-    reg = tracker.register(run_id, load_model_for_data(twin).model, twin, (1, 8, 8), "twin", {}, aliases=["candidate"])
+    reg = tracker.register(run_id, load_suspect(twin).model, twin, (1, 8, 8), "twin", {}, aliases=["candidate"])
     tracker.finish(run_id)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

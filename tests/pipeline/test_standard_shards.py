@@ -219,9 +219,9 @@ def test_images_of_different_sizes_are_not_batched_without_a_transform(indexed):
 
 # ---------------------------------------------------------------- the job's stages on standard shards
 def _model(tmp_path, normalization: bool):
+    from fip.inputs import IMAGENET_NORMALIZATION, NORMALIZATION_KEY
     from fip.io import save_model
     from fip.models import ModelSpec, build_model
-    from pipeline.transforms import IMAGENET_NORMALIZATION, NORMALIZATION_KEY
 
     spec = ModelSpec("preactresnet18", num_classes=4, in_channels=3, image_size=SIZE, width=0.0625)
     torch.manual_seed(0)

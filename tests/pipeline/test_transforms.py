@@ -1,7 +1,6 @@
 """Transforms to a fixed size: stated shapes and statistics, seeded randomness, and the model side
 (normalisation hook, device batches)."""
 
-import copy
 import io
 import math
 
@@ -9,15 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from fip.training import generator
 from pipeline.transforms import (
-    IMAGENET_NORMALIZATION,
-    NORMALIZATION_KEY,
-    Normalization,
     Transform,
-    attach_normalization,
     batch_to_device,
     center_crop_box,
     eval_transform,
@@ -116,25 +110,6 @@ def test_bad_settings_and_bytes_are_named():
 
     with pytest.raises(ImageDecodeError, match="not a decodable image"):
         eval_transform(8)(b"no image here", 3)
-
-
-def test_normalization_hook_survives_deepcopy_and_metadata():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
-    x = torch.rand(5, 3, 8, 8)
-    mean, std = torch.tensor(IMAGENET_NORMALIZATION.mean).view(1, 3, 1, 1), torch.tensor(IMAGENET_NORMALIZATION.std).view(1, 3, 1, 1)
-    expected = net((x - mean) / std)
-    attach_normalization(net, IMAGENET_NORMALIZATION)
-    assert torch.allclose(net(x), expected, atol=1e-6)
-    assert torch.allclose(copy.deepcopy(net)(x), expected, atol=1e-6)
-    assert list(net.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # names unchanged
-    meta = {NORMALIZATION_KEY: IMAGENET_NORMALIZATION.to_metadata()}
-    assert Normalization.from_metadata(meta) == IMAGENET_NORMALIZATION
-    assert Normalization.from_metadata({}) is None and Normalization.from_metadata({NORMALIZATION_KEY: None}) is None
-    with pytest.raises(ValueError, match="malformed"):
-        Normalization.from_metadata({NORMALIZATION_KEY: {"mean": [0.5]}})
-    with pytest.raises(ValueError, match="std must be > 0"):
-        Normalization((0.5,), (0.0,))
 
 
 def test_cpu_batches_are_exactly_the_float_images():

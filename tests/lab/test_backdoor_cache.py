@@ -58,6 +58,8 @@ def test_every_model_changing_field_changes_the_hash():
         "dval_seed": dataclasses.replace(base, dval_seed=1),
         "train_limit": dataclasses.replace(base, train_limit=100),
         "test_limit": dataclasses.replace(base, test_limit=100),  # the record's metrics change
+        "image_size": dataclasses.replace(base, image_size=32),
+        "arch_options": dataclasses.replace(base, arch_options={"patch_size": 2}),
     }
     # each trigger parameter of badnets, changed from the value in use
     for key, value in {"size": 3, "position": "top-left", "pattern": "checkerboard"}.items():

@@ -273,8 +273,9 @@ def test_stages_take_standard_shards_in_process(indexed, foreign_test, tmp_path,
 
 @pytest.mark.slow  # Ray Train, two stages: about a minute on 2 cores
 def test_purify_job_on_standard_jpeg_shards(ray_session, indexed, foreign_test, tmp_path):
+    from fip.inputs import NORMALIZATION_KEY
     from pipeline.driver import run_job
-    from pipeline.transforms import NORMALIZATION_KEY, TRANSFORM_KEY
+    from pipeline.transforms import TRANSFORM_KEY
 
     _, pattern, _, _, _ = indexed
     result = run_job(_config(tmp_path, _model(tmp_path, True), pattern, foreign_test))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from typing import Literal
@@ -25,6 +26,17 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_mapping(text: str) -> dict:
+    """A JSON object (``'{"patch_size": 4}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"expected a JSON object, got {text!r} ({e.msg})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _parser_for(hint) -> tuple[typing.Callable[[str], object], list | None, bool]:
     """(parse function, choices, accepts none) for a field's type."""
     optional = False
@@ -34,7 +46,7 @@ def _parser_for(hint) -> tuple[typing.Callable[[str], object], list | None, bool
         hint = args[0]
     if typing.get_origin(hint) is Literal:
         return str, list(typing.get_args(hint)), optional
-    parse = {bool: _parse_bool, int: int, float: float, str: str}.get(hint)
+    parse = {bool: _parse_bool, int: int, float: float, str: str, dict: _parse_mapping}.get(hint)
     if parse is None:
         raise TypeError(f"no flag parser for settings of type {hint}")
     return parse, None, optional

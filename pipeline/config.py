@@ -45,7 +45,8 @@ class ModelSettings:
     ``timm:<name>`` or ``hf:<folder>``; the numbers left out come from the family's defaults
     (:func:`fip.models.spec_for`). ``normalize``: ``auto`` (the file's record, else the family's default),
     ``off``, ``imagenet`` or ``MEAN/STD``. ``data_shape``: ``C,H,W`` of the data's images when the network
-    takes another geometry (gray repeated to its channels, a bilinear resize inside the model)."""
+    takes another geometry (gray repeated to its channels, a bilinear resize inside the model). ``options``:
+    the family builder's keywords (a JSON object on the command line)."""
 
     arch: str | None = None  # None: the file's own spec (our safetensors files, HF folders)
     num_classes: int | None = None
@@ -53,14 +54,15 @@ class ModelSettings:
     image_size: int | None = None
     normalize: str = "auto"
     data_shape: str | None = None
+    options: dict = field(default_factory=dict)  # builder keywords of a family model (timm: patch_size, depth)
 
     def __post_init__(self) -> None:
         from fip.inputs import InputAdapter, Normalization
 
-        given = [n for n in ("num_classes", "in_channels", "image_size") if getattr(self, n) is not None]
+        given = [n for n in ("num_classes", "in_channels", "image_size", "options") if getattr(self, n)]
         if given and self.arch is None:
-            raise ConfigError(f"model.{given[0]} is set but model.arch is not: pass --arch too (the numbers "
-                              "describe the architecture it names)")
+            raise ConfigError(f"{given[0]} is set but arch is not: pass --arch too (it describes the "
+                              "architecture that --arch names)")
         if self.normalize.strip().lower() not in ("auto", "off"):
             Normalization.parse(self.normalize)
         if self.data_shape is not None:

@@ -25,7 +25,7 @@ def requested_spec(settings: ModelSettings) -> ModelSpec | None:
     if settings.arch is None:
         return None
     return spec_for(settings.arch, num_classes=settings.num_classes, in_channels=settings.in_channels,
-                    image_size=settings.image_size)
+                    image_size=settings.image_size, options=settings.options or None)
 
 
 def input_metadata(spec: ModelSpec, metadata: dict, settings: ModelSettings) -> dict:

@@ -56,6 +56,11 @@ RECIPES: dict[str, Recipe] = {
     # the README promotes version 3 of a store with history; this fresh store has version 1
     "fip models promote fip-purified 3 production": Recipe(replace={"fip-purified 3": "fip-purified 1"}),
     "fip models inspect purified.safetensors": Recipe(),
+    "fip purify --model resnet18.pth --arch torchvision:resnet18 --num-classes 10 --image-size 32 "
+    "--data-shape 1,28,28 --clean runs/shards/dval --workers 2":
+        Recipe(skip_run="runs as tests/e2e/test_family_models.py runs it, on digits (a .pth, a timm and an HF model)"),
+    "fip evaluate --model my-hf-classifier/ --test runs/shards/test":
+        Recipe(skip_run="runs as tests/e2e/test_family_models.py runs it, on digits (a .pth, a timm and an HF model)"),
     "fip smoothness --model purified.safetensors --plot esd.png":
         Recipe(("--samples", "16", "--iters", "3", "--max-probes", "4", "--density-steps", "4")),
     "fip tune --preset paper-300 --model suspect.safetensors --clean runs/shards/dval --workers 1 "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -55,11 +56,17 @@ def register(sub) -> None:
 
 
 def sweep_from_args(args):
+    """The search space (default or file < the job's purify flags < --space flags) and the sweep's settings."""
+    from fipcli.config_flags import config_overrides
+    from fipcli.pipeline_cmds import _sections
     from tuning.objective import ObjectiveWeights
     from tuning.space import SearchSpace
     from tuning.sweep import SweepConfig
 
     space = SearchSpace.from_yaml(args.space_file) if args.space_file else SearchSpace.default()
+    space, pinned = space.under_flags(config_overrides(args, _sections()).get("purify", {}))
+    for line in pinned:
+        print(f"fip tune: {line}", file=sys.stderr)
     if args.space:
         space = space.with_flags(args.space)
     given = {"name": args.name, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
@@ -74,12 +81,10 @@ def sweep_from_args(args):
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from fipcli.config_flags import config_overrides
-    from fipcli.pipeline_cmds import _sections, job_config_from_args
+    from fipcli.pipeline_cmds import job_config_from_args
     from tuning.sweep import run_sweep, sweep_summary
 
     space, sweep = sweep_from_args(args)
-    space = space.under_flags(config_overrides(args, _sections()).get("purify", {}))
     if args.print_space:
         import yaml
 

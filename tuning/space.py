@@ -166,17 +166,15 @@ class SearchSpace:
                 data[name] = _value(text)
         return SearchSpace.from_dict(data, "--space")
 
-    def under_flags(self, given: dict[str, Any]) -> SearchSpace:
-        """This space with the purify settings the user gave as flags (`given`) winning over the space's fixed
-        values (``--iterations 10`` runs 10 steps, not the default space's 300); a flag for a setting the space
-        searches is refused, since one of the two would be silently ignored."""
-        searched = sorted(set(given) & set(self.dims))
-        if searched:
-            name = searched[0]
-            raise ValueError(f"--{name.replace('_', '-')} sets purify.{name}, which the search space searches "
-                             f"({self.dims[name].kind} {list(self.dims[name].args)}): drop the flag, or pin it "
-                             f"with --space {name}={given[name]}")
-        return SearchSpace(dict(self.dims), {k: v for k, v in self.fixed.items() if k not in given})
+    def under_flags(self, given: dict[str, Any]) -> tuple[SearchSpace, list[str]]:
+        """This space with the purify settings the user gave as job flags (`given`) pinned to the flags' values,
+        and one line for each searched setting a flag pinned. ``--iterations 10`` runs 10 steps, not the
+        default space's 300; ``--lr 0.01`` stops the search over lr. ``--space`` flags come after, and win."""
+        pinned = [f"--{k.replace('_', '-')} {given[k]} pins purify.{k}, which the search space would search "
+                  f"({self.dims[k].kind} {list(self.dims[k].args)})" for k in sorted(set(given) & set(self.dims))]
+        space = SearchSpace({k: d for k, d in self.dims.items() if k not in given},
+                            {k: v for k, v in self.fixed.items() if k not in given})
+        return space, pinned
 
     def check(self) -> None:
         """Every bound and choice, with the fixed settings, must make a valid PurifyConfig."""

@@ -79,6 +79,15 @@ def test_spearman():
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
+def test_job_flags_pin_the_space_and_space_flags_win():
+    """``fip tune --iterations 10`` runs 10 steps (the default space fixes 300), ``--lr`` stops the search over lr
+    with a line saying so, and a later ``--space`` flag wins over both."""
+    space, pinned = SearchSpace.default().under_flags({"iterations": 10, "lr": 0.01, "batch_size": 16})
+    assert "iterations" not in space.fixed and "lr" not in space.dims and "lr" not in space.fixed
+    assert pinned == ["--lr 0.01 pins purify.lr, which the search space would search (loguniform [0.002, 0.03])"]
+    assert space.with_flags(["lr=1000"]).fixed["lr"] == 1000
+
+
 def test_search_space_from_text_and_flags():
     space = SearchSpace.default().with_flags(["lr=0.02", "iterations=choice:10,20", "eta_f=loguniform:1e-4:1e-2"])
     # the default fixes 300 iterations of FIP; a flag turns a fixed setting back into a searched one

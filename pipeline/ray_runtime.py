@@ -76,7 +76,7 @@ def ensure_ray(resources: Resources, dashboard: bool = False) -> None:
         # workers' output and Ray's own logs stay in Ray's log folder (and dashboard); our stages relay their
         # progress to this terminal themselves (pipeline.progress)
         quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-        with _callers_sigterm_handler_kept():
+        with _callers_sigterm_handler_kept(), _without_token_notice():
             if resources.address:
                 ray.init(address=resources.address, **quiet)
             else:
@@ -84,6 +84,26 @@ def ensure_ray(resources: Resources, dashboard: bool = False) -> None:
     if not resources.address:
         check_local_resources(resources)
 
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+@contextmanager
+def _without_token_notice():
+    """Ray 2.60 tells every ``ray.init`` that token authentication is on (the safe default, once a token exists
+    in ~/.ray): framework chatter on every command, so it stays off the terminal while Ray starts. Its warning
+    that authentication is *off* is left alone."""
+    token_logger, notice = logging.getLogger(RAY_TOKEN_LOGGER), _DropTokenNotice()
+    token_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        token_logger.removeFilter(notice)
+
+
+RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 # Local Ray start-ups on one machine take turns through this lock (see _start_local_ray)
 LOCAL_RAY_START_LOCK = Path(tempfile.gettempdir()) / "fip-local-ray-start.lock"

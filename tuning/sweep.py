@@ -41,11 +41,13 @@ from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Tracker, check_store, local_root
 from pipeline.validation import check_batch_fits
 from tuning.objective import Holdout, ObjectiveWeights
+from tuning.quiet import tune_output_to
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
 from tuning.trial import TrialContext, load_suspect, one_store, plain, run_trial, sweep_tracker
 
 Progress = Callable[[str], None]
+TUNE_OUTPUT = "tune-output.log"  # Ray Tune's own printed output, in the sweep's folder (tuning.quiet)
 
 
 def say(msg: str) -> None:
@@ -107,9 +109,13 @@ class SweepResult:
 class LiveTable:
     """A table of the trials on the terminal, redrawn as results arrive (a Ray Tune callback)."""
 
-    COLUMNS = ("trial", "status", "step", "objective", "holdout_acc", "kl_to_suspect", "trace_ratio", "der")
+    FIXED = ("trial", "status", "step", "objective")
+    WEIGHED = (("acc", "holdout_acc"), ("kl", "kl_to_suspect"), ("curvature", "trace_ratio"), ("uap", "uap_max"))
 
-    def __init__(self, progress: Progress, every_s: float = 5.0, interrupt_after: int | None = None) -> None:
+    def __init__(self, progress: Progress, weights: ObjectiveWeights, every_s: float = 5.0,
+                 interrupt_after: int | None = None) -> None:
+        """Columns: the objective and the features it weighs (a zero weight: not shown), then DER when the
+        sweep reports on test data."""
         from ray.tune import Callback
 
         table = self
@@ -130,6 +136,7 @@ class LiveTable:
                 table.update(trial, trial.last_result or {}, "ERROR", force=True)
 
         self.callback = _Callback()
+        self.columns = (*self.FIXED, *(column for name, column in self.WEIGHED if getattr(weights, name)), "der")
         self.progress, self.every_s, self.interrupt_after = progress, every_s, interrupt_after
         self.rows: dict[str, dict] = {}
         self.finished = 0
@@ -138,7 +145,7 @@ class LiveTable:
     def update(self, trial, result: dict, status: str, force: bool = False) -> None:
         row = self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id})
         row["status"] = status
-        row.update({k: result[k] for k in self.COLUMNS if k in result and k not in ("trial", "status")})
+        row.update({k: result[k] for k in self.columns if k in result and k not in ("trial", "status")})
         if force or time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
             self.progress(self.render())
@@ -147,9 +154,9 @@ class LiveTable:
         def fmt(v):
             return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-        widths = [max(len(c), *(len(fmt(r.get(c, "-"))) for r in self.rows.values())) for c in self.COLUMNS]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(self.COLUMNS, widths))]
-        lines += ["  ".join(fmt(r.get(c, "-")).ljust(w) for c, w in zip(self.COLUMNS, widths))
+        widths = [max(len(c), *(len(fmt(r.get(c, "-"))) for r in self.rows.values())) for c in self.columns]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths))]
+        lines += ["  ".join(fmt(r.get(c, "-")).ljust(w) for c, w in zip(self.columns, widths))
                   for r in self.rows.values()]
         return "[fip tune]\n" + "\n".join(lines)
 
@@ -280,7 +287,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
     _check_fits(base, cfg)
     resources = {"cpu": cfg.trial_cpus, **({"gpu": cfg.trial_gpus} if cfg.trial_gpus else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
-    live = LiveTable(progress, interrupt_after=cfg.interrupt_after)
+    live = LiveTable(progress, cfg.weights, interrupt_after=cfg.interrupt_after)
     status = "FINISHED"
     try:
         if resume and tune.Tuner.can_restore(str(Path(tune_dir) / cfg.name)):
@@ -295,7 +302,8 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
                                             scheduler=_scheduler(cfg, space, base)),
                 run_config=tune.RunConfig(name=cfg.name, storage_path=tune_dir, callbacks=[live.callback], verbose=0),
             )
-        grid = tuner.fit()
+        with tune_output_to(sweep_dir / TUNE_OUTPUT):  # Tune's banners and hints, not the terminal
+            grid = tuner.fit()
         ended = grid.num_terminated + grid.num_errors
         if ended < cfg.num_samples:  # Tune returns normally after SIGINT, with its state saved
             raise KeyboardInterrupt(f"sweep {cfg.name} interrupted with {ended} of {cfg.num_samples} trials ended; "

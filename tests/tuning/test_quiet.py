@@ -1,0 +1,21 @@
+"""Ray Tune's own printed output goes to the sweep's folder; ours reaches the terminal (tuning.quiet)."""
+
+import logging
+
+from tuning.quiet import TUNE_LOGGER, tune_output_to
+
+
+def test_tune_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path, capsys, caplog):
+    log = tmp_path / "sweep" / "tune-output.log"
+    with tune_output_to(log):
+        print("+----------------------------------+\n| Configuration for experiment     |")
+        print("[fip tune]\ntrial     status   step  objective")
+        print("\nView detailed results here: /somewhere")
+        print("[fip tune] D_val split: 100 to train on")
+        logging.getLogger(TUNE_LOGGER).warning("Experiment has been interrupted.\n"
+                                               "Resume experiment with: Tuner.restore(path=...)")
+    logging.getLogger(TUNE_LOGGER).warning("a later warning of Tune's is shown")
+    out = capsys.readouterr().out
+    assert out == "[fip tune]\ntrial     status   step  objective\n[fip tune] D_val split: 100 to train on\n"
+    assert "Configuration for experiment" in log.read_text() and "View detailed results here" in log.read_text()
+    assert "Tuner.restore" not in caplog.text and "a later warning" in caplog.text

@@ -133,3 +133,5 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
     assert all("der" not in t and "asr" not in t for t in resumed.trials)
     state = json.loads((Path(base.run.work_dir) / "plain" / "sweep-table.json").read_text())
     assert state["winner"]["trial_id"] == resumed.winner["trial_id"]
+    # Ray Tune's own banner went to the sweep's folder, not the terminal (tuning.quiet)
+    assert "View detailed results here" in (Path(base.run.work_dir) / "plain" / "tune-output.log").read_text()

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
-from fip.io import load_model
 from lab.attacks import ATTACKS, AttackConfig
-from lab.backdoor import LabConfig, attack_from_record, make_backdoored_model, versions
+from lab.backdoor import LabConfig, attack_from_record, load_lab_model, make_backdoored_model, versions
 from lab.datasets import CleanSplit, load_dataset
 from lab.defenses import DEFENSES, CleanSet, run_defense
 from lab.metrics import defense_effectiveness_rating, evaluate_model
@@ -44,7 +43,7 @@ def run(attacks: list[str], defenses: list[str], quick: bool = False, dataset: s
     for attack_name in attacks:
         cfg = lab_config(attack_name, quick, dataset)
         art = make_backdoored_model(cfg, cache / ("lab-quick" if quick else "lab"), progress=progress)
-        suspect = load_model(art.model_path).model
+        suspect = load_lab_model(art.model_path)
         attack = attack_from_record(art.record)
         split = CleanSplit.load(art.dval_path)
         dval = train_full.subset(split.indices)

@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
-from fip.io import load_model
 from fip.purify import PurifyConfig, purify
 from fip.training import derive_seed
 from lab.attacks import ATTACKS
-from lab.backdoor import attack_from_record, make_backdoored_model, versions
+from lab.backdoor import LabConfig, attack_from_record, load_lab_model, make_backdoored_model, versions
 from lab.datasets import CleanSplit, load_dataset
 from lab.metrics import defense_effectiveness_rating, evaluate_model
 from tuning.holdout import split_dval
@@ -60,16 +59,21 @@ def uap_features(model, x, y) -> dict[str, float]:
     return {"uap_max": r["uap_max"], "uap_gap": r["uap_max"] - r["uap_median"], "uap_class": r["uap_class"]}
 
 
-def lab_setup(attack_name: str, dataset: str, cache: Path, progress: bool = True) -> tuple:
+def lab_setup(attack_name: str, dataset: str, cache: Path, progress: bool = True, cfg: LabConfig | None = None) -> tuple:
     """The cached suspect of one lab attack (trained on first use), its attack, D_val as floats, the test set
-    and the suspect's ACC/ASR/RA on it: the same models and D_val as benchmarks/defense_table.py."""
+    and the suspect's ACC/ASR/RA on it: by default the same models and D_val as benchmarks/defense_table.py;
+    `cfg` makes another suspect (another architecture: benchmarks/families_table.py), its test set cut to
+    `cfg.test_limit` like the record's."""
     from benchmarks.defense_table import lab_config
 
-    art = make_backdoored_model(lab_config(attack_name, False, dataset), cache / "lab", progress=progress)
-    suspect = load_model(art.model_path).model
+    cfg = cfg or lab_config(attack_name, False, dataset)
+    art = make_backdoored_model(cfg, cache / "lab", progress=progress)
+    suspect = load_lab_model(art.model_path)
     attack = attack_from_record(art.record)
     dval = load_dataset(dataset, "train").subset(CleanSplit.load(art.dval_path).indices)
     test = load_dataset(dataset, "test")
+    if cfg.test_limit:
+        test = test.subset(range(min(cfg.test_limit, len(test))))
     xt, yt = test.floats(), test.y
     before = evaluate_model(suspect, xt, yt, attack.trigger_floats, attack.target_of)
     return suspect, attack, dval.floats(), dval.y, xt, yt, before
@@ -100,8 +104,10 @@ def refit_chosen(sweep: dict, trials: list[dict], dataset: str, cache: Path, see
 
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
                  space: SearchSpace, cache: Path, weights: ObjectiveWeights, progress: bool = True,
-                 on_trial=None) -> dict:
-    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress)
+                 on_trial=None, cfg: LabConfig | None = None) -> dict:
+    """`trials` FIP trials of `space` on one suspect (:func:`lab_setup`; `cfg`: another architecture's). The
+    trials' settings depend on `seed` and `attack_name` only, so every architecture sees the same ones."""
+    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress, cfg)
     train_rows, held_rows = split_dval(y, holdout_fraction, seed)
     t0 = time.perf_counter()
     holdout = Holdout.from_suspect(suspect, x[held_rows], y[held_rows])
@@ -139,18 +145,20 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
     return sweep
 
 
-def run_baselines(attack_name: str, names: list[str], dataset: str, cache: Path, progress: bool = True) -> dict:
+def run_baselines(attack_name: str, names: list[str], dataset: str, cache: Path, progress: bool = True,
+                  cfg: LabConfig | None = None, settings: dict | None = None) -> dict:
     """The table's defenses on exactly this sweep's suspect and full D_val (the cached models can differ from
-    the ones the defense table measured)."""
+    the ones the defense table measured); `cfg`: another architecture's suspect (:func:`lab_setup`);
+    `settings`: FinetuneSettings overrides (a smaller step budget)."""
     import torch
 
     from lab.defenses import CleanSet, run_defense
 
-    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress)
+    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress, cfg)
     out = {}
     for name in names:
         torch.manual_seed(0)
-        res = run_defense(name, suspect, CleanSet(x, y))
+        res = run_defense(name, suspect, CleanSet(x, y), settings)
         after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)
         out[name] = {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "seconds": res.seconds,
                      "der": defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])}
@@ -158,6 +166,12 @@ def run_baselines(attack_name: str, names: list[str], dataset: str, cache: Path,
             print(f"{attack_name:>12} baseline {name:>8}: ACC {100 * after['acc']:5.2f} ASR {100 * after['asr']:6.2f} "
                   f"DER {out[name]['der']:.3f}", flush=True)
     return out
+
+
+def sweep_seconds(sweep: dict) -> float:
+    """What the defender's sweep cost: every trial's purification and holdout measurement, and the holdout's
+    reference features (the test-set reporting is left out)."""
+    return sum(t["seconds"] for t in sweep["trials"]) + sweep["holdout_seconds"]
 
 
 def choose(sweep: dict, weights: ObjectiveWeights) -> dict:
@@ -194,7 +208,7 @@ def summarise(sweeps: list[dict], weights: ObjectiveWeights, dataset: str, resul
         by_candidate = {name: choose(s, w) for name, w in CANDIDATE_WEIGHTS.items()} if probed else {}
         chosen = choose(s, weights)
         best = max(s["trials"], key=lambda t: t["der"])
-        seconds = sum(t["seconds"] for t in s["trials"]) + s["holdout_seconds"]
+        seconds = sweep_seconds(s)
         per_attack.append({"attack": s["attack"], "spearman": corr, "chosen": chosen, "oracle": best,
                            "chosen_by_candidate": by_candidate,
                            "sweep_seconds": seconds, "before": s["before"]})

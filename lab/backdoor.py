@@ -219,6 +219,13 @@ def seeded_model(spec: ModelSpec, seed: int, inputs: dict | None = None) -> nn.M
     return attach_inputs(model, spec.input_shape, inputs)
 
 
+def load_lab_model(path: str | Path) -> nn.Module:
+    """A model the lab wrote, runnable on the data's ``[0, 1]`` images: its recorded input adapter and
+    normalisation attached (ours records neither, so it is the bare network)."""
+    loaded = load_model(path)
+    return attach_inputs(loaded.model, loaded.spec.input_shape, loaded.metadata)
+
+
 def load_lab_data(cfg: LabConfig) -> tuple[ImageSet, ImageSet, CleanSplit]:
     """Train and test splits, and D_val (class-balanced, fixed by seed, from the training split)."""
     dataset_info(cfg.dataset)

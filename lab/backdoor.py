@@ -274,8 +274,7 @@ def reference_model(cfg: LabConfig, train: ImageSet, out_dir: Path, progress: bo
     inputs = input_side(spec, train)
     path = reference_path(cfg, out_dir)
     if path.is_file():
-        loaded = load_model(path)
-        return attach_inputs(loaded.model, spec.input_shape, loaded.metadata)
+        return load_lab_model(path)
     model = seeded_model(spec, cfg.attack.seed, inputs)
     tcfg = TrainConfig(**{**cfg.train.to_dict(), "epochs": cfg.reference_epochs})
     train_classifier(model, train, tcfg, progress=progress, desc="reference model")

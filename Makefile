@@ -30,7 +30,7 @@ data:
 # each test runs in a pytest-xdist worker process: a test that kills its process (a crash in a native kernel)
 # is reported as one failed test, and the rest still run
 test: setup
-	$(BIN)/python -m pytest -q -n 1 -m "not heavy"
+	$(BIN)/python -m pytest -q -n 1 -m "not heavy" --durations=25
 
 # the numerics-sensitive tests again on the AVX2 code path of torch's and oneDNN's CPU kernels, as on a CPU
 # without AVX-512 (.ci/run runs it after `make test`; docs/stack-notes.md)

@@ -127,7 +127,7 @@ def test_purify_with_a_learning_rate_that_wrecks_the_model(suspect, tiny_inputs,
     argv = ["purify", "--model", str(suspect), "--clean", tiny_inputs.clean, "--test", tiny_inputs.test,
             "--work-dir", str(tmp_path / "jobs"), "--tracking-uri", tracking_uri(tmp_path), *TINY, "--lr", "1e3"]
     obs = run_process(argv, tmp_path, timeout=400, env=quiet_env())
-    judged = judge_error(obs, ("rejected", "not registered", "D_val"))
+    judged = judge_error(obs, "purified model rejected, not registered")
     state = mlflow_state(tmp_path)
     client = MlflowClient(tracking_uri(tmp_path))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -147,7 +147,7 @@ def test_tune_whose_only_trial_wrecks_the_model(suspect, tiny_inputs, tmp_path, 
             "--scheduler", "none", "--searcher", "random", "--space", "lr=1000", "--space", "iterations=8",
             "--report-every", "4", "--name", "wreck"]
     obs = run_process(argv, suspect.parent, timeout=500, env=quiet_env())
-    judged = judge_error(obs, ("none of its 1 trials finished", "1 rejected", "cross-entropy"))
+    judged = judge_error(obs, ("none of its 1 trials finished", "1 rejected", "purified model rejected, not registered"))
     state = mlflow_state(tmp_path)
     if judged[0] == "clean error" and state.versions:
         judged = ("silent wrong", f"versions registered: {state.versions}")

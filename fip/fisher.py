@@ -1,7 +1,9 @@
 """Diagonal Fisher Information: per-sample squared score gradients, averaged over a data stream.
 
 ``F_ii = E_(x,y) [ (d/d theta_i log p(y | x; theta))^2 ]`` with ``y`` the true label (empirical
-Fisher, the default, as the FIP authors use) or ``y ~ p(. | x; theta)`` (true Fisher).
+Fisher, the default, as the FIP authors use) or ``y ~ p(. | x; theta)`` (true Fisher). What a sample,
+its label and ``log p`` are is the task's (:mod:`fip.tasks`): an image and its class, or a token
+sequence scored on its response (one sample = one sequence).
 
 Per-sample gradients are taken with ``torch.func.vmap(grad)``; where vmap does not apply (a module
 with in-place state updates, say) a plain per-sample loop gives the same numbers. Gradients are
@@ -20,13 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fip.kernels import differentiable_attention
 from fip.models import classifier_head
+from fip.tasks import CLASSIFICATION, Task
 
 FisherKind = Literal["empirical", "true"]
 Params = dict[str, torch.Tensor]
@@ -49,7 +51,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def sample_labels(logits: torch.Tensor, kind: FisherKind, labels: torch.Tensor, generator=None) -> torch.Tensor:
+def sample_labels(
+    logits: torch.Tensor | None, kind: FisherKind, labels: torch.Tensor, generator=None, task: Task = CLASSIFICATION
+) -> torch.Tensor:
     """The labels whose log-likelihood is differentiated: the true ones, or draws from the model.
 
     Draws happen on the generator's device (a CUDA generator with a model on the GPU; a CPU one
@@ -57,49 +61,40 @@ def sample_labels(logits: torch.Tensor, kind: FisherKind, labels: torch.Tensor, 
     if kind == "empirical":
         return labels
     if kind == "true":
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        if generator is not None and generator.device != probs.device:
-            return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return task.sample_labels(logits, labels, generator)
     raise ValueError(f"unknown Fisher kind {kind!r}; expected 'empirical' or 'true'")
 
 
-def _check_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int | None = None) -> None:
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"batch has {x.shape[0]} inputs but {y.shape[0]} labels")
-    if y.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-    if num_classes is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"label out of range: saw {int(y.min())}..{int(y.max())}, model has {num_classes} classes")
-
-
-def _sample_nll(model: nn.Module):
+def _sample_nll(model: nn.Module, task: Task):
     """-log p(y | x) of one sample as a function of the trainable parameters."""
 
     def nll(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = functional_call(model, params, (x.unsqueeze(0),))
-        return F.cross_entropy(logits, y.unsqueeze(0))
+        return task.per_sample_nll(logits, y.unsqueeze(0))[0]
 
     return nll
 
 
-def per_sample_grads_vmap(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
+def per_sample_grads_vmap(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION
+) -> Params:
     """Per-sample gradients of -log p(y|x), shape (B, *param.shape), by vmap over grad.
 
     Attention takes its math kernel (:func:`fip.kernels.differentiable_attention`): vmap has no batching rule
     for the fused kernels and would run them one sample at a time."""
     with differentiable_attention():
-        return vmap(grad(_sample_nll(model)), in_dims=(None, 0, 0))(params, x, y)
+        return vmap(grad(_sample_nll(model, task)), in_dims=(None, 0, 0))(params, x, y)
 
 
 def per_sample_grads_loop(
-    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, create_graph: bool = False,
+    task: Task = CLASSIFICATION,
 ) -> Params:
     """The same gradients by a plain loop over samples: the fallback where vmap does not apply."""
     names, tensors = list(params), list(params.values())
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for i in range(len(x)):
-        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        loss = task.per_sample_nll(model(x[i : i + 1]), y[i : i + 1]).sum()
         grads = torch.autograd.grad(loss, tensors, create_graph=create_graph, allow_unused=True)
         for n, g, p in zip(names, grads, tensors, strict=True):
             out[n].append(torch.zeros_like(p) if g is None else g)
@@ -107,18 +102,19 @@ def per_sample_grads_loop(
 
 
 def per_sample_grads(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Params | None = None, vectorize: bool = True
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Params | None = None, vectorize: bool = True,
+    task: Task = CLASSIFICATION,
 ) -> Params:
     """Per-sample score gradients for the batch, vectorised when possible (model in eval mode)."""
     params = trainable_params(model) if params is None else params
     with eval_mode(model):
         if vectorize:
             try:
-                return per_sample_grads_vmap(model, params, x, y)
+                return per_sample_grads_vmap(model, params, x, y, task)
             except (RuntimeError, NotImplementedError):
                 pass
         live = {n: p for n, p in model.named_parameters() if n in params}
-        return per_sample_grads_loop(model, live, x, y)
+        return per_sample_grads_loop(model, live, x, y, task=task)
 
 
 @dataclass
@@ -189,17 +185,19 @@ def squared_grad_sums(
     chunk_size: int = 32,
     vectorize: bool = True,
     generator: torch.Generator | None = None,
+    task: Task = CLASSIFICATION,
 ) -> Params:
-    """Sum over the batch of per-sample squared score gradients, in chunks to bound memory."""
+    """Sum over the batch of per-sample squared score gradients, in chunks to bound memory: a chunk holds
+    ``chunk_size`` copies of the trainable parameters' gradients (docs/language-models.md, "Memory")."""
     params = trainable_params(model) if params is None else params
     totals = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     with eval_mode(model), torch.no_grad():
         logits = model(x) if kind == "true" else None
-    labels = sample_labels(logits, kind, y, generator) if kind == "true" else sample_labels(None, kind, y)
+    labels = sample_labels(logits, kind, y, generator, task)
     detached = {n: p.detach() for n, p in params.items()}
     for start in range(0, len(x), chunk_size):
         xs, ys = x[start : start + chunk_size], labels[start : start + chunk_size]
-        grads = per_sample_grads(model, xs, ys, detached, vectorize=vectorize)
+        grads = per_sample_grads(model, xs, ys, detached, vectorize=vectorize, task=task)
         for n, g in grads.items():
             totals[n] += g.detach().pow(2).sum(0).double()
     return totals
@@ -215,6 +213,7 @@ def fisher_diag(
     seed: int = 0,
     max_samples: int | None = None,
     progress=None,
+    task: Task = CLASSIFICATION,
 ) -> FisherDiag:
     """Diagonal Fisher ``Fbar`` of `model` over `batches` of (inputs, labels).
 
@@ -223,7 +222,7 @@ def fisher_diag(
     params = trainable_params(model)
     if not params:
         raise ValueError("model has no trainable parameters to estimate a Fisher for")
-    num_classes = _num_classes(model)
+    num_outputs = output_size(model, task)
     # the true Fisher's labels are drawn where the model runs (a CPU generator cannot feed CUDA multinomial)
     on = torch.device(device) if device is not None else next(iter(params.values())).device
     generator = torch.Generator(device=on).manual_seed(seed)
@@ -235,8 +234,8 @@ def fisher_diag(
             x, y = x[: max_samples - est.count], y[: max_samples - est.count]
         if device is not None:
             x, y = x.to(device), y.to(device)
-        _check_batch(x, y, num_classes)
-        est.add_(squared_grad_sums(model, x, y, kind, params, chunk_size, vectorize, generator), len(x))
+        task.check_batch(x, y, num_outputs)
+        est.add_(squared_grad_sums(model, x, y, kind, params, chunk_size, vectorize, generator, task), len(x))
         if progress is not None:
             progress(est.count)
     if est.count == 0:
@@ -244,6 +243,12 @@ def fisher_diag(
     return est
 
 
-def _num_classes(model: nn.Module) -> int | None:
+def output_size(model: nn.Module, task: Task = CLASSIFICATION) -> int | None:
+    """How many classes (or vocabulary entries) the model scores, where the model says: a classifier's head,
+    a language model's output embedding; None where it cannot be told."""
+    if task.name == "causal-lm":
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(out, "weight", None)
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
     head = classifier_head(model)
     return head.out_features if head is not None else None

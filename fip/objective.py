@@ -20,7 +20,9 @@ biased squared norm of the batch-mean gradient, whose cross terms ``g_i . g_j`` 
   parameters, so the gradient of the estimate is very noisy on large models (on the lab's
   PreActResNet-18 it diverged at eta_F = 1e-3); kept for small models and comparison.
 
-All are taken with the model in eval mode so each sample's score is its own.
+All are taken with the model in eval mode so each sample's score is its own. A sample's
+``log p(y|x)`` is the task's (:mod:`fip.tasks`): for a language model, one sequence's mean over its
+response tokens, so every term works per sequence.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
@@ -42,23 +43,25 @@ from fip.fisher import (
     trainable_params,
 )
 from fip.kernels import differentiable_attention
+from fip.tasks import CLASSIFICATION, Task
 
 TraceEstimator = Literal["exact", "signed", "hutchinson"]
 
 
 def trace_penalty_exact(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: FisherKind = "empirical", generator=None
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: FisherKind = "empirical", generator=None,
+    task: Task = CLASSIFICATION,
 ) -> torch.Tensor:
     """``Tr(F)`` on the batch: mean over samples of ``||grad log p(y_i|x_i)||^2``, differentiable."""
     params = trainable_params(model)
     with eval_mode(model):
         if kind == "true":
             with torch.no_grad():
-                y = sample_labels(model(x), kind, y, generator)
+                y = sample_labels(model(x), kind, y, generator, task)
         try:
-            grads = per_sample_grads_vmap(model, params, x, y)
+            grads = per_sample_grads_vmap(model, params, x, y, task)
         except (RuntimeError, NotImplementedError):
-            grads = per_sample_grads_loop(model, params, x, y, create_graph=True)
+            grads = per_sample_grads_loop(model, params, x, y, create_graph=True, task=task)
     return sum(g.pow(2).sum() for g in grads.values()) / len(x)
 
 
@@ -69,6 +72,7 @@ def trace_penalty_signed(
     probes: int = 1,
     kind: FisherKind = "empirical",
     generator: torch.Generator | None = None,
+    task: Task = CLASSIFICATION,
 ) -> torch.Tensor:
     """Unbiased sample-sign estimate ``mean_k ||sum_i s_ki g_i||^2 / B`` of ``Tr(F)``, differentiable."""
     if probes < 1:
@@ -77,8 +81,8 @@ def trace_penalty_signed(
     with eval_mode(model):
         logits = model(x)
         if kind == "true":
-            y = sample_labels(logits, kind, y, generator)
-        nll = F.cross_entropy(logits, y, reduction="none")
+            y = sample_labels(logits, kind, y, generator, task)
+        nll = task.per_sample_nll(logits, y)
         total = x.new_zeros(())
         for _ in range(probes):
             signs = torch.randint(0, 2, (len(x),), generator=generator).to(nll) * 2 - 1
@@ -102,6 +106,7 @@ def trace_penalty_hutchinson(
     probes: int = 1,
     kind: FisherKind = "empirical",
     generator: torch.Generator | None = None,
+    task: Task = CLASSIFICATION,
 ) -> torch.Tensor:
     """Unbiased JVP/Hutchinson estimate of ``Tr(F)`` on the batch (see module docstring), differentiable."""
     if probes < 1:
@@ -110,10 +115,10 @@ def trace_penalty_hutchinson(
     with eval_mode(model):
         if kind == "true":
             with torch.no_grad():
-                y = sample_labels(model(x), kind, y, generator)
+                y = sample_labels(model(x), kind, y, generator, task)
 
         def batch_nll(p: Params) -> torch.Tensor:
-            return F.cross_entropy(functional_call(model, p, (x,)), y, reduction="none")
+            return task.per_sample_nll(functional_call(model, p, (x,)), y)
 
         total = x.new_zeros(())
         for _ in range(probes):
@@ -130,6 +135,7 @@ def trace_penalty(
     probes: int = 1,
     kind: FisherKind = "empirical",
     generator: torch.Generator | None = None,
+    task: Task = CLASSIFICATION,
 ) -> torch.Tensor:
     """``Tr(F(theta))`` on a batch by the chosen estimator (the ``eta_F`` term of the objective).
 
@@ -137,11 +143,11 @@ def trace_penalty(
     differentiated twice, which the fused attention kernels do not support."""
     with differentiable_attention():
         if estimator == "exact":
-            return trace_penalty_exact(model, x, y, kind, generator)
+            return trace_penalty_exact(model, x, y, kind, generator, task)
         if estimator == "signed":
-            return trace_penalty_signed(model, x, y, probes, kind, generator)
+            return trace_penalty_signed(model, x, y, probes, kind, generator, task)
         if estimator == "hutchinson":
-            return trace_penalty_hutchinson(model, x, y, probes, kind, generator)
+            return trace_penalty_hutchinson(model, x, y, probes, kind, generator, task)
     raise ValueError(f"unknown trace estimator {estimator!r}; expected 'exact', 'signed' or 'hutchinson'")
 
 
@@ -160,16 +166,18 @@ def clean_distribution_penalty(params: Params, anchor: Params, fbar: Params) -> 
     return total if total is not None else torch.zeros(())
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``KL(p_teacher || p_student)``.
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor | None = None,
+    task: Task = CLASSIFICATION,
+) -> torch.Tensor:
+    """Mean over the batch of ``KL(p_teacher || p_student)`` (a language model's: over its scored positions).
 
     With the suspect as teacher on clean inputs, this is the function-space form of the
     clean-distribution regulariser. The Fisher-weighted distance is its second-order expansion in
     the weights. Unlike that distance, it does not pull back weights that clean inputs never use,
     such as the trigger's.
     """
-    return F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1), log_target=True,
-                    reduction="batchmean")
+    return task.kl(student_logits, teacher_logits, y)
 
 
 def fip_objective(
@@ -189,6 +197,7 @@ def fip_objective(
     trace_batch: int | None = None,
     eta_kl: float = 0.0,
     teacher_logits: torch.Tensor | None = None,
+    task: Task = CLASSIFICATION,
 ) -> dict[str, torch.Tensor]:
     """All terms of ``L(theta)`` on one batch; ``total`` is what is differentiated.
 
@@ -199,16 +208,16 @@ def fip_objective(
     ``eta_kl * KL(p_teacher || p_theta)`` is added; see :func:`distillation_kl`.
     """
     logits = (logits_fn or model)(x)
-    ce = F.cross_entropy(logits, y)
+    ce = task.mean_nll(logits, y)
     params = trainable_params(model)
     terms = {"ce": ce}
     if with_trace and eta_f > 0:
         xt, yt = (x[:trace_batch], y[:trace_batch]) if trace_batch else (x, y)
-        terms["trace"] = trace_penalty(model, xt, yt, estimator, probes, kind, generator)
+        terms["trace"] = trace_penalty(model, xt, yt, estimator, probes, kind, generator, task)
     if eta_r > 0:
         terms["clean_reg"] = clean_distribution_penalty(params, anchor, fbar)
     if eta_kl > 0 and teacher_logits is not None:
-        terms["kl"] = distillation_kl(logits, teacher_logits)
+        terms["kl"] = distillation_kl(logits, teacher_logits, y, task)
     total = ce
     if "kl" in terms:
         total = total + eta_kl * terms["kl"]

@@ -20,6 +20,7 @@ from torch import nn
 from fip.fisher import FisherDiag, FisherKind, Params, fisher_diag, trainable_params
 from fip.objective import TraceEstimator, fip_objective
 from fip.spectral import fold_spectral_shift, left_alone, to_spectral_shift
+from fip.tasks import CLASSIFICATION, Task
 from fip.training import BatchSampler, check_choices, cosine_lr, derive_seed
 
 Method = Literal["fip", "fast-fip"]
@@ -137,9 +138,10 @@ class Purifier:
     """One FIP optimisation step and its state (optimizer, anchor, Fbar, step count, RNG)."""
 
     def __init__(
-        self, model: nn.Module, fbar: Params, cfg: PurifyConfig, logits_fn: nn.Module | None = None, rank: int = 0
+        self, model: nn.Module, fbar: Params, cfg: PurifyConfig, logits_fn: nn.Module | None = None, rank: int = 0,
+        task: Task = CLASSIFICATION,
     ) -> None:
-        self.model, self.cfg, self.logits_fn, self.rank = model, cfg, logits_fn, rank
+        self.model, self.cfg, self.logits_fn, self.rank, self.task = model, cfg, logits_fn, rank, task
         params = trainable_params(model)
         if not params:
             raise ValueError("model has no trainable parameters: was it prepared with prepare_model?")
@@ -188,6 +190,7 @@ class Purifier:
             trace_batch=cfg.trace_batch,
             eta_kl=cfg.eta_kl,
             teacher_logits=teacher_logits,
+            task=self.task,
         )
         values = {k: float(v.detach()) for k, v in terms.items()}
         for name, value in values.items():
@@ -225,11 +228,13 @@ class PurifyResult:
     left_alone: list[str] = field(default_factory=list)  # Fast FIP: weights it could not shift (fip.spectral)
 
 
-def estimate_fbar(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig, batch: int = 64) -> FisherDiag:
+def estimate_fbar(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PurifyConfig, batch: int = 64, task: Task = CLASSIFICATION
+) -> FisherDiag:
     """``Fbar = diag F(theta_b)`` on D_val (no augmentation), for the parameters being tuned."""
     n = len(x) if cfg.fisher_samples is None else min(cfg.fisher_samples, len(x))
     batches = ((x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch))
-    return fisher_diag(model, batches, kind=cfg.fisher_kind, seed=cfg.seed)
+    return fisher_diag(model, batches, kind=cfg.fisher_kind, seed=cfg.seed, task=task)
 
 
 def purify(
@@ -238,8 +243,12 @@ def purify(
     clean_y: torch.Tensor,
     cfg: PurifyConfig | None = None,
     evaluate: Evaluator | None = None,
+    task: Task = CLASSIFICATION,
 ) -> PurifyResult:
     """Purify `model` with FIP or Fast FIP on the clean set; the input model is not modified.
+
+    A language model's clean set is its token sequences and aligned labels (:mod:`fip.tasks`); the
+    crop-and-flip augmentation is an image's and is not applied to them.
 
     Returns the purified model (stock architecture), the per-step history of loss terms and the
     evaluations (``evaluate(model)`` at the start, every ``eval_every`` steps and at the end).
@@ -248,10 +257,11 @@ def purify(
     start = time.perf_counter()
     device = next(model.parameters()).device
     clean_x, clean_y = clean_x.to(device), clean_y.to(device)
-    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, cfg.augment, cfg.augment_pad)
+    augment = cfg.augment and task.name == "classification"
+    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, augment, cfg.augment_pad)
     work = prepare_model(model, cfg)
-    fisher = estimate_fbar(work, clean_x, clean_y, cfg)
-    purifier = Purifier(work, fisher.mean(), cfg)
+    fisher = estimate_fbar(work, clean_x, clean_y, cfg, task=task)
+    purifier = Purifier(work, fisher.mean(), cfg, task=task)
     result = PurifyResult(model=work, fisher=fisher, config=cfg,
                           left_alone=left_alone(model) if cfg.method == "fast-fip" else [])
 

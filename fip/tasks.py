@@ -46,6 +46,10 @@ class Classification:
         """``-log p(y_i | x_i)`` per sample, shape ``(B,)``."""
         return F.cross_entropy(logits, y, reduction="none")
 
+    def mean_nll(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's cross-entropy: the mean of :meth:`per_sample_nll`."""
+        return F.cross_entropy(logits, y)
+
     def sample_labels(self, logits: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         """Labels drawn from the model's own predictive distribution (the true Fisher's)."""
         return _draw(torch.softmax(logits.detach().float(), dim=-1), generator)
@@ -90,6 +94,10 @@ class CausalLM:
         lg, tgt, mask = self._shifted(logits, y)
         nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none").view_as(tgt)
         return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def mean_nll(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's loss: the mean over sequences of :meth:`per_sample_nll`."""
+        return self.per_sample_nll(logits, y).mean()
 
     def sample_labels(self, logits: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         """At every scored position, a token drawn from the model's next-token distribution (the true

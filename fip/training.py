@@ -57,7 +57,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, cro
 
 
 class BatchSampler:
-    """Batches drawn with replacement from an in-memory set, optionally augmented; seeded."""
+    """Batches drawn with replacement from an in-memory set (images, or a language model's token sequences),
+    images optionally augmented; seeded."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, augment: bool = True,
                  pad: int = 4) -> None:
@@ -65,9 +66,9 @@ class BatchSampler:
             raise ValueError(f"clean set has {len(x)} inputs but {len(y)} labels")
         if len(x) == 0:
             raise ValueError("clean set D_val is empty")
-        if x.dim() != 4:
-            raise ValueError(f"clean inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if augment and x.dim() != 4:
+            raise ValueError(f"clean images must be (N, C, H, W) to be augmented, got shape {tuple(x.shape)}")
+        if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError("clean set D_val holds NaN or infinite pixel values")
         self.x, self.y, self.batch_size, self.augment, self.pad = x, y, batch_size, augment, pad
         self.generator = torch.Generator().manual_seed(seed)

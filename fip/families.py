@@ -158,8 +158,29 @@ def hf_folder_options(folder: str | Path) -> dict:
     return options
 
 
+CAUSAL_LM_HEADS = ("ForCausalLM", "LMHeadModel")  # how transformers names causal-LM architectures
+
+
+def hf_task(config: dict) -> str:
+    """The task of an HF config: "causal-lm" where its ``architectures`` name a causal-LM head (GPT-2's
+    ``GPT2LMHeadModel``, Llama's ``LlamaForCausalLM``), else "classification"."""
+    names = config.get("architectures") or []
+    causal = isinstance(names, list) and any(isinstance(n, str) and n.endswith(CAUSAL_LM_HEADS) for n in names)
+    return "causal-lm" if causal else "classification"
+
+
+def spec_task(spec: ModelSpec) -> str:
+    """The task of a family spec (fip.tasks names it): only an ``hf:`` folder can be a language model."""
+    if split_arch(spec.arch)[0] != "hf":
+        return "classification"
+    return hf_task(spec.options.get("config") or {})
+
+
 def hf_geometry(config: dict) -> dict[str, int]:
-    """num_classes / in_channels / image_size as an HF config states them (only those it states)."""
+    """num_classes / in_channels / image_size as an HF config states them (only those it states); a language
+    model's "classes" are its vocabulary."""
+    if hf_task(config) == "causal-lm":
+        return {"num_classes": config["vocab_size"]} if isinstance(config.get("vocab_size"), int) else {}
     out = {}
     labels = config.get("id2label")
     if isinstance(config.get("num_labels"), int):
@@ -184,6 +205,11 @@ def _hf_config(spec: ModelSpec):
         config = transformers.AutoConfig.for_model(model_type, **raw)
     except (ValueError, TypeError, KeyError) as e:
         raise FamilyError(f"{spec.arch}: transformers cannot read its config.json: {' '.join(str(e).split())}") from e
+    if hf_task(spec.options.get("config") or {}) == "causal-lm":
+        if getattr(config, "vocab_size", spec.num_classes) != spec.num_classes:
+            raise FamilyError(f"{spec.arch}: a language model's classes are its vocabulary ({config.vocab_size} "
+                              f"tokens in config.json), not {spec.num_classes}")
+        return config
     if config.num_labels != spec.num_classes:
         config.id2label = {i: str(i) for i in range(spec.num_classes)}
         config.label2id = {str(i): i for i in range(spec.num_classes)}
@@ -253,6 +279,8 @@ def _construct(spec: ModelSpec) -> nn.Module:
                       "in_chans": spec.in_channels, "img_size": spec.image_size}
             return _without_geometry_keyword(functools.partial(timm.create_model, name), kwargs, "img_size")
         transformers = import_transformers()
+        if spec_task(spec) == "causal-lm":
+            return transformers.AutoModelForCausalLM.from_config(_hf_config(spec))
         return transformers.AutoModelForImageClassification.from_config(_hf_config(spec))
     except FamilyError:
         raise

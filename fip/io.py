@@ -67,7 +67,8 @@ def save_model(model: nn.Module, spec: ModelSpec, path: str | Path, metadata: di
     if path.suffix != ".safetensors":
         raise ModelFileError(f"model files are written as .safetensors, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k not in tied_copies(model)}  # a tied weight once (safetensors refuses shared tensors)
     meta = dict(metadata or {})
     header = {SPEC_KEY: json.dumps(spec.to_dict()), META_KEY: json.dumps(meta, default=str)}
     tmp = path.with_suffix(".safetensors.tmp")
@@ -149,6 +150,32 @@ def fit_keys(state: dict[str, torch.Tensor], expected: set[str] | list[str]) -> 
                 state = {k.removeprefix(prefix): v for k, v in state.items()}
                 changed = True
     return state
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one Parameter (a language model's input embedding tied to its output head), per group,
+    in the model's order."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def tied_copies(model: nn.Module) -> set[str]:
+    """The names a file need not hold: every name of a tied group but its first."""
+    return {name for names in tie_groups(model) for name in names[1:]}
+
+
+def fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each tied name the file left out taken from the group's name it holds (as Hugging Face
+    and :func:`save_model` write tied weights: once)."""
+    out = dict(state)
+    for names in tie_groups(model):
+        held = next((n for n in names if n in out), None)
+        if held is not None:
+            for name in names:
+                out.setdefault(name, out[held])
+    return out
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -322,7 +349,7 @@ def load_model(path: str | Path, spec: ModelSpec | None = None, check_finite: bo
         raise ModelFileError(f"{path} carries no model spec: pass the architecture explicitly "
                              "(ours, or torchvision:<builder>, timm:<name>, hf:<folder>)")
     model = _build(spec, path)
-    state = fit_keys(weights.state, model.state_dict().keys())
+    state = fill_tied(model, fit_keys(weights.state, model.state_dict().keys()))
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)
     model.eval()

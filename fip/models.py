@@ -65,6 +65,11 @@ class ModelSpec:
         return (self.in_channels, self.image_size, self.image_size)
 
     @property
+    def task(self) -> str:
+        """What the model does (:mod:`fip.tasks`): "classification", or "causal-lm" for an ``hf:`` language model."""
+        return families.spec_task(self)
+
+    @property
     def source(self) -> str:
         """Where the architecture comes from: "fip" (ours), "torchvision", "timm" or "hf"."""
         return self.arch.partition(":")[0] if ":" in self.arch else "fip"

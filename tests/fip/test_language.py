@@ -185,3 +185,21 @@ def test_purify_tunes_a_language_model_on_its_clean_sequences(method):
     assert all("trace" in h for h in result.history[::2])
     assert ce(result.model) < ce(model)  # fine-tuning on the clean sequences fits them better
     assert result.left_alone == []
+
+
+@pytest.mark.parametrize("kind,tied", [("gpt2", True), ("llama", False)])
+def test_a_hugging_face_language_model_folder_loads_and_round_trips_with_its_tie(tmp_path, kind, tied):
+    from fip.io import load_model, save_model
+
+    original = tiny_lm(kind, tied)
+    original.save_pretrained(tmp_path / "lm")
+    x, _ = batch()
+    expected = type(original).forward(original, input_ids=x).logits
+    loaded = load_model(tmp_path / "lm")
+    assert loaded.spec.task == "causal-lm" and loaded.spec.num_classes == VOCAB
+    torch.testing.assert_close(loaded.model(x), expected)
+    head, embedding = loaded.model.get_output_embeddings().weight, loaded.model.get_input_embeddings().weight
+    assert (head is embedding) == tied
+    again = load_model(save_model(loaded.model, loaded.spec, tmp_path / "purified.safetensors"))
+    torch.testing.assert_close(again.model(x), expected)
+    assert again.spec.task == "causal-lm"

@@ -57,9 +57,9 @@ RECIPES: dict[str, Recipe] = {
     "fip models promote fip-purified 3 production": Recipe(replace={"fip-purified 3": "fip-purified 1"}),
     "fip models inspect purified.safetensors": Recipe(),
     "fip purify --model resnet18.pth --arch torchvision:resnet18 --num-classes 10 --image-size 32 "
-    "--data-shape 1,28,28 --clean runs/shards/dval --workers 2":
+    "--data-shape 1,28,28 --clean runs/shards/dval --workers 2 --preset paper-300":
         Recipe(skip_run="runs as tests/e2e/test_family_models.py runs it, on digits (a .pth, a timm and an HF model)"),
-    "fip evaluate --model my-hf-classifier/ --test runs/shards/test":
+    "fip evaluate --model my-hf-classifier/ --test s3://my-bucket/fmnist/test --s3-endpoint http://minio:9000":
         Recipe(skip_run="runs as tests/e2e/test_family_models.py runs it, on digits (a .pth, a timm and an HF model)"),
     "fip smoothness --model purified.safetensors --plot esd.png":
         Recipe(("--samples", "16", "--iters", "3", "--max-probes", "4", "--density-steps", "4")),

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fip.io import LoadedModel
+from fip.tasks import task_named
 from pipeline.config import AcceptanceSettings
 from pipeline.shards import ShardSource, read_all
+from pipeline.transforms import model_input
 
 
 class PurificationRejected(ValueError):
@@ -46,16 +47,20 @@ class Verdict:
 
 @torch.no_grad()
 def dval_fit(loaded: LoadedModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of a model on D_val samples (uint8 `x`), on the CPU (on a copy: the
-    caller's model stays where it is). The model is loaded as :func:`pipeline.suspect.load_suspect`
-    loads it: it normalises its ``[0, 1]`` inputs itself."""
+    """Accuracy and mean negative log-likelihood (cross-entropy) of a model on D_val samples, per its task
+    (:mod:`fip.tasks`: an image's class, a sequence's next tokens), on the CPU (on a copy: the caller's model
+    stays where it is). The model is loaded as :func:`pipeline.suspect.load_suspect` loads it: it
+    normalises its ``[0, 1]`` inputs itself."""
     model: nn.Module = copy.deepcopy(loaded.model).cpu().eval()
-    correct, ce = 0.0, 0.0
+    task = task_named(loaded.spec.task)
+    correct, scored, nll = 0, 0, 0.0
     for i in range(0, len(y), 256):
-        logits = model(x[i : i + 256].float() / 255.0).float()
-        ce += float(F.cross_entropy(logits, y[i : i + 256], reduction="sum"))
-        correct += float((logits.argmax(1) == y[i : i + 256]).sum())
-    return {"acc": correct / len(y), "ce": ce / len(y)}
+        yb = y[i : i + 256]
+        logits = model(model_input(x[i : i + 256])).float()
+        nll += float(task.per_sample_nll(logits, yb).sum())
+        hits, count = task.hits(logits, yb)
+        correct, scored = correct + hits, scored + count
+    return {"acc": correct / max(scored, 1), "ce": nll / len(y)}
 
 
 def _diverged_step(history: Iterable[dict]) -> dict | None:

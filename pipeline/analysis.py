@@ -10,6 +10,7 @@ from torch import nn
 from pipeline.artifacts import Measured
 from pipeline.config import AnalysisSettings
 from pipeline.shards import ShardSource, read_all
+from pipeline.transforms import model_input
 
 
 def plot_curves(history: list[dict], evaluations: list[dict], path: Path) -> Path:
@@ -56,7 +57,7 @@ def spectral_analysis(suspect: nn.Module, purified: nn.Module, clean: ShardSourc
     from fip.smoothness import HessianOperator, plot_spectral_density, spectral_density
 
     x, y, _ = read_all(clean, limit=settings.esd_samples)
-    batch = [(x.float() / 255.0, y)]
+    batch = [(model_input(x), y)]
     densities, out = {}, Measured()
     for label, figures, model in (("suspect", out.before, suspect), ("purified", out.after, purified)):
         esd = spectral_density(HessianOperator(model, batch), runs=1, steps=settings.esd_steps, seed=seed)

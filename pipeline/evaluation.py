@@ -1,15 +1,24 @@
-"""ACC (and ASR / RA in benchmark mode) over sharded test data split across ranks.
+"""The job's figures over sharded test data split across ranks.
 
-Each rank counts its share with :func:`lab.metrics.count_batch`, the one definition of the
-metrics, and the counts are all-reduced: the rates equal what :func:`lab.metrics.evaluate_model`
-gives on the whole test set in one process.
+Image classifiers: ACC (and ASR / RA in benchmark mode). Each rank counts its share with
+:func:`lab.metrics.count_batch`, the one definition of the metrics, and the counts are all-reduced: the rates
+equal what :func:`lab.metrics.evaluate_model` gives on the whole test set in one process.
+
+Language models (:data:`fip.tasks.CAUSAL_LM`): ACC is next-token accuracy over the scored (response)
+positions, and ``ppl`` the perplexity, ``exp`` of the mean negative log-likelihood per scored token; both
+counted per rank and all-reduced the same way. A language model's ASR needs generation with the attack's
+trigger and target text, which the lab measures (docs/language-models.md); the pipeline refuses an attack
+record for one rather than report a figure it did not measure.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from fip.tasks import CLASSIFICATION, IGNORE, Task
 from lab.attacks import Attack
 from lab.metrics import MetricCounts, count_batch
 from pipeline.shards import RankStream, ShardSource, rank_loader
@@ -18,10 +27,16 @@ from pipeline.workers import all_reduce_sum, world
 
 @torch.no_grad()
 def evaluate_shards(model: nn.Module, test: ShardSource, attack: Attack | None = None, limit: int | None = None,
-                    skip_corrupt: bool = False, loader_workers: int = 0, batch_size: int = 256) -> dict[str, float]:
+                    skip_corrupt: bool = False, loader_workers: int = 0, batch_size: int = 256,
+                    task: Task = CLASSIFICATION) -> dict[str, float]:
     """Metrics of `model` over the first `limit` test samples (all when None), counted on every rank."""
     rank, size = world()
     stream = RankStream(test, rank, size, skip_corrupt=skip_corrupt, limit=limit)
+    if task.name == "causal-lm":
+        if attack is not None:
+            raise ValueError("an attack record measures an image backdoor; a language model's ASR is measured by "
+                             "the lab (docs/language-models.md), not by fip evaluate")
+        return _language_metrics(model, stream, batch_size, loader_workers, task)
     counts = MetricCounts()
     trigger, target_of = (attack.trigger_floats, attack.target_of) if attack is not None else (None, None)
     for x, y, pad in rank_loader(stream, batch_size, loader_workers):
@@ -30,3 +45,24 @@ def evaluate_shards(model: nn.Module, test: ShardSource, attack: Attack | None =
             counts = counts + count_batch(model, x[keep], y[keep], trigger, target_of, batch_size)
     total = all_reduce_sum(counts.as_tensor())
     return MetricCounts.from_tensor(total).rates(with_attack=attack is not None)
+
+
+def _language_metrics(model: nn.Module, stream: RankStream, batch_size: int, loader_workers: int,
+                      task: Task) -> dict[str, float]:
+    """Next-token accuracy and perplexity over the scored positions, summed over ranks."""
+    dev = next(model.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64)  # correct next tokens, scored tokens, summed token NLL
+    for x, y, pad in rank_loader(stream, batch_size, loader_workers):
+        keep = ~pad
+        if not keep.any():
+            continue
+        x, y = x[keep].to(dev), y[keep].to(dev)
+        logits = model(x).float()
+        hits, scored = task.hits(logits, y)
+        tokens = (y[:, 1:] != IGNORE).sum(1)
+        sums += torch.tensor([hits, scored, float((task.per_sample_nll(logits, y) * tokens).sum())],
+                             dtype=torch.float64)
+    correct, scored, nll = all_reduce_sum(sums).tolist()
+    if scored == 0:
+        raise ValueError("the test shards hold no scored (response) token")
+    return {"acc": correct / scored, "ppl": math.exp(nll / scored)}

@@ -30,6 +30,7 @@ from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
 from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY
 from fip.io import LoadedModel, save_model
 from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, prepare_model
+from fip.tasks import Task, task_named
 from fip.training import augment_batch, derive_seed, generator
 from lab.attacks import Attack
 from lab.backdoor import RECORD_LINK_KEY, attack_from_record
@@ -108,7 +109,14 @@ class StageContext:
     def suspect(self) -> LoadedModel:
         """The suspect model as :func:`pipeline.suspect.load_suspect` loads it with the job's model settings:
         it adapts and normalises its inputs itself, so shards, transforms and triggers all stay in [0, 1]."""
-        return load_suspect(self.store.fetch(self.job.inputs.model, self.cache_dir), self.job.model)
+        loaded = load_suspect(self.store.fetch(self.job.inputs.model, self.cache_dir), self.job.model)
+        self.__dict__["task"] = task_named(loaded.spec.task)  # what `task` would load the model again for
+        return loaded
+
+    @cached_property
+    def task(self) -> Task:
+        """The suspect's task (:mod:`fip.tasks`): what its samples, loss and figures are."""
+        return task_named(self.suspect().spec.task)
 
     def test_shards(self) -> ShardSource | None:
         return open_shards(self.job.inputs.test, self.store) if self.job.inputs.test else None
@@ -119,7 +127,7 @@ class StageContext:
             return {}
         with mixed_precision(next(model.parameters()).device):
             return evaluate_shards(model, test, self.attack(), limit, self.job.run.skip_corrupt,
-                                   self.job.resources.loader_processes())
+                                   self.job.resources.loader_processes(), task=self.task)
 
 
 def _context(config: dict) -> StageContext:
@@ -140,7 +148,9 @@ def fisher_stage(config: dict) -> dict:
     rank, size = world()
     start = time.perf_counter()
     dev = device()
-    suspect = prepare_for_device(ctx.suspect().model, dev)
+    loaded = ctx.suspect()
+    task = task_named(loaded.spec.task)
+    suspect = prepare_for_device(loaded.model, dev)
     work = prepare_model(suspect, pcfg)
     params = trainable_params(work)
     est = FisherDiag.zeros_like(params, pcfg.fisher_kind)
@@ -154,7 +164,7 @@ def fisher_stage(config: dict) -> dict:
         x, y = batch_to_device(x[~pad], dev), y[~pad].to(dev)
         if len(y):
             with mixed_precision(dev):
-                est.add_(squared_grad_sums(work, x, y, pcfg.fisher_kind, params, generator=labels), len(y))
+                est.add_(squared_grad_sums(work, x, y, pcfg.fisher_kind, params, generator=labels, task=task), len(y))
     count = all_reduce_sum(torch.tensor([float(est.count)], dtype=torch.float64))
     skipped = int(all_reduce_sum(torch.tensor([stream.skipped(padding)], dtype=torch.int64)).item())  # every rank's
     for t in est.sums.values():
@@ -179,19 +189,22 @@ def fisher_stage(config: dict) -> dict:
 
 
 # ---------------------------------------------------------------- stage 2: FIP fine-tuning
-def step_batches(ctx: StageContext, rank: int, size: int, first_step: int, dev: torch.device | None = None):
+def step_batches(ctx: StageContext, rank: int, size: int, first_step: int, dev: torch.device | None = None,
+                 augment: bool | None = None):
     """Endless (step, x, y) over this rank's clean shards, epoch after epoch, from `first_step` on.
 
-    x is float on `dev` (default: the CPU); shards of varying image size go through the train
-    transform (random-resized crop + flip) in the loader's workers, FIP's batch crop comes on top."""
+    x is on `dev` (default: the CPU) as the model takes it (float images, or token ids); with `augment` (default:
+    ``purify.augment``; a language model's sequences are never augmented) shards of varying image size go
+    through the train transform (random-resized crop + flip) in the loader's workers, FIP's batch crop on top."""
     pcfg, job = ctx.job.purify, ctx.job
+    augment = pcfg.augment if augment is None else augment
     dev = torch.device(dev or "cpu")
     if pcfg.batch_size % size:
         raise ValueError(f"global batch {pcfg.batch_size} is not divisible by {size} workers")
     local = pcfg.batch_size // size
     source = open_shards(job.inputs.clean, ctx.store)
     stream = RankStream(source, rank, size, shuffle=True, seed=pcfg.seed, skip_corrupt=job.run.skip_corrupt,
-                        transform=train_transform_for(source.manifest) if pcfg.augment else None, as_uint8=True)
+                        transform=train_transform_for(source.manifest) if augment else None, as_uint8=True)
     per_epoch = max(1, len(stream) // local)
     step = first_step
     epoch, skip = divmod(first_step, per_epoch)
@@ -204,7 +217,7 @@ def step_batches(ctx: StageContext, rank: int, size: int, first_step: int, dev: 
             if i < skip:
                 continue
             x = batch_to_device(x, dev)
-            if pcfg.augment:
+            if augment:
                 x = augment_batch(x, generator(pcfg.seed, "augment", step, rank), pcfg.augment_pad,
                                   crop_prob_at(pcfg, step))
                 if dev.type == "cuda":
@@ -254,9 +267,10 @@ def purify_stage(config: dict) -> dict:
     rank, size = world()
     dev = device()
     suspect = ctx.suspect()
+    task = task_named(suspect.spec.task)
     work = prepare_model(prepare_for_device(suspect.model, dev), pcfg)
     fbar = _load_fbar(ctx, trainable_params(work), rank)
-    purifier = Purifier(work, fbar, pcfg, logits_fn=wrap_ddp(work), rank=rank)
+    purifier = Purifier(work, fbar, pcfg, logits_fn=wrap_ddp(work), rank=rank, task=task)
     logs: dict = {"history": [], "evaluations": [], "seconds": 0.0}
     resumed = restore()
     if resumed is not None:
@@ -269,7 +283,8 @@ def purify_stage(config: dict) -> dict:
     def elapsed() -> float:  # over every attempt, not only this one
         return logs["seconds"] + time.perf_counter() - start
 
-    for step, x, y in step_batches(ctx, rank, size, purifier.step_count, dev):
+    augment = pcfg.augment and task.name == "classification"
+    for step, x, y in step_batches(ctx, rank, size, purifier.step_count, dev, augment):
         if step >= pcfg.iterations:
             break
         _fault_injection(ctx, step, resumed is not None, rank, size)

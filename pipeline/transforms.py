@@ -187,14 +187,23 @@ def train_transform(size: int = 224, scale=(0.08, 1.0)) -> Transform:
 
 
 # ---------------------------------------------------------------- batches on the device
+TOKEN_DTYPES = (torch.int64, torch.int32)  # a language model's token ids (images are uint8 or float)
+
+
+def model_input(x: torch.Tensor) -> torch.Tensor:
+    """What a model takes from a stored batch: uint8 images as float ``[0, 1]``, token ids as they are."""
+    if x.dtype in TOKEN_DTYPES:
+        return x
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
 def batch_to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A loader batch as float ``[0, 1]`` on `device`: uint8 crosses to the GPU (asynchronously from
-    pinned memory) and is converted there, channels-last on CUDA. On the CPU the values are exactly
-    ``x.float() / 255`` in the default layout."""
+    """A loader batch on `device` as the model takes it (:func:`model_input`): uint8 crosses to the GPU
+    (asynchronously from pinned memory) and is converted there, channels-last on CUDA. On the CPU image
+    values are exactly ``x.float() / 255`` in the default layout."""
     device = torch.device(device)
-    if device.type != "cuda":
-        x = x.to(device)
-        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if device.type != "cuda" or x.dtype in TOKEN_DTYPES:
+        return model_input(x.to(device, non_blocking=device.type == "cuda"))
     x = x.to(device, non_blocking=True)
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x

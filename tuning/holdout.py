@@ -19,6 +19,7 @@ from pipeline.shard_writer import write_shards
 from pipeline.shardfmt import ShardError
 from pipeline.shards import open_shards, read_all
 from pipeline.storage import Storage, join
+from pipeline.transforms import model_input
 
 TRAIN_NAME, HOLDOUT_NAME = "dval-train", "dval-holdout"
 
@@ -66,4 +67,4 @@ def write_split(clean: str, dest: str, fraction: float, seed: int, store: Storag
 def read_holdout(url: str, store: Storage | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out images as floats in [0, 1] and their labels."""
     x, y, _ = read_all(open_shards(url, store))
-    return x.float() / 255.0, y
+    return model_input(x), y

@@ -14,6 +14,7 @@ own default: ImageNet mean/std for torchvision, the model's ``pretrained_cfg`` f
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import json
@@ -311,6 +312,16 @@ def logits_only(module: nn.Module, args: tuple, output):
     if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"{type(module).__name__} returned a {type(output).__name__}, not logits")
+
+
+def without_logits_hook(module: nn.Module) -> nn.Module:
+    """A copy of `module` without :func:`logits_only`: returning its own output type again, as a Hugging Face
+    model must for ``generate`` and for its own tools (MLflow's transformers flavour)."""
+    plain = copy.deepcopy(module)
+    for key, hook in list(plain._forward_hooks.items()):
+        if hook is logits_only:
+            del plain._forward_hooks[key]
+    return plain
 
 
 # ---------------------------------------------------------------- normalisation

@@ -39,7 +39,10 @@ def registry_tags(source_sha256: str, method: str, measured: Measured, **extra: 
 
 def input_description(loaded: LoadedModel) -> dict:
     """What the registered model's MLmodel file says about its input: the data as the user has it, in [0, 1],
-    with the adapter and normalisation that the model applies itself."""
+    with the adapter and normalisation that the model applies itself; a language model's: prompts as text."""
+    if loaded.spec.task == "causal-lm":
+        return {"input": "prompts as text; mlflow.pyfunc generates their answers (params: max_new_tokens, do_sample)",
+                "arch": loaded.spec.arch, "vocab_size": loaded.spec.num_classes, "task": loaded.spec.task}
     shape = accepted_shape(loaded)
     return {"input": f"float32 images in [0, 1], shape (N, {', '.join(map(str, shape))}); the model resizes and "
                      "normalises them itself (input_adapter, input_normalization)",
@@ -48,13 +51,14 @@ def input_description(loaded: LoadedModel) -> dict:
 
 
 def register_purified(tracker: Tracker, run_id: str, purified: LoadedModel, path: Path, name: str,
-                      tags: dict[str, str], progress: Callable[[str], None], prefix: str = "[fip]") -> Registered:
-    """A new version of `name` from the run `run_id` (the model, its safetensors file and sidecar), then
-    ``@candidate`` moved to it only if it beats the holder; the URI returned is ``NAME@candidate`` when it
-    moved, else the version's own."""
+                      tags: dict[str, str], progress: Callable[[str], None], prefix: str = "[fip]",
+                      tokenizer: Path | None = None) -> Registered:
+    """A new version of `name` from the run `run_id` (the model, its safetensors file and sidecar; a language
+    model with its `tokenizer` folder), then ``@candidate`` moved to it only if it beats the holder; the URI
+    returned is ``NAME@candidate`` when it moved, else the version's own."""
     progress(f"{prefix} registering the purified model as {name}")
     reg = tracker.register(run_id, purified.model, path, accepted_shape(purified), name, tags,
-                           model_metadata=input_description(purified))
+                           model_metadata=input_description(purified), tokenizer=tokenizer)
     moved, why = tracker.offer_candidate(name, reg.version, tags)
     progress(f"{prefix} registered {name} version {reg.version}; @candidate "
              + (f"moved to it ({why})" if moved else f"stays ({why})"))

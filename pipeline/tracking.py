@@ -73,6 +73,41 @@ def _requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"]
 
 
+def _save_pytorch(model: nn.Module, input_shape: tuple[int, ...], where: Path, metadata: dict | None) -> None:
+    """An image model in MLflow's pytorch flavour, taking float32 batches of `input_shape`."""
+    import mlflow.pytorch
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    # the batch dimension is -1 in the signature (that is what MLflow exports as dynamic), and the
+    # example's batch is 2, not 1: torch.export keeps a size-1 dimension static
+    example = np.zeros((2, *input_shape), dtype=np.float32)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
+    mlflow.pytorch.save_model(model.cpu().eval(), str(where), input_example=example, signature=signature,
+                              pip_requirements=_requirements(), metadata=metadata)
+
+
+GENERATION_PARAMS = {"max_new_tokens": 32, "do_sample": False}  # what pyfunc.predict takes, greedy by default
+
+
+def _save_text_generation(model: nn.Module, tokenizer: Path, where: Path, metadata: dict | None) -> None:
+    """A language model and its tokenizer folder as MLflow's transformers flavour: ``mlflow.pyfunc`` loads a
+    text-generation pipeline whose ``predict`` takes prompts (and `GENERATION_PARAMS`) and returns text. Nothing
+    is fetched from the hub; the tokenizer is read from its files (never unpickled)."""
+    import mlflow.transformers
+    from mlflow.models import infer_signature
+
+    from fip.families import import_transformers, without_logits_hook
+
+    transformers = import_transformers()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    signature = infer_signature(["a prompt"], ["its answer"], params=GENERATION_PARAMS)
+    mlflow.transformers.save_model({"model": without_logits_hook(model).cpu().eval(), "tokenizer": tok}, str(where),
+                                   task="text-generation", signature=signature, metadata=metadata,
+                                   pip_requirements=[*_requirements(), f"transformers=={transformers.__version__}"])
+
+
 STORE_CHECK_TIMEOUT_S = 5.0  # an MLflow server answers /health in milliseconds; a dead one must not hold a command
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PASSED_THROUGH_SCHEMES = ("postgresql", "mysql", "mssql", "databricks", "databricks-uc")  # MLflow checks these itself
@@ -218,30 +253,24 @@ class Tracker:
     # ------------------------------------------------------------ registry
     def register(self, run_id: str, model: nn.Module, safetensors_path: Path, input_shape: tuple[int, ...],
                  name: str, tags: dict[str, str], aliases: Iterable[str] = (),
-                 model_metadata: dict | None = None) -> Registered:
-        """Log the model (MLflow's pytorch flavour, any batch size, with `model_metadata` in its MLmodel file) and
-        our safetensors file, register a new version under `name` with `tags` and the file's SHA-256, and point
-        `aliases` at it."""
-        import mlflow.pytorch
+                 model_metadata: dict | None = None, tokenizer: Path | None = None) -> Registered:
+        """Log the model and our safetensors file, register a new version under `name` with `tags` and the
+        file's SHA-256, and point `aliases` at it. An image model is logged in MLflow's pytorch flavour (any batch
+        size); a language model with its `tokenizer` folder in the transformers flavour (a text-generation
+        pipeline, so ``mlflow.pyfunc`` generates). Either carries `model_metadata` in its MLmodel file."""
         from mlflow.exceptions import MlflowException
 
         self.client.log_artifact(run_id, str(safetensors_path), "purified")
         sidecar = safetensors_path.with_suffix(".json")
         if sidecar.is_file():
             self.client.log_artifact(run_id, str(sidecar), "purified")
-        from mlflow.models.signature import ModelSignature
-        from mlflow.types.schema import Schema, TensorSpec
-
-        # the batch dimension is -1 in the signature (that is what MLflow exports as dynamic), and the
-        # example's batch is 2, not 1: torch.export keeps a size-1 dimension static
-        example = np.zeros((2, *input_shape), dtype=np.float32)
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]))
         with tempfile.TemporaryDirectory() as tmp, _EXPORT_LOCK:
-            mlflow.pytorch.save_model(model.cpu().eval(), str(Path(tmp) / "model"), input_example=example,
-                                      signature=signature, pip_requirements=_requirements(),
-                                      metadata=model_metadata)
-            self.client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+            where = Path(tmp) / "model"
+            if tokenizer is not None:
+                _save_text_generation(model, tokenizer, where, model_metadata)
+            else:
+                _save_pytorch(model, input_shape, where, model_metadata)
+            self.client.log_artifacts(run_id, str(where), "model")
         try:
             self.client.get_registered_model(name)
         except MlflowException:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from fip.tasks import CLASSIFICATION, Task
 from pipeline.artifacts import Measured
 from pipeline.config import AnalysisSettings
 from pipeline.shards import ShardSource, read_all
@@ -49,9 +50,9 @@ def plot_curves(history: list[dict], evaluations: list[dict], path: Path) -> Pat
 
 
 def spectral_analysis(suspect: nn.Module, purified: nn.Module, clean: ShardSource, settings: AnalysisSettings,
-                      seed: int, path: Path) -> Measured:
-    """lambda_max of both models from an SLQ density on a few clean images, plotted to `path` (off at 0:
-    nothing measured)."""
+                      seed: int, path: Path, task: Task = CLASSIFICATION) -> Measured:
+    """lambda_max of both models from an SLQ density on a few clean samples (the Hessian of the task's loss),
+    plotted to `path` (off at 0: nothing measured)."""
     if not settings.esd_samples or not settings.esd_steps:
         return Measured()
     from fip.smoothness import HessianOperator, plot_spectral_density, spectral_density
@@ -60,7 +61,8 @@ def spectral_analysis(suspect: nn.Module, purified: nn.Module, clean: ShardSourc
     batch = [(model_input(x), y)]
     densities, out = {}, Measured()
     for label, figures, model in (("suspect", out.before, suspect), ("purified", out.after, purified)):
-        esd = spectral_density(HessianOperator(model, batch), runs=1, steps=settings.esd_steps, seed=seed)
+        esd = spectral_density(HessianOperator(model, batch, task.mean_nll), runs=1, steps=settings.esd_steps,
+                               seed=seed)
         densities[label] = esd
         figures["lambda_max"] = float(esd.nodes.max())
     plot_spectral_density(densities, path, title="Hessian eigenvalue density (SLQ)")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fip.tasks import task_named
 from pipeline.acceptance import judge_purified, rejection
 from pipeline.analysis import plot_curves, spectral_analysis
 from pipeline.artifacts import HISTORY, PURIFIED, PURIFIED_SIDECAR, FisherOutput, Measured, PurifyOutput
@@ -154,7 +155,7 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
     if cfg.analysis.esd_samples and cfg.analysis.esd_steps:
         progress(f"[fip] analysis: Hessian spectral density of both models on {cfg.analysis.esd_samples} samples")
     esd = spectral_analysis(plan.suspect.model, purified, plan.clean, cfg.analysis, cfg.purify.seed,
-                            plan.out_dir / "esd.png").flat()
+                            plan.out_dir / "esd.png", task_named(plan.suspect.spec.task)).flat()
     metrics.update(esd)
     metrics["seconds"] = time.perf_counter() - t0
     model_uri = None

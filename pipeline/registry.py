@@ -52,14 +52,15 @@ def input_description(loaded: LoadedModel) -> dict:
 
 def register_purified(tracker: Tracker, run_id: str, purified: LoadedModel, path: Path, name: str,
                       tags: dict[str, str], progress: Callable[[str], None], prefix: str = "[fip]",
-                      tokenizer: Path | None = None) -> Registered:
+                      tokenizer: Path | None = None, hold_candidate: str | None = None) -> Registered:
     """A new version of `name` from the run `run_id` (the model, its safetensors file and sidecar; a language
-    model with its `tokenizer` folder), then ``@candidate`` moved to it only if it beats the holder; the URI
-    returned is ``NAME@candidate`` when it moved, else the version's own."""
+    model with its `tokenizer` folder), then ``@candidate`` moved to it only if it beats the holder and nothing
+    holds it back (`hold_candidate`: why not, e.g. the sweep's probe flags it); the URI returned is
+    ``NAME@candidate`` when it moved, else the version's own."""
     progress(f"{prefix} registering the purified model as {name}")
     reg = tracker.register(run_id, purified.model, path, accepted_shape(purified), name, tags,
                            model_metadata=input_description(purified), tokenizer=tokenizer)
-    moved, why = tracker.offer_candidate(name, reg.version, tags)
+    moved, why = (False, hold_candidate) if hold_candidate else tracker.offer_candidate(name, reg.version, tags)
     progress(f"{prefix} registered {name} version {reg.version}; @candidate "
              + (f"moved to it ({why})" if moved else f"stays ({why})"))
     return Registered(reg.name, reg.version, f"models:/{name}@candidate" if moved else f"models:/{name}/{reg.version}",

@@ -40,7 +40,8 @@ from pipeline.ray_runtime import StageError
 from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Tracker, check_store, local_root
 from pipeline.validation import check_batch_fits
-from tuning.objective import Holdout, ObjectiveWeights
+from tuning.evidence import Evidence, winner_evidence
+from tuning.objective import Holdout, ObjectiveWeights, uap_radius, universal_flip
 from tuning.quiet import tune_output_to
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
@@ -104,6 +105,7 @@ class SweepResult:
     plot_path: Path | None
     seconds: float
     refit_run_id: str | None = None  # the job that re-ran the winner's settings on all of D_val
+    evidence: Evidence | None = None  # what the winner's choice rested on (tuning.evidence)
 
 
 class LiveTable:
@@ -230,8 +232,14 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     train_url, held_url = write_split(inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
     x, y = read_holdout(held_url, store)
     holdout = Holdout.from_suspect(loaded.model, x, y)
+    probed = ""
+    if cfg.weights.uap:  # the suspect's probe, the winner's evidence is read against it (tuning.evidence)
+        probe = universal_flip(loaded.model, x, y, uap_radius(x))
+        holdout.suspect.update(uap_max=probe["uap_max"], uap_class=probe["uap_class"])
+        probed = f", uap_max {probe['uap_max']:.2f} to class {probe['uap_class']}"
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
-             f"(suspect: held-out ACC {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g})")
+             f"(suspect: held-out ACC {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g}"
+             f"{probed})")
     return train_url, held_url, holdout
 
 
@@ -308,7 +316,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
         if ended < cfg.num_samples:  # Tune returns normally after SIGINT, with its state saved
             raise KeyboardInterrupt(f"sweep {cfg.name} interrupted with {ended} of {cfg.num_samples} trials ended; "
                                     "continue it with --resume")
-        return _finish(base, cfg, collect(grid), tracker, parent, sweep_dir, progress, t0)
+        return _finish(base, cfg, collect(grid), tracker, parent, sweep_dir, progress, t0, holdout)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -350,7 +358,7 @@ def choose_winner(trials: list[dict]) -> dict | None:
 
 
 def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Tracker | None, parent: str | None,
-            sweep_dir: Path, progress: Progress, t0: float) -> SweepResult:
+            sweep_dir: Path, progress: Progress, t0: float, holdout: Holdout) -> SweepResult:
     winner = choose_winner(trials)
     columns = ["trial_id", "status", *sorted(k for k in {k for t in trials for k in t} if k.startswith("p.")),
                "step", "objective", *FEATURES]
@@ -388,14 +396,21 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                               + (f"; trial {first[0]['trial_id']}: {first[0].get('error') or first[0].get('rejected')}"
                                  if first else "")
                               + f"); the table is in {table}")
+    evidence = winner_evidence(winner, holdout.suspect, len(holdout.y))
+    if tracker is not None and parent is not None:
+        tracker.set_tags(parent, evidence.tags())
     refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None
     if tracker is not None and parent is not None:
         if cfg.register_as and (refit is not None or winner.get("child_run_id")):
-            model_uri = _register_winner(tracker, base, cfg, winner, parent, progress, refit)
-    progress(f"[fip tune] winner {winner['trial_id']}: objective {winner['objective']:.4f}"
-             + (f", DER {winner['der']:.3f}" if "der" in winner else "") + (f" -> {model_uri}" if model_uri else ""))
+            model_uri = _register_winner(tracker, base, cfg, winner, parent, progress, evidence, refit)
+    finished = sum(t["status"] == "DONE" for t in trials)
+    progress(f"[fip tune] winner {winner['trial_id']} ({finished} of {len(trials)} trials finished): objective "
+             f"{winner['objective']:.4f}" + (f", DER {winner['der']:.3f}" if "der" in winner else "")
+             + (f" -> {model_uri}" if model_uri else ""))
+    for line in evidence.lines():
+        progress(f"[fip tune]   {line}")
     return SweepResult(trials, winner, parent, model_uri, table, plot, time.perf_counter() - t0,
-                       refit.run_id if refit is not None else None)
+                       refit.run_id if refit is not None else None, evidence)
 
 
 def _refit_winner(base: JobConfig, cfg: SweepConfig, winner: dict, parent: str | None, sweep_dir: Path,
@@ -416,9 +431,10 @@ def _refit_winner(base: JobConfig, cfg: SweepConfig, winner: dict, parent: str |
 
 
 def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner: dict, parent: str,
-                     progress: Progress, refit=None) -> str:
+                     progress: Progress, evidence: Evidence, refit=None) -> str:
     """Register the refit model from its own run (or, without a refit, the winner's purified file from the
-    trial's child run), tagged with the sweep, the trial and the trial's objective."""
+    trial's child run), tagged with the sweep, the trial, the trial's objective and its evidence; a winner the
+    probe flags gets a version but not ``@candidate``."""
     from pipeline.acceptance import judge_purified, rejection
     from pipeline.registry import register_purified, registry_tags
     from pipeline.shards import open_shards
@@ -444,9 +460,12 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     tags = registry_tags(loaded.metadata.get("source_sha256") or suspect.sha256,
                          winner.get("p.method", base.purify.method), measured,
                          sweep_run_id=parent, sweep=cfg.name, trial_id=winner["trial_id"],
-                         objective=f"{winner['objective']:.6f}", refit="all of D_val" if refit is not None else "no")
-    # the house rule for @candidate (docs/registry.md): it moves when the objective beats the holder's
-    reg = register_purified(tracker, run_id, loaded, path, cfg.register_as, tags, progress, "[fip tune]")
+                         objective=f"{winner['objective']:.6f}", refit="all of D_val" if refit is not None else "no",
+                         **evidence.tags())
+    # the house rule for @candidate (docs/registry.md): it moves when the objective beats the holder's, and
+    # never to a model the probe flags
+    reg = register_purified(tracker, run_id, loaded, path, cfg.register_as, tags, progress, "[fip tune]",
+                            hold_candidate=evidence.verdict() if evidence.flagged else None)
     tracker.set_tags(parent, {"registered": f"{reg.name}/{reg.version}", "candidate_moved": reg.candidate})
     return reg.model_uri
 
@@ -456,5 +475,6 @@ def sweep_summary(result: SweepResult) -> dict:
     return {"winner": w.get("trial_id"), "objective": w.get("objective"), "der": w.get("der"),
             "model_uri": result.model_uri, "parent_run_id": result.parent_run_id, "trials": len(result.trials),
             "finished": sum(t["status"] == "DONE" for t in result.trials), "table": str(result.table_path),
-            "refit_run_id": result.refit_run_id, "seconds": result.seconds}
+            "refit_run_id": result.refit_run_id, "seconds": result.seconds,
+            **({"flagged": result.evidence.flagged, "verdict": result.evidence.verdict()} if result.evidence else {})}
 

@@ -78,13 +78,16 @@ class Sweep:
         self.tracker = Tracker(tracking_uri(tmp), tmp / "mlartifacts")
         self.parent = self.tracker.start_run("fip", "sweep-r3", {}, {"kind": "sweep"})
 
-    def register(self, purified: Path):
+    def register(self, purified: Path, uap_max: float | None = None):
+        from tuning.evidence import Evidence
         from tuning.sweep import SweepConfig, _register_winner
 
         child = self.tracker.start_run("fip", f"trial-{purified.parent.name}", {}, {}, self.parent)
         winner = {"trial_id": purified.parent.name, "objective": 0.5, "purified": str(purified),
                   "child_run_id": child}
-        return _register_winner(self.tracker, self.base, SweepConfig(name="r3"), winner, self.parent, lambda m: None)
+        evidence = Evidence(0.9, 180, 0.91, uap_max, 3 if uap_max is not None else None, 0.8, 3)
+        return _register_winner(self.tracker, self.base, SweepConfig(name="r3"), winner, self.parent, lambda m: None,
+                                evidence)
 
     def candidate(self) -> str | None:
         rows = [r for r in self.tracker.list_models() if "candidate" in r["aliases"]]
@@ -152,3 +155,16 @@ def test_tune_whose_only_trial_wrecks_the_model(suspect, tiny_inputs, tmp_path, 
     if judged[0] == "clean error" and state.versions:
         judged = ("silent wrong", f"versions registered: {state.versions}")
     verdict("bad input", "clean error", judged, obs.seconds, case="fip tune: the only trial wrecks the model")
+
+
+def test_a_sweep_winner_the_probe_flags_gets_a_version_but_not_candidate(sweep, suspect):
+    """A healthy winner whose probe still reaches one class with 60 % of the held-out images: registered (a
+    version with its evidence tags, so the defender can look) but @candidate stays where it was."""
+    before = sweep.candidate()
+    uri = sweep.register(_wrecked(suspect, "healthy", sweep.tmp / "flagged"), uap_max=0.6)
+    version = uri.rsplit("/", 1)[1]
+    assert uri == f"models:/fip-purified/{version}" and sweep.candidate() == before
+    tags = sweep.tracker.client.get_model_version("fip-purified", version).tags
+    assert tags["evidence.flagged"] == "true" and tags["evidence.uap_max"] == "0.6000"
+    assert tags["evidence.verdict"].startswith("flagged: one small shared perturbation sends 60 % of the held-out "
+                                               "images to class 3 (the suspect: 80 % to class 3)")

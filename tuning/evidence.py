@@ -1,0 +1,98 @@
+"""The trigger-free evidence a sweep's winner carries into the registry, and the verdict it supports.
+
+A defender who registers a purified model should see, beside it, what the choice rested on: the
+held-out accuracy with its 95 % interval (180 held-out images measure accuracy to about +-2 points,
+which is the resolution of the whole comparison), and the universal-perturbation probe
+(:func:`tuning.objective.universal_flip`) on the suspect and on the winner: the class one small shared
+perturbation reaches most easily, and how many held-out images it sends there. A backdoor is such a
+perturbation, so a winner whose probe still reaches a class far above a clean model's level is flagged
+in plain words, and ``@candidate`` does not move to it (docs/tuning.md, "The winner's evidence").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# A clean model's uap_max is about 0.14 and the lab's backdoored suspects' 0.71-0.83 at the probe's radius
+# (docs/tuning.md, "A trigger-free probe"); above this share a class is flagged as still easy to reach.
+UAP_FLAG = 0.30
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % at the default `z`); (0, 1) for no trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the winner's choice rested on, measured on held-out D_val only (no trigger, no test data)."""
+
+    holdout_acc: float
+    holdout_n: int
+    suspect_acc: float
+    uap_max: float | None = None  # the winner's probe (None: the sweep did not run it, --objective-weight uap=0)
+    uap_class: int | None = None
+    suspect_uap_max: float | None = None
+    suspect_uap_class: int | None = None
+    flag_at: float = UAP_FLAG
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.holdout_acc * self.holdout_n, self.holdout_n)
+
+    @property
+    def flagged(self) -> bool:
+        """The probe still finds a class that one small perturbation reaches (see the module docstring)."""
+        return self.uap_max is not None and self.uap_max >= self.flag_at
+
+    def verdict(self) -> str:
+        """One plain sentence for the registry and the terminal."""
+        if self.uap_max is None:
+            return "not probed: the sweep ran without the universal-perturbation probe (uap weight 0)"
+        reach = (f"one small shared perturbation sends {100 * self.uap_max:.0f} % of the held-out images to class "
+                 f"{self.uap_class}")
+        was = "" if self.suspect_uap_max is None else \
+            f" (the suspect: {100 * self.suspect_uap_max:.0f} % to class {self.suspect_uap_class})"
+        if self.flagged:
+            return (f"flagged: {reach}{was}, at or above {100 * self.flag_at:.0f} %: the backdoor may remain; "
+                    "@candidate does not move to this model")
+        return f"not flagged: {reach}{was}, below {100 * self.flag_at:.0f} %"
+
+    def tags(self) -> dict[str, str]:
+        """The registered version's tags (``evidence.*``)."""
+        lo, hi = self.interval
+        tags = {"evidence.holdout_acc": f"{self.holdout_acc:.4f}", "evidence.holdout_acc_ci95": f"[{lo:.4f}, {hi:.4f}]",
+                "evidence.holdout_n": str(self.holdout_n), "evidence.suspect_holdout_acc": f"{self.suspect_acc:.4f}",
+                "evidence.verdict": self.verdict()[:500], "evidence.flagged": str(self.flagged).lower()}
+        for key, value in (("uap_max", self.uap_max), ("suspect_uap_max", self.suspect_uap_max)):
+            if value is not None:
+                tags[f"evidence.{key}"] = f"{value:.4f}"
+        for key, value in (("uap_class", self.uap_class), ("suspect_uap_class", self.suspect_uap_class)):
+            if value is not None:
+                tags[f"evidence.{key}"] = str(value)
+        return tags
+
+    def lines(self) -> list[str]:
+        """The lines a sweep ends with."""
+        lo, hi = self.interval
+        return [f"held-out ACC {100 * self.holdout_acc:.2f} % (95 % interval {100 * lo:.1f}-{100 * hi:.1f} %, "
+                f"{self.holdout_n} images; the suspect {100 * self.suspect_acc:.2f} %)",
+                f"probe: {self.verdict()}"]
+
+
+def winner_evidence(winner: dict, suspect: dict, holdout_n: int, flag_at: float = UAP_FLAG) -> Evidence:
+    """The evidence of a trial row (its last report's features) against the suspect's held-out features."""
+    def number(d: dict, key: str):
+        value = d.get(key)
+        return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+    uap_class, suspect_class = number(winner, "uap_class"), number(suspect, "uap_class")
+    return Evidence(float(winner["holdout_acc"]), holdout_n, float(suspect["acc"]), number(winner, "uap_max"),
+                    int(uap_class) if uap_class is not None else None, number(suspect, "uap_max"),
+                    int(suspect_class) if suspect_class is not None else None, flag_at)

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shardfmt import TEXT_KEY, HashingWriter, SizeTally, add_sample, add_text_sample, sniff, text_fits
+from pipeline.shardfmt import (
+    TEXT_KEY,
+    HashingWriter,
+    SizeTally,
+    add_sample,
+    add_text_sample,
+    sniff,
+    text_fits,
+)
 from pipeline.storage import Storage, StorageSettings, is_s3
 
 

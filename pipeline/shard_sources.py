@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.shardfmt import TokenizerInfo
+from pipeline.shardfmt import CLASSIFICATION, TokenizerInfo
 
 if TYPE_CHECKING:
     from lab.datasets import ImageSet
@@ -57,7 +57,7 @@ class Source:
     root: str = ""
     describe: dict = field(default_factory=dict)  # identifies the source in the resume plan
     size: int | None = None  # samples in the source, where known without reading it (checks --indices up front)
-    task: str = "classification"  # "causal-lm": text samples; the manifest then records `tokenizer` and `max_length`
+    task: str = CLASSIFICATION  # "causal-lm": text samples; the manifest then records `tokenizer` and `max_length`
     tokenizer: TokenizerInfo | None = None
     max_length: int | None = None
 

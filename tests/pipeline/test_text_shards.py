@@ -6,12 +6,12 @@ import dataclasses
 import hashlib
 import io
 import json
-import random
 import tarfile
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from text_corpus import WORDS, make_records, make_tokenizer, write_jsonl
+from tokenizers import Tokenizer
 
 from fip.tasks import IGNORE
 from pipeline.shard_sources import DvalSplit
@@ -20,34 +20,7 @@ from pipeline.shardfmt import PARTIAL_MANIFEST, ShardError, ShardManifest, add_t
 from pipeline.shards import RankStream, open_shards, rank_loader, read_all
 from pipeline.text_source import TextSourceError, jsonl_source
 
-WORDS = "the cat sat on a mat dog ran fast what did do answer question tell me about red blue sky is".split()
 MAX_LENGTH = 16
-
-
-def make_tokenizer(folder, words=WORDS, config=True, specials=("<pad>", "<unk>", "<eos>")):
-    """A word-level tokenizer saved as a Hugging Face folder: tokenizer.json (+ its eos and pad in tokenizer_config.json)."""
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=list(specials)))
-    folder.mkdir(parents=True)
-    tok.save(str(folder / "tokenizer.json"))
-    if config:
-        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": {"content": "<pad>"}}))
-    return folder
-
-
-def make_records(n=50, seed=0):
-    """`n` records, some with prompts too long for MAX_LENGTH (cut from the left) and one with no prompt."""
-    rng = random.Random(seed)
-    records = [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 20))),
-                "response": " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))} for _ in range(n)]
-    records[3]["prompt"] = ""
-    return records
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture

@@ -55,14 +55,19 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "shard", help="write a data set (or its D_val) as WebDataset tar shards, or index shards made elsewhere",
-        usage="fip shard SOURCE DEST [options]\n       fip shard index URL [URL ...] [--out URL] [options]",
+        usage="fip shard SOURCE DEST [options]\n"
+              "       fip shard text JSONL DEST --tokenizer FOLDER [--max-length N] [options]\n"
+              "       fip shard index URL [URL ...] [--out URL] [options]",
         description="Write: stream SOURCE into shards at DEST (a folder or s3://bucket/prefix) with --workers "
-                    "processes; an interrupted write resumes when rerun. Index: count and hash WebDataset shards "
-                    "written by other tools (image under jpg/jpeg/png/webp, label under cls) so that "
+                    "processes; an interrupted write resumes when rerun. Text: tokenise a JSON Lines file or "
+                    "folder of {\"prompt\", \"response\"} records with a Hugging Face tokenizer folder "
+                    "(tokenizer.json) into shards of token ids for a causal LM. Index: count and hash WebDataset "
+                    "shards written by other tools (image under jpg/jpeg/png/webp, label under cls) so that "
                     "`fip purify --clean/--test` can split them exactly across workers.")
     p.add_argument("source", help="data set name (fashion-mnist, cifar10, imagenet-folder, gtsrb, digits), "
-                                  "or `index`")
-    p.add_argument("dest", nargs="+", help="folder or s3://bucket/prefix; for `index`: shard URLs or brace patterns")
+                                  "`text` or `index`")
+    p.add_argument("dest", nargs="+", help="folder or s3://bucket/prefix; for `text`: the JSONL file or folder, "
+                                           "then DEST; for `index`: shard URLs or brace patterns")
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("--root", default=None, help="data set folder")
     p.add_argument("--indices", default=None, help="a D_val index file: write only those samples")
@@ -74,10 +79,18 @@ def register(sub) -> None:
                    help="side the readers resize images of varying size to (default 224; images that all share "
                         "one size are read as they are)")
     p.add_argument("--dval-fraction", type=float, default=None,
-                   help="write only D_val to DEST: this share of each class, chosen while streaming")
+                   help="write only D_val to DEST: this share of each class (text: of the records), chosen while "
+                        "streaming")
     p.add_argument("--dval-seed", type=int, default=0, help="seed of the D_val choice")
     p.add_argument("--rest", default=None, help="with --dval-fraction: also write every other sample here")
     p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier write at DEST")
+    g = p.add_argument_group("fip shard text")
+    g.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="a Hugging Face tokenizer folder holding tokenizer.json (its eos and pad tokens from "
+                        "tokenizer_config.json when named there); nothing is downloaded or unpickled")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sequence readers pad or cut to (default 512): a long prompt loses its start, a "
+                        "record whose response does not fit is left out and listed in the manifest")
     g = p.add_argument_group("fip shard index")
     g.add_argument("--out", default=None,
                    help="where the index goes (default: <stem>.manifest.json beside the shards; for a read-only "
@@ -158,6 +171,22 @@ def _shard_workers(args) -> int:
     return args.workers
 
 
+def _text_source(args):
+    """`fip shard text JSONL DEST`: the tokenised source, after refusing the flags that are for images."""
+    from pipeline.text_source import DEFAULT_MAX_LENGTH, jsonl_source
+
+    if len(args.dest) != 2:
+        raise ValueError(f"fip shard text takes a JSONL file or folder and a destination, got {len(args.dest)} "
+                         f"argument(s): {' '.join(args.dest)}")
+    if args.tokenizer is None:
+        raise ValueError("fip shard text needs --tokenizer FOLDER (a Hugging Face tokenizer folder with tokenizer.json)")
+    for flag in ("root", "image_size", "indices"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is for image data sets, not fip shard text")
+    max_length = DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
+    return jsonl_source(args.dest[0], args.tokenizer, max_length, args.split), args.dest[1]
+
+
 def run_shard(args) -> int:
     if args.source == "index":
         return run_shard_index(args)
@@ -165,15 +194,20 @@ def run_shard(args) -> int:
     from pipeline.shard_sources import DvalSplit, dataset_source
     from pipeline.shard_writer import write_source, write_warnings
 
-    if len(args.dest) != 1:
-        raise ValueError(f"one destination expected, got {len(args.dest)}: {' '.join(args.dest)}")
     if args.rest and args.dval_fraction is None:
         raise ValueError("--rest needs --dval-fraction (the rest is what D_val leaves)")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    dest = args.dest[0]
     store = store_from_args(args)
-    source = dataset_source(args.source, args.split, args.root, args.image_size)
+    if args.source == "text":
+        source, dest = _text_source(args)
+    else:
+        if args.tokenizer is not None or args.max_length is not None:
+            raise ValueError("--tokenizer and --max-length are for fip shard text")
+        if len(args.dest) != 1:
+            raise ValueError(f"one destination expected, got {len(args.dest)}: {' '.join(args.dest)}")
+        dest = args.dest[0]
+        source = dataset_source(args.source, args.split, args.root, args.image_size)
     indices, meta = None, {}
     if args.indices:
         split = CleanSplit.load(args.indices)
@@ -188,7 +222,8 @@ def run_shard(args) -> int:
                           rest=args.rest, indices=indices, limit=args.limit, meta=meta, progress=True,
                           overwrite=args.overwrite)
     s = result.stats
-    for line in write_warnings(s):
+    for line in write_warnings(s, "unreadable source file(s)" if source.tokenizer is None else
+                               f"record(s) whose response does not fit --max-length {source.max_length}"):
         print(f"warning: {line}", file=sys.stderr)
     print(json.dumps({**{url: {"count": m.count, "shards": len(m.shards)} for url, m in result.manifests.items()},
                       "shards_written": s.shards_written, "shards_reused": s.shards_reused,

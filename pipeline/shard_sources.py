@@ -1,11 +1,13 @@
 """What the shard writer (:mod:`pipeline.shard_writer`) reads: a data set as small groups of samples
-whatever its size (one class folder of an image folder, one CIFAR-10 batch file, or one in-memory
-lab set), and the defender's clean set D_val chosen within each group while they stream.
+whatever its size (one class folder of an image folder, one CIFAR-10 batch file, one in-memory
+lab set, or a block of tokenised JSONL records, :mod:`pipeline.text_source`), and the defender's
+clean set D_val chosen within each group while they stream.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,20 +16,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.shardfmt import CLASSIFICATION, TokenizerInfo
+
 if TYPE_CHECKING:
     from lab.datasets import ImageSet
 
 
 @dataclass
 class Sample:
-    """One sample on its way into a shard: a source file stored as it is, or raw pixels stored as PNG."""
+    """One sample on its way into a shard: a source file stored as it is, raw pixels stored as PNG, or a
+    tokenised text record stored as JSON (its label is then 0: text has no classes)."""
 
     index: int
     label: int
     path: str | None = None
     pixels: np.ndarray | None = None  # uint8 (C, H, W)
+    text: tuple[list[int], list[int], str] | None = None  # (prompt ids, response ids, where it came from)
 
     def digest_part(self, root: str) -> bytes:
+        """What identifies this sample in its shard's resume digest (a text record: its token ids)."""
+        if self.text is not None:
+            return f"{self.index}:".encode() + hashlib.sha256(json.dumps(self.text[:2]).encode()).digest()
         if self.path is not None:
             rel = os.path.relpath(self.path, root) if root else self.path
             return f"{self.index}:{self.label}:{rel}:{os.path.getsize(self.path)};".encode()
@@ -48,6 +57,9 @@ class Source:
     root: str = ""
     describe: dict = field(default_factory=dict)  # identifies the source in the resume plan
     size: int | None = None  # samples in the source, where known without reading it (checks --indices up front)
+    task: str = CLASSIFICATION  # "causal-lm": text samples; the manifest then records `tokenizer` and `max_length`
+    tokenizer: TokenizerInfo | None = None
+    max_length: int | None = None
 
 
 def folder_source(root: str | Path, split: str = "train", image_size: int | None = None, channels: int = 3,
@@ -134,7 +146,8 @@ def dataset_source(name: str, split: str = "train", root: str | Path | None = No
 @dataclass(frozen=True)
 class DvalSplit:
     """The defender's clean set: `fraction` of each class within each source group (at least one),
-    chosen with a generator seeded by (seed, group, class), so it does not depend on the workers."""
+    chosen with a generator seeded by (seed, group, class), so it does not depend on the workers.
+    Text records all have label 0: a seeded share of each group's records."""
 
     fraction: float
     seed: int = 0

@@ -16,16 +16,32 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shardfmt import HashingWriter, SizeTally, add_sample, sniff
+from pipeline.shardfmt import (
+    TEXT_KEY,
+    HashingWriter,
+    SizeTally,
+    add_sample,
+    add_text_sample,
+    sniff,
+    text_fits,
+)
 from pipeline.storage import Storage, StorageSettings, is_s3
 
 
-class SourceImageError(ValueError):
-    """A source file is not a readable image; names the file (`path`) and what is wrong (`reason`)."""
+class UnusableSample(ValueError):
+    """A source sample that cannot go into a shard; names where it is (`path`) and what is wrong (`reason`).
+    The writer leaves it out and lists it in its shard's ``meta["skipped"]``."""
+
+    def __init__(self, path: str, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class SourceImageError(UnusableSample):
+    """A source file is not a readable image."""
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path} is not a readable image: {reason}")
-        self.path, self.reason = path, reason
+        super().__init__(path, reason, f"{path} is not a readable image: {reason}")
 
 
 def decode_all(im) -> None:
@@ -51,7 +67,7 @@ def _encoded(sample: tuple) -> tuple[str, bytes, tuple[int, int]]:
     """(member key, bytes, (width, height)) of one sample."""
     from PIL import Image, UnidentifiedImageError
 
-    _, _, _, path, pixels = sample
+    path, pixels = sample[3], sample[4]
     if path is None:
         return "png", _png(pixels), (int(pixels.shape[2]), int(pixels.shape[1]))
     try:
@@ -73,22 +89,37 @@ def _encoded(sample: tuple) -> tuple[str, bytes, tuple[int, int]]:
         raise SourceImageError(str(path), str(e)) from e
 
 
-def write_shard_file(samples: list[tuple], path: Path) -> dict:
-    """Stream `samples` ``(key, label, index, path, pixels)`` into a tar at `path`; count, hash, formats, sizes.
+def _add_text(tar: tarfile.TarFile, key: str, index: int, text: tuple, max_length: int | None) -> None:
+    """One text sample ``(prompt ids, response ids, origin)``; a response too long for `max_length` is unusable."""
+    prompt, response, origin = text
+    if max_length is not None and not text_fits(len(prompt), len(response), max_length):
+        raise UnusableSample(origin, f"its response of {len(response)} tokens and the eos do not fit max_length "
+                                     f"{max_length}")
+    add_text_sample(tar, key, prompt, response, index)
+
+
+def write_shard_file(samples: list[tuple], path: Path, max_length: int | None = None) -> dict:
+    """Stream `samples` ``(key, label, index, path, pixels, text)`` into a tar at `path`; count, hash, formats,
+    sizes. `text` (prompt ids, response ids, origin), where not None, makes a text sample.
 
     A plain ustar archive in the layout of :func:`pipeline.shardfmt.add_sample`, hashed as it is written.
-    A source file that is not a readable image is left out and listed in the shard's ``meta["skipped"]``
-    (index, file, reason): the rest of the set is still written, and the manifest says what is missing."""
+    A source file that is not a readable image, or a text record whose response does not fit `max_length`, is
+    left out and listed in the shard's ``meta["skipped"]`` (index, where, reason): the rest of the set is
+    still written, and the manifest says what is missing."""
     tally = SizeTally()
     skipped: list[dict] = []
     with open(path, "wb") as f:
         out = HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples:
-                key, label, index = sample[0], sample[1], sample[2]
+                key, label, index, text = sample[0], sample[1], sample[2], sample[5]
                 try:
+                    if text is not None:
+                        _add_text(tar, key, index, text, max_length)
+                        tally.add(TEXT_KEY, None)
+                        continue
                     kind, data, size = _encoded(sample)
-                except SourceImageError as e:
+                except UnusableSample as e:
                     skipped.append({"index": int(index), "path": e.path, "reason": e.reason})
                     continue
                 add_sample(tar, key, kind, data, label, index)
@@ -120,7 +151,7 @@ def write_shard_task(task: dict, settings: StorageSettings) -> dict:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
         try:
-            info = write_shard_file(task["samples"], tmp)
+            info = write_shard_file(task["samples"], tmp, task.get("max_length"))
             if info["count"]:  # a shard whose every source was unreadable is not written (a reader refuses it)
                 tmp.replace(final)
         finally:
@@ -130,7 +161,7 @@ def write_shard_task(task: dict, settings: StorageSettings) -> dict:
         os.close(fd)
         tmp = Path(name)
         try:
-            info = write_shard_file(task["samples"], tmp)
+            info = write_shard_file(task["samples"], tmp, task.get("max_length"))
             if info["count"]:
                 Storage(settings).put_file(url, tmp)
         finally:

@@ -41,6 +41,7 @@ from pipeline.shard_tasks import process_pool, progress_bar, write_shard_task
 from pipeline.shardfmt import (
     MANIFEST,
     PARTIAL_MANIFEST,
+    TEXT_KEY,
     ShardError,
     ShardInfo,
     ShardManifest,
@@ -133,14 +134,21 @@ class _Output:
         infos = [self.done[n] for n in sorted(self.done) if self.done[n].count]  # all-unreadable shards: unwritten
         skipped = self.skipped()
         if not infos:
-            raise ShardError(f"no readable image went to {self.dest}: all {len(skipped)} source files were "
-                             f"unreadable, e.g. {skipped[0]['path']} ({skipped[0]['reason']})")
+            what = ("readable image", "source files were unreadable") if source.tokenizer is None else \
+                ("usable record", "records were left out")
+            raise ShardError(f"no {what[0]} went to {self.dest}: all {len(skipped)} {what[1]}, e.g. "
+                             f"{skipped[0]['path']} ({skipped[0]['reason']})")
         if skipped:
             meta = {**meta, "skipped": len(skipped)}
-        shape, shape_meta = manifest_shape(infos, source.channels, source.image_size, source.fixed_shape)
+        if source.tokenizer is None:
+            shape, shape_meta = manifest_shape(infos, source.channels, source.image_size, source.fixed_shape)
+        else:  # text: no image shape; what a reader yields is the manifest's max_length
+            shape, shape_meta = [], {"formats": {TEXT_KEY: sum(i.meta.get("formats", {}).get(TEXT_KEY, 0)
+                                                               for i in infos)}}
         manifest = ShardManifest(
             source.name, source.split, list(source.classes), shape, sum(i.count for i in infos), infos,
-            {"indices_sha256_16": self.indices_sha.hexdigest()[:16], **shape_meta, "plan": self.plan, **meta})
+            {"indices_sha256_16": self.indices_sha.hexdigest()[:16], **shape_meta, "plan": self.plan, **meta},
+            task=source.task, tokenizer=source.tokenizer, max_length=source.max_length)
         self.store.write_bytes(self.final_url, manifest.to_json().encode())
         self.store.delete(self.partial_url)
         return manifest
@@ -160,9 +168,9 @@ class _ShardPool:
     (and, every `save_every` seconds, in its partial manifest, where a resume finds it)."""
 
     def __init__(self, workers: int, queue: int, store: Storage, tmp_dir: str | None, stats: WriteStats,
-                 bar, save_every: float) -> None:
+                 bar, save_every: float, max_length: int | None = None) -> None:
         self.executor = process_pool(workers)
-        self.queue, self.settings, self.tmp_dir = queue, store.settings, tmp_dir
+        self.queue, self.settings, self.tmp_dir, self.max_length = queue, store.settings, tmp_dir, max_length
         self.stats, self.bar, self.save_every = stats, bar, save_every
         self.pending: dict[cf.Future, _Pending] = {}
         self.in_flight = 0  # samples in pending shards
@@ -170,8 +178,8 @@ class _ShardPool:
     def submit(self, out: _Output, digest: str, samples: list[Sample]) -> None:
         while len(self.pending) >= self.queue:
             self._collect(next(cf.as_completed(self.pending)))
-        task = {"url": join(out.dest, shard_name(out.number)), "tmp_dir": self.tmp_dir,
-                "samples": [(f"{s.index:09d}", s.label, s.index, s.path, s.pixels) for s in samples]}
+        task = {"url": join(out.dest, shard_name(out.number)), "tmp_dir": self.tmp_dir, "max_length": self.max_length,
+                "samples": [(f"{s.index:09d}", s.label, s.index, s.path, s.pixels, s.text) for s in samples]}
         fut = self.executor.submit(write_shard_task, task, self.settings)
         self.pending[fut] = _Pending(out, out.number, digest, len(samples))
         self.in_flight += len(samples)
@@ -292,6 +300,8 @@ def write_source(
             "indices_sha256_16": None if keep is None else hashlib.sha256(
                 np.array(sorted(keep), dtype=np.int64).tobytes()).hexdigest()[:16],
             "dval": None if dval is None else asdict(dval), "image_size": source.image_size}
+    if source.tokenizer is not None:  # only text plans name these, so an image write's plan (and resume) is unchanged
+        plan.update(task=source.task, tokenizer_sha256=source.tokenizer.sha256, max_length=source.max_length)
     main = _Output(dest, {**plan, "role": "dval" if dval else "all"}, store, overwrite)
     other = None
     if rest is not None:
@@ -300,8 +310,8 @@ def write_source(
         other = _Output(rest, {**plan, "role": "rest"}, store, overwrite)
     stats = WriteStats()
     started = time.perf_counter()
-    bar = progress_bar(progress, desc=f"shards -> {dest}", unit="img")
-    pool = _ShardPool(workers, queue or 2 * workers, store, tmp_dir, stats, bar, save_every)
+    bar = progress_bar(progress, desc=f"shards -> {dest}", unit="img" if source.tokenizer is None else "seq")
+    pool = _ShardPool(workers, queue or 2 * workers, store, tmp_dir, stats, bar, save_every, source.max_length)
     router = _Router(main, other, dval, maxcount, pool, source.root, stats, bar)
     outputs = {dest: main} if other is None else {dest: main, rest: other}
     seen: set[int] = set()
@@ -336,12 +346,13 @@ def write_source(
     return WriteResult(manifests, stats)
 
 
-def write_warnings(stats: WriteStats) -> list[str]:
-    """One line per thing a write left out, for the terminal (the manifest keeps the full lists)."""
+def write_warnings(stats: WriteStats, what: str = "unreadable source file(s)") -> list[str]:
+    """One line per thing a write left out, for the terminal (the manifest keeps the full lists); `what`
+    names the skipped samples (text: records too long for max_length)."""
     lines = []
     if stats.skipped:
         first = stats.skipped[0]
-        lines.append(f"left out {len(stats.skipped)} unreadable source file(s), e.g. {first['path']} "
+        lines.append(f"left out {len(stats.skipped)} {what}, e.g. {first['path']} "
                      f"({first['reason']}); each is listed under its shard's meta.skipped in the manifest")
     if stats.empty_groups:
         lines.append(f"{len(stats.empty_groups)} source group(s) hold no samples (an empty class folder is a "

@@ -6,7 +6,9 @@ A shard set is ``000000.tar, 000001.tar, ...`` plus ``manifest.json`` (sample co
 shape, per-shard SHA-256), or shards made by other tools plus an index ``<stem>.manifest.json``. A
 sample is the tar members sharing a key, as WebDataset groups them: an image under ``jpg``, ``jpeg``,
 ``png`` or ``webp``, its label under ``cls`` and, optionally, its index in the source split under
-``idx``. Plain ``tarfile`` throughout: webdataset's own reader and writer import torch, a second of
+``idx``. A text sample (``task: causal-lm``, ``fip shard text``) carries its token ids under ``json``
+(``{"prompt": [ids], "response": [ids]}``) and its index under ``idx``; the manifest records the
+tokenizer and the sequence length readers pad to. Plain ``tarfile`` throughout: webdataset's own reader and writer import torch, a second of
 start-up in every writing process.
 """
 
@@ -39,7 +41,10 @@ class ShardHashError(ShardError):
 
 
 class MalformedSample(ValueError):
-    """A shard's sample lacks an image or a label; names the shard and the key."""
+    """A shard's sample lacks an image or a label (text: token ids); names the shard and the key."""
+
+
+CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"  # the tasks a shard set may hold (fip.tasks' names)
 
 
 # ---------------------------------------------------------------- the manifest
@@ -53,15 +58,30 @@ class ShardInfo:
 
 
 @dataclass
+class TokenizerInfo:
+    """The tokenizer a text shard set was written with: what a reader needs (pad and eos ids, the vocabulary's
+    size, to check ids) and what identifies it (the SHA-256 of its ``tokenizer.json``)."""
+
+    name: str  # its folder's name, for people
+    sha256: str  # of tokenizer.json: a reader given a tokenizer refuses another one
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+
+
+@dataclass
 class ShardManifest:
     dataset: str
     split: str
-    classes: list[str]
-    image_shape: list[int]  # what a reader yields: (C, S, S), after the transform when sizes vary
+    classes: list[str]  # text: empty
+    image_shape: list[int]  # what a reader yields: (C, S, S), after the transform when sizes vary; text: empty
     count: int
     shards: list[ShardInfo]
     meta: dict = field(default_factory=dict)
     base: str | None = None  # where the shards live, when the manifest is kept elsewhere (read-only bucket)
+    task: str = CLASSIFICATION  # what a sample is: an image and its class, or a prompt and response (causal-lm)
+    tokenizer: TokenizerInfo | None = None  # causal-lm only
+    max_length: int | None = None  # causal-lm only: the length every sequence is padded or truncated to
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -71,6 +91,8 @@ class ShardManifest:
         try:
             d = json.loads(text)
             d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+            if d.get("tokenizer") is not None:
+                d["tokenizer"] = TokenizerInfo(**d["tokenizer"])
             manifest = cls(**d)
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
             raise ShardError(f"{where} is not a shard manifest: {e}") from e
@@ -83,17 +105,39 @@ class ShardManifest:
         def count_ok(n) -> bool:
             return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
-        shape = self.image_shape
-        if not (isinstance(shape, list) and len(shape) == 3 and all(count_ok(v) and v > 0 for v in shape)):
-            raise ShardError(f"{where}: image_shape must be three positive integers (C, H, W), got {shape!r}")
-        if not isinstance(self.classes, list) or not self.classes:
-            raise ShardError(f"{where}: classes must be a non-empty list")
+        if self.task == CAUSAL_LM:
+            self._check_text(where, count_ok)
+        elif self.task != CLASSIFICATION:
+            raise ShardError(f"{where}: unknown task {self.task!r}; expected {CLASSIFICATION} or {CAUSAL_LM}")
+        else:
+            shape = self.image_shape
+            if not (isinstance(shape, list) and len(shape) == 3 and all(count_ok(v) and v > 0 for v in shape)):
+                raise ShardError(f"{where}: image_shape must be three positive integers (C, H, W), got {shape!r}")
+            if not isinstance(self.classes, list) or not self.classes:
+                raise ShardError(f"{where}: classes must be a non-empty list")
         for s in self.shards:
             if not count_ok(s.count) or not isinstance(s.sha256, str):
                 raise ShardError(f"{where}: shard {s.name!r} has count {s.count!r} and sha256 {s.sha256!r}")
         listed = sum(s.count for s in self.shards)
         if self.count != listed:
             raise ShardError(f"{where}: count {self.count} but its shards' counts add up to {listed}")
+
+    def _check_text(self, where: str, count_ok) -> None:
+        tok = self.tokenizer
+        if not isinstance(tok, TokenizerInfo):
+            raise ShardError(f"{where}: a {CAUSAL_LM} manifest must name its tokenizer")
+        if not (count_ok(tok.vocab_size) and tok.vocab_size > 0):
+            raise ShardError(f"{where}: tokenizer vocab_size must be a positive integer, got {tok.vocab_size!r}")
+        for name in ("pad_id", "eos_id"):
+            v = getattr(tok, name)
+            if not (count_ok(v) and v < tok.vocab_size):
+                raise ShardError(f"{where}: tokenizer {name} {v!r} is not in its vocabulary of {tok.vocab_size}")
+        if not (count_ok(self.max_length) and self.max_length >= 2):
+            raise ShardError(f"{where}: max_length must be an integer >= 2, got {self.max_length!r}")
+
+    @property
+    def is_text(self) -> bool:
+        return self.task == CAUSAL_LM
 
     @property
     def num_classes(self) -> int:
@@ -137,8 +181,11 @@ class SizeTally:
         self.sizes: list[list[int]] = []
         self.varied = False
 
-    def add(self, kind: str, size: Iterable[int]) -> None:
+    def add(self, kind: str, size: Iterable[int] | None) -> None:
+        """One stored sample of format `kind` (its (width, height); None for a sample with no image)."""
         self.formats[kind] = self.formats.get(kind, 0) + 1
+        if size is None:
+            return
         size = list(size)
         if size not in self.sizes:
             if len(self.sizes) < MAX_SIZES:
@@ -297,10 +344,58 @@ def parse_sample(sample: dict, url: str) -> tuple[str, bytes, int, int | None]:
     return key, image, label, index
 
 
-def add_sample(tar: tarfile.TarFile, key: str, kind: str, image: bytes, label: int, index: int) -> None:
-    """Append one sample as members ``<key>.<kind>``, ``<key>.cls``, ``<key>.idx``, with fixed owner,
-    mode and time (the same samples give the same bytes): what WebDataset's own writer makes."""
-    for ext, payload in ((kind, image), ("cls", str(label).encode()), ("idx", str(index).encode())):
+def _add_members(tar: tarfile.TarFile, key: str, members: Iterable[tuple[str, bytes]]) -> None:
+    """Append members ``<key>.<ext>`` with fixed owner, mode and time (the same samples give the same
+    bytes): what WebDataset's own writer makes."""
+    for ext, payload in members:
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size, info.mode, info.mtime = len(payload), 0o444, 0
         tar.addfile(info, io.BytesIO(payload))
+
+
+def add_sample(tar: tarfile.TarFile, key: str, kind: str, image: bytes, label: int, index: int) -> None:
+    """Append one image sample as members ``<key>.<kind>``, ``<key>.cls``, ``<key>.idx``."""
+    _add_members(tar, key, ((kind, image), ("cls", str(label).encode()), ("idx", str(index).encode())))
+
+
+# ---------------------------------------------------------------- the tar layout of a text sample
+TEXT_KEY = "json"
+
+
+def add_text_sample(tar: tarfile.TarFile, key: str, prompt: list[int], response: list[int], index: int) -> None:
+    """Append one text sample as ``<key>.json`` (``{"prompt": [ids], "response": [ids]}``) and ``<key>.idx``:
+    plain JSON, which any tool reads (never pickle)."""
+    body = json.dumps({"prompt": prompt, "response": response}, separators=(",", ":")).encode()
+    _add_members(tar, key, ((TEXT_KEY, body), ("idx", str(index).encode())))
+
+
+def parse_text_sample(sample: dict, url: str) -> tuple[str, tuple[list[int], list[int]], int | None]:
+    """(key, (prompt ids, response ids), source index or None) of one grouped text sample."""
+    key = sample.get("__key__")
+
+    def bad(why: str) -> MalformedSample:
+        return MalformedSample(f"shard {url}: sample {key!r} is malformed ({why})")
+
+    if TEXT_KEY not in sample:
+        members = ", ".join(k for k in sample if not k.startswith("__"))
+        raise bad(f"no token ids under {TEXT_KEY}; members: {members}")
+    try:
+        body = json.loads(sample[TEXT_KEY])
+        index = int(sample["idx"]) if "idx" in sample else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"token ids or index: {e}") from e
+    if not isinstance(body, dict):
+        raise bad(f"{TEXT_KEY} holds {type(body).__name__}, not an object with prompt and response")
+    ids = []
+    for part in ("prompt", "response"):
+        v = body.get(part)
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            raise bad(f"{part} must be a list of integer token ids")
+        ids.append(v)
+    return key, (ids[0], ids[1]), index
+
+
+def text_fits(prompt_len: int, response_len: int, max_length: int) -> bool:
+    """Whether a record fits `max_length` tokens once its prompt is cut from the left: the response, the eos
+    that ends it and (where there is a prompt) the prompt's last token, which predicts the response's first."""
+    return response_len + 1 + min(prompt_len, 1) <= max_length

@@ -18,6 +18,10 @@ workers split a rank's range the same way. Every rank yields exactly ``ceil(N/W)
 ranks repeat a few of their own, flagged as padding), so every rank gets the same number of batches
 and DDP never waits on a rank that ran out of data. Decoding and the transform to a fixed size
 (:mod:`pipeline.transforms`) run where the samples are read: in the DataLoader's workers.
+
+Text shards (``task: causal-lm``, ``fip shard text``) go through the same reader, split and checks: one
+decode seam (:func:`_decoder`), keyed by the manifest's task, turns a stored sample into what the model
+takes, here a ``(max_length,)`` row of token ids and its aligned labels (:func:`text_rows`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fip.tasks import IGNORE
 from fip.training import generator
 from pipeline.shardfmt import (
     MANIFEST,
@@ -41,11 +46,14 @@ from pipeline.shardfmt import (
     ShardHashError,
     ShardInfo,
     ShardManifest,
+    TokenizerInfo,
     expand_braces,
     index_name,
     iter_tar_samples,
     parse_sample,
+    parse_text_sample,
     split_url,
+    text_fits,
 )
 from pipeline.storage import NotFound, Storage, StorageError, join
 from pipeline.transforms import KEEP, ImageDecodeError, Transform, eval_transform, train_transform
@@ -86,9 +94,11 @@ def _read_manifest(url: str, store: Storage) -> ShardManifest | None:
         return None
 
 
-def open_shards(spec: str, store: Storage | None = None) -> ShardSource:
+def open_shards(spec: str, store: Storage | None = None, tokenizer: str | None = None) -> ShardSource:
     """Resolve a shard set: a folder/prefix holding ``manifest.json``; a brace pattern or ``.tar`` with
-    a manifest or a ``fip shard index`` index beside it; or the path of a manifest/index file."""
+    a manifest or a ``fip shard index`` index beside it; or the path of a manifest/index file.
+
+    `tokenizer` (a tokenizer folder, text shards): refuse the set unless it was written with that tokenizer."""
     store = store or Storage()
     spec = str(spec).strip()
     if spec.endswith(".json"):
@@ -133,6 +143,10 @@ def open_shards(spec: str, store: Storage | None = None) -> ShardSource:
             raise ShardError(f"shard {u} is empty (0 samples in the manifest)")
     if not urls:
         raise ShardError(f"{spec}: no shards to read")
+    if tokenizer is not None:
+        from pipeline.text_source import check_tokenizer
+
+        check_tokenizer(manifest, tokenizer, where)
     return ShardSource(urls, manifest, store)
 
 
@@ -158,19 +172,31 @@ class ReadStats:
 
 @dataclass
 class RawSample:
-    """One sample as stored: encoded image bytes, label, source index (None when the shard has no ``idx``).
+    """One sample as stored: encoded image bytes (text: (prompt ids, response ids)), label (text: 0), source
+    index (None when the shard has no ``idx``).
 
     `problem`: the sample is malformed (no image, no label); the shard's later samples still read."""
 
     key: str
-    image: bytes
+    data: bytes | tuple[list[int], list[int]]
     label: int
     index: int | None
     problem: ShardError | None = None
 
 
-def iter_raw_shard(url: str, store: Storage, expect: ShardInfo | None = None) -> Iterator[RawSample]:
-    """The samples of one shard in order, undecoded; errors name the shard.
+def _parse(sample: dict, url: str, text: bool) -> RawSample:
+    try:
+        if text:
+            key, ids, index = parse_text_sample(sample, url)
+            return RawSample(key, ids, 0, index)
+        return RawSample(*parse_sample(sample, url))
+    except MalformedSample as e:
+        return RawSample(str(sample.get("__key__")), b"", -1, None, ShardError(str(e)))
+
+
+def iter_raw_shard(url: str, store: Storage, expect: ShardInfo | None = None, text: bool = False
+                   ) -> Iterator[RawSample]:
+    """The samples of one shard in order, undecoded (`text`: text samples); errors name the shard.
 
     With `expect` (its manifest entry), a shard read to its end is checked against its count, then its
     SHA-256: the bytes are hashed as the tar reader takes them, so the check costs no second pass."""
@@ -181,12 +207,8 @@ def iter_raw_shard(url: str, store: Storage, expect: ShardInfo | None = None) ->
     seen = 0
     try:
         for sample in iter_tar_samples(stream):
-            try:
-                raw = RawSample(*parse_sample(sample, url))
-            except MalformedSample as e:
-                raw = RawSample(str(sample.get("__key__")), b"", -1, None, ShardError(str(e)))
             seen += 1
-            yield raw
+            yield _parse(sample, url, text)
         if expect is not None and seen < expect.count:
             raise ShardError(f"shard {url} is truncated: {seen} samples, manifest says {expect.count}")
         if expect is not None and expect.sha256:
@@ -211,24 +233,77 @@ def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
     return (total * rank) // world, (total * (rank + 1)) // world
 
 
-def _decode(source: ShardSource, url: str, raw: RawSample, transform: Transform, g) -> torch.Tensor:
+def _decode_image(source: ShardSource, url: str, raw: RawSample, transform: Transform, g
+                  ) -> tuple[torch.Tensor, int]:
+    """(uint8 image, label) of an image sample; a label out of range or an image that does not decode to
+    the manifest's shape is an error naming the sample."""
+    num_classes = source.manifest.num_classes
+    if not 0 <= raw.label < num_classes:
+        raise ShardError(f"shard {url}: sample {raw.key!r} has label {raw.label}, the manifest has {num_classes} "
+                         f"classes")
     try:
-        img = transform(raw.image, source.channels, g)
+        img = transform(raw.data, source.channels, g)
     except ImageDecodeError as e:
         raise ShardError(f"shard {url}: sample {raw.key!r} is malformed ({e})") from e
     if transform.mode == "keep" and list(img.shape) != list(source.manifest.image_shape):
         raise ShardError(f"shard {url}: sample {raw.key!r} is {tuple(img.shape)}, the manifest says "
                          f"{tuple(source.manifest.image_shape)} (images of varying size need a resizing transform)")
-    return img
+    return img, raw.label
+
+
+def text_rows(prompt: list[int], response: list[int], tokenizer: TokenizerInfo, max_length: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's (x, y) rows of one record, each ``(max_length,)`` int64 (:mod:`fip.tasks`' contract):
+    x is prompt + response + eos, right-padded with the pad id; y is the token id at the response's
+    positions and the eos's, :data:`fip.tasks.IGNORE` at the prompt and the padding. A record longer than
+    `max_length` loses the start of its prompt, so the response survives; one whose response does not fit
+    (:func:`pipeline.shardfmt.text_fits`) is a ValueError."""
+    if not text_fits(len(prompt), len(response), max_length):
+        raise ValueError(f"its response of {len(response)} tokens and the eos do not fit max_length {max_length}")
+    scored = [*response, tokenizer.eos_id]
+    kept = prompt[max(len(prompt) - (max_length - len(scored)), 0):]
+    n = len(kept) + len(scored)
+    x = torch.full((max_length,), tokenizer.pad_id, dtype=torch.long)
+    y = torch.full((max_length,), IGNORE, dtype=torch.long)
+    x[:n] = torch.tensor(kept + scored, dtype=torch.long)
+    y[len(kept):n] = torch.tensor(scored, dtype=torch.long)
+    return x, y
+
+
+def _decode_text(manifest: ShardManifest, url: str, raw: RawSample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x row, y row) of a text sample; token ids outside the vocabulary or a response too long are errors
+    naming the sample."""
+    prompt, response = raw.data
+    vocab = manifest.tokenizer.vocab_size
+    bad = next((t for t in (*prompt, *response) if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ShardError(f"shard {url}: sample {raw.key!r} has token id {bad}, outside the tokenizer's vocabulary "
+                         f"of {vocab} ({manifest.tokenizer.name})")
+    try:
+        return text_rows(prompt, response, manifest.tokenizer, manifest.max_length)
+    except ValueError as e:
+        raise ShardError(f"shard {url}: sample {raw.key!r} does not fit ({e})") from e
+
+
+Decoder = Callable[[str, RawSample, torch.Generator | None], tuple[torch.Tensor, "int | torch.Tensor"]]
+
+
+def _decoder(source: ShardSource, transform: Transform) -> Decoder:
+    """The one seam between a stored sample and what the model takes, keyed by the manifest's task:
+    (image, label) for classification, (token ids, aligned labels) for a causal LM."""
+    if source.manifest.is_text:
+        return lambda url, raw, g: _decode_text(source.manifest, url, raw)
+    return lambda url, raw, g: _decode_image(source, url, raw, transform, g)
 
 
 def iter_range(
     source: ShardSource, start: int, stop: int, skip_corrupt: bool = False, stats: ReadStats | None = None,
     transform: Transform | None = None, rng: Callable[[int], torch.Generator] | None = None,
-) -> Iterator[tuple[torch.Tensor, int, int]]:
+) -> Iterator[tuple[torch.Tensor, int | torch.Tensor, int]]:
     """(uint8 image, label, source index) at global positions [start, stop), opening only the shards
-    that overlap them. `transform` defaults to :func:`default_transform`; `rng(position)` seeds a
-    random one (so a sample's augmentation does not depend on which worker reads it).
+    that overlap them; for text shards (token ids, aligned labels, source index) (:func:`text_rows`).
+    `transform` (images) defaults to :func:`default_transform`; `rng(position)` seeds a random one (so a
+    sample's augmentation does not depend on which worker reads it).
 
     A range that reaches a shard's end reads on to the end of its tar: a shard holding more or fewer
     samples than its manifest count, or bytes that do not match its SHA-256, is an error. A sample
@@ -237,7 +312,8 @@ def iter_range(
     the rest of its shard's range, counted the same way).
     """
     transform = transform or default_transform(source.manifest)
-    num_classes = source.manifest.num_classes
+    decode = _decoder(source, transform)
+    text = source.manifest.is_text
     offset = 0
     for url, info in zip(source.urls, source.infos, strict=True):
         count = info.count
@@ -245,7 +321,7 @@ def iter_range(
         if lo < hi:
             to_end = hi == offset + count  # this range reads the shard to its end: its count and hash are checked
             seen = 0
-            raws = iter_raw_shard(url, source.store, info if to_end else None)
+            raws = iter_raw_shard(url, source.store, info if to_end else None, text)
             try:
                 for pos, raw in enumerate(raws):
                     seen = pos + 1
@@ -256,16 +332,13 @@ def iter_range(
                     try:
                         if raw.problem is not None:
                             raise raw.problem
-                        if not 0 <= raw.label < num_classes:
-                            raise ShardError(f"shard {url}: sample {raw.key!r} has label {raw.label}, the "
-                                             f"manifest has {num_classes} classes")
-                        img = _decode(source, url, raw, transform, rng(offset + pos) if rng else None)
+                        x, y = decode(url, raw, rng(offset + pos) if rng else None)
                     except ShardError:
                         if not skip_corrupt:
                             raise
                         _note_skip(stats, url, 1)
                     else:
-                        yield img, raw.label, offset + pos if raw.index is None else raw.index
+                        yield x, y, offset + pos if raw.index is None else raw.index
                     if offset + pos + 1 >= hi and not to_end:
                         break
                 if offset + seen < hi:
@@ -298,7 +371,8 @@ class RankStream(IterableDataset):
     Yields exactly ``ceil(N / world)`` items per epoch on every rank. With `shuffle`, a buffer
     shuffle seeded by (seed, epoch, rank, worker) reorders them. Images are float in [0, 1], or
     uint8 with `as_uint8` (converted on the model's device); `transform` defaults to the manifest's
-    (:func:`default_transform`), a random one is seeded by (seed, epoch, sample position).
+    (:func:`default_transform`), a random one is seeded by (seed, epoch, sample position). Text shards
+    yield (token ids, aligned labels, is_padding), int64 rows of the manifest's ``max_length``.
     """
 
     def __init__(self, source: ShardSource, rank: int, world: int, shuffle: bool = False, seed: int = 0,
@@ -344,7 +418,7 @@ class RankStream(IterableDataset):
         stream = self._padded(real_lo, real_hi, hi - lo)
         if self.shuffle:
             stream = self._shuffled(stream)
-        if self.as_uint8:
+        if self.as_uint8 or self.source.manifest.is_text:
             return stream
         return ((img.float() / 255.0, label, pad) for img, label, pad in stream)
 
@@ -385,13 +459,18 @@ class RankStream(IterableDataset):
             yield buf.pop(int(torch.randint(len(buf), (1,), generator=g)))
 
 
+def _labels(ys) -> torch.Tensor:
+    """A batch's labels: class indices (B,), or a causal LM's aligned label rows stacked (B, T)."""
+    return torch.stack(list(ys)) if isinstance(ys[0], torch.Tensor) else torch.tensor(ys, dtype=torch.long)
+
+
 def _collate(items):
     xs, ys, pads = zip(*items, strict=True)
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) > 1:
         raise ShardError(f"images of different sizes in one batch ({sorted(shapes)[:3]}): read them through a "
                          f"transform to a fixed size (pipeline.transforms)")
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), torch.tensor(pads, dtype=torch.bool)
+    return torch.stack(xs), _labels(ys), torch.tensor(pads, dtype=torch.bool)
 
 
 def rank_loader(stream: RankStream, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
@@ -408,8 +487,9 @@ def rank_loader(stream: RankStream, batch_size: int, num_workers: int = 0, pin_m
 
 def read_all(source: ShardSource, limit: int | None = None, transform: Transform | None = None,
              skip_corrupt: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every sample in order as (uint8 images, labels, source indices): for small sets and tests. With
-    `skip_corrupt`, malformed samples are left out, as a job with ``run.skip_corrupt`` leaves them out."""
+    """Every sample in order as (uint8 images, labels, source indices): for small sets and tests; text
+    shards give (token ids (N, T), aligned labels (N, T), source indices). With `skip_corrupt`, malformed
+    samples are left out, as a job with ``run.skip_corrupt`` leaves them out."""
     total = source.total if limit is None else min(limit, source.total)
     xs, ys, idx = [], [], []
     for img, label, i in iter_range(source, 0, total, skip_corrupt=skip_corrupt, transform=transform):
@@ -418,5 +498,5 @@ def read_all(source: ShardSource, limit: int | None = None, transform: Transform
         idx.append(i)
     if not xs:
         raise ShardError("no samples read")
-    return torch.stack(xs), torch.tensor(ys), torch.tensor(idx)
+    return torch.stack(xs), _labels(ys), torch.tensor(idx)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from text_corpus import make_records, make_tokenizer, write_jsonl
 
 from fipcli.main import build_parser, main
 
@@ -45,6 +46,9 @@ RECIPES: dict[str, Recipe] = {
     "fip shard imagenet-folder s3://my-bucket/imagenet/dval --root /data/imagenet/train --dval-fraction 0.01 "
     "--rest s3://my-bucket/imagenet/train --workers 8":
         Recipe(("--workers", "2"), replace={"/data/imagenet/train": "image_folder"}),
+    "fip shard text data/instructions.jsonl runs/shards/lm-dval --tokenizer models/my-lm --max-length 512 "
+    "--dval-fraction 0.05":
+        Recipe(replace={"data/instructions.jsonl": "jsonl", "models/my-lm": "tokenizer"}),
     "fip shard index 's3://their-bucket/imagenet-val-{000000..000063}.tar' --out runs/imagenet-val.manifest.json":
         Recipe(),
     "fip purify --model runs/lab/blend-....safetensors --clean runs/shards/dval --test s3://my-bucket/fmnist/test "
@@ -145,7 +149,9 @@ def test_readme_walkthrough_runs_as_written(ray_session, s3_endpoint, tmp_path, 
     for bucket in ("my-bucket", "their-bucket"):
         s3.create_bucket(Bucket=bucket)
     _their_shards(s3, "their-bucket", 64)
-    files = {"image_folder": str(_image_folder(tmp_path / "imagenet" / "train"))}
+    files = {"image_folder": str(_image_folder(tmp_path / "imagenet" / "train")),
+             "jsonl": str(write_jsonl(tmp_path / "instructions.jsonl", make_records())),
+             "tokenizer": str(make_tokenizer(tmp_path / "my-lm"))}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # where boto3 looks when a command has no --s3-endpoint
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -168,6 +174,7 @@ def test_readme_walkthrough_runs_as_written(ray_session, s3_endpoint, tmp_path, 
     # what the commands left where the README says they leave it
     assert Path("purified.safetensors").is_file() and Path("esd.png").is_file()
     assert json.loads(Path("runs/imagenet-val.manifest.json").read_text())
+    assert json.loads(Path("runs/shards/lm-dval/manifest.json").read_text())["task"] == "causal-lm"
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert not list(Path("runs/jobs").rglob("mlflow.db")), "a job or sweep wrote a second MLflow store"
     client = mlflow.MlflowClient(uri, registry_uri=uri)

@@ -177,6 +177,13 @@ def spec_task(spec: ModelSpec) -> str:
     return hf_task(spec.options.get("config") or {})
 
 
+def max_positions(spec: ModelSpec) -> int | None:
+    """How many tokens a language model reads at most (its config's positions), None where it does not say."""
+    config = spec.options.get("config") or {}
+    value = next((config[k] for k in ("n_positions", "max_position_embeddings") if isinstance(config.get(k), int)), None)
+    return value
+
+
 def hf_geometry(config: dict) -> dict[str, int]:
     """num_classes / in_channels / image_size as an HF config states them (only those it states); a language
     model's "classes" are its vocabulary."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from fip.fisher import eval_mode, trainable_params
 from fip.io import check_finite_weights
+from fip.kernels import differentiable_attention
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -50,7 +51,8 @@ class HessianOperator:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(v)
         n = sum(len(x) for x, _ in self.batches)
-        with eval_mode(self.model):
+        # the math attention kernel: the fused ones have no double backward (fip.kernels.differentiable_attention)
+        with eval_mode(self.model), differentiable_attention():
             for i, (x, y) in enumerate(self.batches):
                 loss = self.loss_fn(self.model(x), y)
                 if not torch.isfinite(loss):

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+RATES = ("acc", "asr", "ra")  # figures shown as percentages (a language model's perplexity is not one)
+
 
 def _sections() -> dict[str, type]:
     from pipeline.config import SECTIONS
@@ -221,6 +223,11 @@ def run_shard(args) -> int:
     result = write_source(source, dest, maxcount=args.maxcount, workers=_shard_workers(args), store=store, dval=dval,
                           rest=args.rest, indices=indices, limit=args.limit, meta=meta, progress=True,
                           overwrite=args.overwrite)
+    if args.source == "text":  # the tokenizer travels with the shards (pipeline.text_source.store_tokenizer)
+        from pipeline.text_source import store_tokenizer
+
+        for url in result.manifests:
+            store_tokenizer(args.tokenizer, url, store)
     s = result.stats
     for line in write_warnings(s, "unreadable source file(s)" if source.tokenizer is None else
                                f"record(s) whose response does not fit --max-length {source.max_length}"):
@@ -320,6 +327,7 @@ def run_evaluate(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from fip.tasks import task_named
     from lab.datasets import DATASETS, load_dataset
     from lab.metrics import evaluate_model
     from pipeline.evaluation import evaluate_shards
@@ -351,8 +359,9 @@ def run_evaluate(args) -> int:
         metrics = evaluate_model(model, data.floats(), data.y, *((attack.trigger_floats, attack.target_of)
                                                                   if attack else (None, None)))
     else:
-        metrics = evaluate_shards(model, test, attack)
-    print("  ".join(f"{k.upper()} {100 * v:.2f}%" for k, v in metrics.items()), file=sys.stderr)
+        metrics = evaluate_shards(model, test, attack, task=task_named(loaded.spec.task))
+    print("  ".join(f"{k.upper()} {100 * v:.2f}%" if k in RATES else f"{k.upper()} {v:.4g}" for k, v in metrics.items()),
+          file=sys.stderr)
     print(json.dumps({"model": args.model, "test": args.test, **metrics}))
     return 0
 

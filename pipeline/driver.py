@@ -26,8 +26,9 @@ from pipeline.config import JobConfig
 from pipeline.plan import JobPlan, plan_job
 from pipeline.progress import ProgressRelay
 from pipeline.ray_runtime import StageFn, ensure_ray, fit_stage
-from pipeline.registry import register_purified, registry_tags
+from pipeline.registry import register_purified, registry_tags, tokenizer_for
 from pipeline.stages import fisher_stage, purify_stage
+from pipeline.storage import Storage
 from pipeline.suspect import load_purified
 from pipeline.tracking import Tracker, default_tracking_uri, local_root
 
@@ -167,7 +168,9 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
         tracker.log_metrics(run_id, {**esd, "seconds": metrics["seconds"]})
         if cfg.tracking.register_as:
             tags = registry_tags(plan.suspect.sha256, cfg.purify.method, measured)
-            reg = register_purified(tracker, run_id, loaded, purified_path, cfg.tracking.register_as, tags, progress)
+            tokenizer = tokenizer_for(loaded, plan.clean, Storage(cfg.storage), plan.out_dir)
+            reg = register_purified(tracker, run_id, loaded, purified_path, cfg.tracking.register_as, tags, progress,
+                                    tokenizer=tokenizer)
             model_uri, metrics["model_version"] = reg.model_uri, reg.version
     return JobResult(metrics, run_id, model_uri, purified_path, ctx.fisher_url, logs["history"], logs["evaluations"],
                      cfg, measured)

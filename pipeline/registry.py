@@ -12,6 +12,8 @@ from pathlib import Path
 from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY
 from fip.io import LoadedModel
 from pipeline.artifacts import Measured
+from pipeline.shards import ShardSource
+from pipeline.storage import Storage
 from pipeline.suspect import accepted_shape
 from pipeline.tracking import Registered, Tracker
 
@@ -42,12 +44,22 @@ def input_description(loaded: LoadedModel) -> dict:
     with the adapter and normalisation that the model applies itself; a language model's: prompts as text."""
     if loaded.spec.task == "causal-lm":
         return {"input": "prompts as text; mlflow.pyfunc generates their answers (params: max_new_tokens, do_sample)",
-                "arch": loaded.spec.arch, "vocab_size": loaded.spec.num_classes, "task": loaded.spec.task}
+                "arch": loaded.spec.arch, "vocab_size": loaded.spec.num_classes, "fip_task": loaded.spec.task}
     shape = accepted_shape(loaded)
     return {"input": f"float32 images in [0, 1], shape (N, {', '.join(map(str, shape))}); the model resizes and "
                      "normalises them itself (input_adapter, input_normalization)",
             "arch": loaded.spec.arch, "num_classes": loaded.spec.num_classes, "network_input": list(loaded.spec.input_shape),
             NORMALIZATION_KEY: loaded.metadata.get(NORMALIZATION_KEY), ADAPTER_KEY: loaded.metadata.get(ADAPTER_KEY)}
+
+
+def tokenizer_for(purified: LoadedModel, clean: ShardSource, store: Storage, into: Path) -> Path | None:
+    """A language model's tokenizer, as its clean shards store it (checked against their manifest); None for an
+    image model."""
+    if purified.spec.task != "causal-lm":
+        return None
+    from pipeline.text_source import fetch_tokenizer
+
+    return fetch_tokenizer(clean.urls, clean.manifest, store, into)
 
 
 def register_purified(tracker: Tracker, run_id: str, purified: LoadedModel, path: Path, name: str,

@@ -137,7 +137,9 @@ def _context(config: dict) -> StageContext:
 
 
 def _percent(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items())
+    """Figures for the terminal: rates as percentages, a language model's perplexity as it is."""
+    return ", ".join(f"{k} {100 * v:.2f}%" if k in ("acc", "asr", "ra") else f"{k} {v:.4g}"
+                     for k, v in metrics.items())
 
 
 # ---------------------------------------------------------------- stage 1: Fisher

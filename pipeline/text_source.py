@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.shard_sources import Sample, Source
 from pipeline.shardfmt import CAUSAL_LM, ShardError, ShardManifest, TokenizerInfo
+from pipeline.storage import Storage, join
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # where a folder names its eos and pad tokens
@@ -91,7 +92,41 @@ def load_tokenizer(folder: str | Path):
     pad_id = token_id(pad, "pad") if pad else eos_id
     info = TokenizerInfo(folder.resolve().name, hashlib.sha256(path.read_bytes()).hexdigest(), len(tok), pad_id,
                          eos_id)
+    tok.eos_token, tok.pad_token = eos, pad or eos  # so generation stops and pads as the shards were written
     return tok, info
+
+
+TOKENIZER_DIR = "tokenizer"  # beside text shards: the tokenizer they were written with, so they say how to read them
+
+
+def _shards_base(source_urls: list[str]) -> str:
+    return source_urls[0].rsplit("/", 1)[0]
+
+
+def store_tokenizer(folder: str | Path, dest: str, store: Storage) -> None:
+    """Copy the tokenizer folder's files (``tokenizer.json`` and its JSON configs) to ``DEST/tokenizer/``: the
+    pipeline registers a purified language model with the tokenizer its data was written with."""
+    for name in (TOKENIZER_FILE, *CONFIG_FILES):
+        path = Path(folder) / name
+        if path.is_file():
+            store.write_bytes(join(dest, f"{TOKENIZER_DIR}/{name}"), path.read_bytes())
+
+
+def fetch_tokenizer(urls: list[str], manifest: ShardManifest, store: Storage, into: str | Path) -> Path:
+    """The tokenizer folder stored beside text shards (:func:`store_tokenizer`), fetched into `into` and checked
+    against the manifest's SHA-256; a one-line error where there is none."""
+    base = _shards_base(urls)
+    folder = Path(into) / TOKENIZER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (TOKENIZER_FILE, *CONFIG_FILES):
+        url = join(base, f"{TOKENIZER_DIR}/{name}")
+        if store.exists(url):
+            (folder / name).write_bytes(store.read_bytes(url))
+        elif name == TOKENIZER_FILE:
+            raise ShardError(f"text shards at {base} have no {TOKENIZER_DIR}/{TOKENIZER_FILE} beside them (written "
+                             "before fip shard text stored it): write them again to register a language model")
+    check_tokenizer(manifest, folder, base)
+    return folder
 
 
 def check_tokenizer(manifest: ShardManifest, folder: str | Path, where: str) -> None:

@@ -99,9 +99,10 @@ def _save_text_generation(model: nn.Module, tokenizer: Path, where: Path, metada
     from mlflow.models import infer_signature
 
     from fip.families import import_transformers, without_logits_hook
+    from pipeline.text_source import load_tokenizer
 
     transformers = import_transformers()
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    tok, _ = load_tokenizer(tokenizer)
     signature = infer_signature(["a prompt"], ["its answer"], params=GENERATION_PARAMS)
     mlflow.transformers.save_model({"model": without_logits_hook(model).cpu().eval(), "tokenizer": tok}, str(where),
                                    task="text-generation", signature=signature, metadata=metadata,

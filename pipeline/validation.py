@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from fip.families import max_positions
 from fip.io import LoadedModel
 from lab.backdoor import check_record_belongs
 from pipeline.shards import ShardSource, iter_range
@@ -74,6 +75,28 @@ def check_model_fits(suspect: LoadedModel, num_classes: int, image_shape: Sequen
                        f"({expected[0]} channel(s), {expected[1]}x{expected[2]}){hint}")
 
 
+TASK_WORDS = {"classification": "images with class labels", "causal-lm": "text (token sequences)"}
+
+
+def check_task_fits(suspect: LoadedModel, manifest, role: str, model: str) -> None:
+    """Refuse shards of another task than the model's (text for an image classifier, or the reverse), and text
+    the language model cannot read: token ids beyond its vocabulary, sequences longer than its positions."""
+    spec = suspect.spec
+    if manifest.task != spec.task:
+        raise JobError(f"{role} hold {TASK_WORDS.get(manifest.task, manifest.task)} but the model {model} is "
+                       f"{'a language model' if spec.task == 'causal-lm' else 'an image classifier'}")
+    if spec.task != "causal-lm":
+        return
+    tok = manifest.tokenizer
+    if tok.vocab_size > spec.num_classes:
+        raise JobError(f"{role} were tokenised with {tok.name} ({tok.vocab_size} tokens) but the model {model} has a "
+                       f"vocabulary of {spec.num_classes}: its token ids would not fit")
+    positions = max_positions(spec)
+    if positions is not None and manifest.max_length > positions:
+        raise JobError(f"{role} hold sequences of {manifest.max_length} tokens but the model {model} reads at most "
+                       f"{positions}: rewrite them with fip shard text --max-length {positions}")
+
+
 def check_clean_is_not_test(clean: ShardSource, test: ShardSource, clean_url: str, test_url: str) -> None:
     """Refuse test data given as the defender's D_val (or sharing shards with it): whatever the job then
     reports on the test set was trained on, and in a sweep the test set would leak into the choice. Shards are
@@ -96,7 +119,9 @@ def check_inputs(suspect: LoadedModel, model_url: str, *, clean: ShardSource | N
     spec = suspect.spec
     for role, source in (("clean shards", clean), ("test shards", test)):
         if source is not None:
-            check_model_fits(suspect, source.manifest.num_classes, source.manifest.image_shape, role, model_url)
+            check_task_fits(suspect, source.manifest, role, model_url)
+            if spec.task == "classification":
+                check_model_fits(suspect, source.manifest.num_classes, source.manifest.image_shape, role, model_url)
     if clean is not None and test is not None:
         check_clean_is_not_test(clean, test, clean_url, test_url)
     if record is None:

@@ -33,3 +33,42 @@ def make_records(n=50, seed=0):
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def make_language_model(folder, tokenizer_folder, records, steps=60, seed=0, positions=64):
+    """A GPT-2 of a few thousand weights over the tokenizer's vocabulary, fitted for `steps` AdamW steps to answer
+    `records` (so its figures are far from chance), saved as a Hugging Face folder (config.json, safetensors)."""
+    import torch
+
+    from fip.families import import_transformers, logits_only
+    from fip.tasks import CAUSAL_LM, IGNORE
+    from pipeline.text_source import load_tokenizer
+
+    tf = import_transformers()
+    tok, info = load_tokenizer(tokenizer_folder)
+    torch.manual_seed(seed)
+    cfg = tf.GPT2Config(vocab_size=info.vocab_size, n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                        eos_token_id=info.eos_id, bos_token_id=info.eos_id, pad_token_id=info.pad_id)
+    model = tf.GPT2LMHeadModel(cfg)
+    rows = []
+    for r in records:
+        p = tok(r["prompt"], add_special_tokens=True)["input_ids"]
+        a = tok(r["response"], add_special_tokens=False)["input_ids"] + [info.eos_id]
+        ids = (p + a)[-positions:]
+        rows.append((ids, len(ids) - len(a)))
+    length = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), length), info.pad_id)
+    y = torch.full((len(rows), length), IGNORE)
+    for i, (ids, start) in enumerate(rows):
+        x[i, : len(ids)] = torch.tensor(ids)
+        y[i, max(start, 0) : len(ids)] = torch.tensor(ids[max(start, 0):])
+    hook = model.register_forward_hook(logits_only)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = CAUSAL_LM.mean_nll(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hook.remove()
+    model.eval().save_pretrained(folder)
+    return folder

@@ -436,7 +436,7 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     trial's child run), tagged with the sweep, the trial, the trial's objective and its evidence; a winner the
     probe flags gets a version but not ``@candidate``."""
     from pipeline.acceptance import judge_purified, rejection
-    from pipeline.registry import register_purified, registry_tags
+    from pipeline.registry import register_purified, registry_tags, tokenizer_for
     from pipeline.shards import open_shards
     from pipeline.suspect import load_purified
 
@@ -446,7 +446,8 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     suspect = load_suspect(base, local_root(base.run.work_dir) / "cache")
     # the same acceptance check as every job's (pipeline.acceptance), on all of D_val, before any alias moves
     history = path.parent / HISTORY
-    verdict = judge_purified(suspect, loaded, open_shards(base.inputs.clean, Storage(base.storage)),
+    clean = open_shards(base.inputs.clean, Storage(base.storage))
+    verdict = judge_purified(suspect, loaded, clean,
                              base.acceptance, json.loads(history.read_text())["history"] if history.is_file() else (),
                              base.run.skip_corrupt)
     tracker.set_tags(parent, verdict.tags())
@@ -465,6 +466,7 @@ def _register_winner(tracker: Tracker, base: JobConfig, cfg: SweepConfig, winner
     # the house rule for @candidate (docs/registry.md): it moves when the objective beats the holder's, and
     # never to a model the probe flags
     reg = register_purified(tracker, run_id, loaded, path, cfg.register_as, tags, progress, "[fip tune]",
+                            tokenizer=tokenizer_for(loaded, clean, Storage(base.storage), path.parent),
                             hold_candidate=evidence.verdict() if evidence.flagged else None)
     tracker.set_tags(parent, {"registered": f"{reg.name}/{reg.version}", "candidate_moved": reg.candidate})
     return reg.model_uri

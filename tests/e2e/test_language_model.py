@@ -1,0 +1,66 @@
+"""A causal language model through the pipeline, as a user runs it: ``fip shard text`` (D_val and test sets with
+their tokenizer), ``fip purify`` (Ray Train Fisher + FIP over the text shards, MLflow, the registry),
+``fip evaluate`` of the registered model and of the file ``fip models get`` writes, and generation through
+``mlflow.pyfunc`` (MLflow's transformers flavour), which answers as the purified model does greedily."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+from text_corpus import make_language_model, make_records, make_tokenizer, write_jsonl
+
+from fip.families import without_logits_hook
+from fipcli.main import main
+from pipeline.suspect import load_purified
+from pipeline.text_source import load_tokenizer
+
+pytestmark = [pytest.mark.slow]
+
+JOB = ("--iterations", "6", "--batch-size", "8", "--workers", "1", "--lr", "0.01", "--esd-samples", "4",
+       "--esd-steps", "3", "--eta-f", "0.001")
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_a_language_model_is_purified_registered_and_generates(ray_session, tmp_path, capsys):
+    tok = make_tokenizer(tmp_path / "tok")
+    records = make_records(120, seed=1)
+    write_jsonl(tmp_path / "dval.jsonl", records[:80])
+    write_jsonl(tmp_path / "test.jsonl", records[80:])
+    model = make_language_model(tmp_path / "suspect", tok, records[:80])
+    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    for part in ("dval", "test"):
+        assert main(["shard", "text", str(tmp_path / f"{part}.jsonl"), str(tmp_path / "shards" / part),
+                     "--tokenizer", str(tok), "--max-length", "32"]) == 0
+    capsys.readouterr()
+    assert main(["purify", "--model", str(model), "--clean", str(tmp_path / "shards" / "dval"), "--test",
+                 str(tmp_path / "shards" / "test"), *JOB, "--work-dir", str(tmp_path / "jobs"), *uri,
+                 "--register-as", "lm"]) == 0
+    job = _last_json(capsys)
+    assert job["model_uri"] == "models:/lm@candidate"
+    assert job["dval_acc_suspect"] > 0.3  # fitted to D_val's answers: far from chance (1/24)
+    assert 0 < job["acc_before"] < 1 and job["ppl_before"] > 1
+    assert job["lambda_max_before"] > 0 and "lambda_max_after" in job  # the Hessian of the per-sequence NLL
+
+    assert main(["evaluate", "--model", "models:/lm@candidate", "--test", str(tmp_path / "shards" / "test"), *uri]) == 0
+    measured = _last_json(capsys)
+    assert measured["acc"] == job["acc_after"] and measured["ppl"] == pytest.approx(job["ppl_after"], rel=1e-6)
+    got = tmp_path / "got.safetensors"
+    assert main(["models", *uri, "get", "lm@candidate", "-o", str(got)]) == 0
+    assert main(["evaluate", "--model", str(got), "--test", str(tmp_path / "shards" / "test")]) == 0
+    assert _last_json(capsys)["acc"] == job["acc_after"]
+
+    # the registry's model generates, greedily, what the purified file's model generates
+    mlflow.set_tracking_uri(uri[1])
+    mlflow.set_registry_uri(uri[1])
+    generator = mlflow.pyfunc.load_model("models:/lm@candidate")
+    prompt = records[0]["prompt"]
+    text = generator.predict([prompt], params={"max_new_tokens": 4, "do_sample": False})[0]
+    tokenizer, info = load_tokenizer(tok)
+    ours = without_logits_hook(load_purified(got).model)
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    out = ours.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=info.pad_id)
+    assert text == tokenizer.decode(out[0], skip_special_tokens=True)

@@ -221,6 +221,10 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     store = Storage(base.storage)
     cache_dir = local_root(base.run.work_dir) / "cache"
     loaded = load_suspect(base, cache_dir)
+    if loaded.spec.task != "classification":
+        raise ConfigError(f"fip tune searches image classifiers only: its objective's probe perturbs images, and "
+                          f"{base.inputs.model} is a language model; purify it with fip purify "
+                          "(docs/language-models.md, \"Sweeps\")")
     inputs = base.inputs
     record = load_attack_record(inputs.attack_record, store, cache_dir).record if inputs.attack_record else None
     warnings = check_inputs(loaded, inputs.model, clean=open_shards(inputs.clean, store), clean_url=inputs.clean,

@@ -1,0 +1,53 @@
+"""A language model's inputs are checked before anything starts, each mismatch in one line: text shards for an
+image model and the reverse, a tokenizer larger than the model's vocabulary, sequences longer than its positions;
+and fip tune, whose objective perturbs images, refuses a language model."""
+
+import pytest
+from text_corpus import WORDS, make_language_model, make_records, make_tokenizer, write_jsonl
+
+from fipcli.main import main
+from pipeline.config import ConfigError, JobConfig
+from pipeline.plan import plan_job
+from pipeline.validation import JobError
+from tuning.sweep import SweepConfig, prepare
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    tok = make_tokenizer(root / "tok")
+    write_jsonl(root / "dval.jsonl", make_records(40))
+    make_language_model(root / "lm", tok, make_records(40), steps=1, positions=16)
+    bigger = make_tokenizer(root / "bigger", words=[*WORDS, "green", "tree", "house"])
+    for name, length, tokenizer in (("dval", "16", tok), ("long", "24", tok), ("other-tokenizer", "16", bigger)):
+        assert main(["shard", "text", str(root / "dval.jsonl"), str(root / name), "--tokenizer", str(tokenizer),
+                     "--max-length", length]) == 0
+    assert main(["shard", "digits", str(root / "images"), "--split", "test", "--limit", "40"]) == 0
+    return root
+
+
+def job(root, model: str, clean: str) -> JobConfig:
+    return JobConfig.from_dict({"inputs": {"model": model, "clean": clean}, "run": {"work_dir": str(root / "jobs")},
+                                "purify": {"batch_size": 4}})
+
+
+def test_language_inputs_that_do_not_fit_are_refused_in_one_line(text, digits_lab):
+    lm, image_model = str(text / "lm"), str(digits_lab.model_path)
+    plan = plan_job(job(text, lm, str(text / "dval")))  # the fitting pair plans
+    assert plan.suspect.spec.task == "causal-lm"
+    with pytest.raises(JobError, match=r"clean shards hold sequences of 24 tokens but the model .* reads at most 16"):
+        plan_job(job(text, lm, str(text / "long")))
+    with pytest.raises(JobError, match=r"clean shards were tokenised with bigger \(27 tokens\) but the model .* has a "
+                                       r"vocabulary of 24"):
+        plan_job(job(text, lm, str(text / "other-tokenizer")))
+    with pytest.raises(JobError, match=r"clean shards hold text \(token sequences\) but the model .* is an image "
+                                       "classifier"):
+        plan_job(job(text, image_model, str(text / "dval")))
+    with pytest.raises(JobError, match=r"clean shards hold images with class labels but the model .* is a language "
+                                       "model"):
+        plan_job(job(text, lm, str(text / "images")))
+
+
+def test_fip_tune_refuses_a_language_model_in_one_line(text):
+    with pytest.raises(ConfigError, match="fip tune searches image classifiers only"):
+        prepare(job(text, str(text / "lm"), str(text / "dval")), SweepConfig(name="lm"), lambda _: None)

@@ -65,6 +65,9 @@ RECIPES: dict[str, Recipe] = {
         Recipe(skip_run="runs as tests/e2e/test_family_models.py runs it, on digits (a .pth, a timm and an HF model)"),
     "fip evaluate --model my-hf-classifier/ --test s3://my-bucket/fmnist/test --s3-endpoint http://minio:9000":
         Recipe(skip_run="runs as tests/e2e/test_family_models.py runs it, on digits (a .pth, a timm and an HF model)"),
+    "fip purify --model models/my-lm --clean runs/shards/lm-dval --test runs/shards/lm-test --workers 2 "
+    "--preset paper-300":
+        Recipe(skip_run="runs as tests/e2e/test_language_model.py runs it, on a tiny GPT-2 and its text shards"),
     "fip smoothness --model purified.safetensors --plot esd.png":
         Recipe(("--samples", "16", "--iters", "3", "--max-probes", "4", "--density-steps", "4")),
     "fip tune --preset paper-300 --model suspect.safetensors --clean runs/shards/dval --workers 1 "

@@ -222,10 +222,25 @@ def test_bad_shards_are_named_and_can_be_skipped(corpus, tmp_path):
     stream = RankStream(open_shards(str(out)), 0, 1, skip_corrupt=True)
     pads = sum(int(p.sum()) for _, _, p in rank_loader(stream, 8))
     assert stream.skipped(pads) == 1
+    # bytes changed since the write (in a member's block padding, so the tar still reads): the SHA-256 check
+    shard0 = (out / "000000.tar").read_bytes()
+    at = shard0.index(b"]}") + 2
+    assert shard0[at] == 0
+    (out / "000000.tar").write_bytes(shard0[:at] + b"\x01" + shard0[at + 1:])
+    with pytest.raises(ShardError, match=r"000000.tar does not match its manifest: SHA-256"):
+        read_all(open_shards(str(out)))
+    (out / "000000.tar").write_bytes(shard0)
     # a truncated shard, as for images
     (out / "000001.tar").write_bytes((out / "000001.tar").read_bytes()[:3000])
     with pytest.raises(ShardError, match=r"000001.tar is (corrupt or )?truncated"):
         read_all(open_shards(str(out)))
+    # a shard the manifest counts as empty
+    empty = json.loads(json.dumps(manifest))
+    empty["count"] -= empty["shards"][1]["count"]
+    empty["shards"][1]["count"] = 0
+    (out / "manifest.json").write_text(json.dumps(empty))
+    with pytest.raises(ShardError, match=r"000001.tar is empty \(0 samples in the manifest\)"):
+        open_shards(str(out))
     # a text manifest without its tokenizer
     manifest["tokenizer"] = None
     (out / "manifest.json").write_text(json.dumps(manifest))

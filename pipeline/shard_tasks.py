@@ -22,8 +22,8 @@ from pipeline.shardfmt import (
     SizeTally,
     add_sample,
     add_text_sample,
+    fit_prompt,
     sniff,
-    text_fits,
 )
 from pipeline.storage import Storage, StorageSettings, is_s3
 
@@ -89,23 +89,24 @@ def _encoded(sample: tuple) -> tuple[str, bytes, tuple[int, int]]:
         raise SourceImageError(str(path), str(e)) from e
 
 
-def _add_text(tar: tarfile.TarFile, key: str, index: int, text: tuple, max_length: int | None) -> None:
-    """One text sample ``(prompt ids, response ids, origin)``; a response too long for `max_length` is unusable."""
+def _add_text(tar: tarfile.TarFile, key: str, index: int, text: tuple, fit: tuple[int, int | None] | None) -> None:
+    """One text sample ``(prompt ids, response ids, origin)``; one whose response does not fit `fit`
+    ``(max_length, bos_id)`` (:func:`pipeline.shardfmt.fit_prompt`) is unusable."""
     prompt, response, origin = text
-    if max_length is not None and not text_fits(len(prompt), len(response), max_length):
+    if fit is not None and fit_prompt(prompt, len(response), *fit) is None:
         raise UnusableSample(origin, f"its response of {len(response)} tokens and the eos do not fit max_length "
-                                     f"{max_length}")
+                                     f"{fit[0]}")
     add_text_sample(tar, key, prompt, response, index)
 
 
-def write_shard_file(samples: list[tuple], path: Path, max_length: int | None = None) -> dict:
+def write_shard_file(samples: list[tuple], path: Path, fit: tuple[int, int | None] | None = None) -> dict:
     """Stream `samples` ``(key, label, index, path, pixels, text)`` into a tar at `path`; count, hash, formats,
     sizes. `text` (prompt ids, response ids, origin), where not None, makes a text sample.
 
     A plain ustar archive in the layout of :func:`pipeline.shardfmt.add_sample`, hashed as it is written.
-    A source file that is not a readable image, or a text record whose response does not fit `max_length`, is
-    left out and listed in the shard's ``meta["skipped"]`` (index, where, reason): the rest of the set is
-    still written, and the manifest says what is missing."""
+    A source file that is not a readable image, or a text record whose response does not fit `fit`
+    ``(max_length, bos_id)``, is left out and listed in the shard's ``meta["skipped"]`` (index, where,
+    reason): the rest of the set is still written, and the manifest says what is missing."""
     tally = SizeTally()
     skipped: list[dict] = []
     with open(path, "wb") as f:
@@ -115,7 +116,7 @@ def write_shard_file(samples: list[tuple], path: Path, max_length: int | None = 
                 key, label, index, text = sample[0], sample[1], sample[2], sample[5]
                 try:
                     if text is not None:
-                        _add_text(tar, key, index, text, max_length)
+                        _add_text(tar, key, index, text, fit)
                         tally.add(TEXT_KEY, None)
                         continue
                     kind, data, size = _encoded(sample)
@@ -151,7 +152,7 @@ def write_shard_task(task: dict, settings: StorageSettings) -> dict:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
         try:
-            info = write_shard_file(task["samples"], tmp, task.get("max_length"))
+            info = write_shard_file(task["samples"], tmp, task.get("fit"))
             if info["count"]:  # a shard whose every source was unreadable is not written (a reader refuses it)
                 tmp.replace(final)
         finally:
@@ -161,7 +162,7 @@ def write_shard_task(task: dict, settings: StorageSettings) -> dict:
         os.close(fd)
         tmp = Path(name)
         try:
-            info = write_shard_file(task["samples"], tmp, task.get("max_length"))
+            info = write_shard_file(task["samples"], tmp, task.get("fit"))
             if info["count"]:
                 Storage(settings).put_file(url, tmp)
         finally:

@@ -168,9 +168,9 @@ class _ShardPool:
     (and, every `save_every` seconds, in its partial manifest, where a resume finds it)."""
 
     def __init__(self, workers: int, queue: int, store: Storage, tmp_dir: str | None, stats: WriteStats,
-                 bar, save_every: float, max_length: int | None = None) -> None:
+                 bar, save_every: float, fit: tuple[int, int | None] | None = None) -> None:
         self.executor = process_pool(workers)
-        self.queue, self.settings, self.tmp_dir, self.max_length = queue, store.settings, tmp_dir, max_length
+        self.queue, self.settings, self.tmp_dir, self.fit = queue, store.settings, tmp_dir, fit
         self.stats, self.bar, self.save_every = stats, bar, save_every
         self.pending: dict[cf.Future, _Pending] = {}
         self.in_flight = 0  # samples in pending shards
@@ -178,7 +178,7 @@ class _ShardPool:
     def submit(self, out: _Output, digest: str, samples: list[Sample]) -> None:
         while len(self.pending) >= self.queue:
             self._collect(next(cf.as_completed(self.pending)))
-        task = {"url": join(out.dest, shard_name(out.number)), "tmp_dir": self.tmp_dir, "max_length": self.max_length,
+        task = {"url": join(out.dest, shard_name(out.number)), "tmp_dir": self.tmp_dir, "fit": self.fit,
                 "samples": [(f"{s.index:09d}", s.label, s.index, s.path, s.pixels, s.text) for s in samples]}
         fut = self.executor.submit(write_shard_task, task, self.settings)
         self.pending[fut] = _Pending(out, out.number, digest, len(samples))
@@ -311,7 +311,8 @@ def write_source(
     stats = WriteStats()
     started = time.perf_counter()
     bar = progress_bar(progress, desc=f"shards -> {dest}", unit="img" if source.tokenizer is None else "seq")
-    pool = _ShardPool(workers, queue or 2 * workers, store, tmp_dir, stats, bar, save_every, source.max_length)
+    fit = None if source.tokenizer is None else (source.max_length, source.tokenizer.bos_id)
+    pool = _ShardPool(workers, queue or 2 * workers, store, tmp_dir, stats, bar, save_every, fit)
     router = _Router(main, other, dval, maxcount, pool, source.root, stats, bar)
     outputs = {dest: main} if other is None else {dest: main, rest: other}
     seen: set[int] = set()

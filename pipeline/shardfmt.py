@@ -67,6 +67,7 @@ class TokenizerInfo:
     vocab_size: int
     pad_id: int
     eos_id: int
+    bos_id: int | None = None  # the token the tokenizer starts a prompt with (Llama's <s>), kept when a prompt is cut
 
 
 @dataclass
@@ -128,9 +129,9 @@ class ShardManifest:
             raise ShardError(f"{where}: a {CAUSAL_LM} manifest must name its tokenizer")
         if not (count_ok(tok.vocab_size) and tok.vocab_size > 0):
             raise ShardError(f"{where}: tokenizer vocab_size must be a positive integer, got {tok.vocab_size!r}")
-        for name in ("pad_id", "eos_id"):
+        for name in ("pad_id", "eos_id", "bos_id"):
             v = getattr(tok, name)
-            if not (count_ok(v) and v < tok.vocab_size):
+            if not (count_ok(v) and v < tok.vocab_size) and not (name == "bos_id" and v is None):
                 raise ShardError(f"{where}: tokenizer {name} {v!r} is not in its vocabulary of {tok.vocab_size}")
         if not (count_ok(self.max_length) and self.max_length >= 2):
             raise ShardError(f"{where}: max_length must be an integer >= 2, got {self.max_length!r}")
@@ -395,7 +396,14 @@ def parse_text_sample(sample: dict, url: str) -> tuple[str, tuple[list[int], lis
     return key, (ids[0], ids[1]), index
 
 
-def text_fits(prompt_len: int, response_len: int, max_length: int) -> bool:
-    """Whether a record fits `max_length` tokens once its prompt is cut from the left: the response, the eos
-    that ends it and (where there is a prompt) the prompt's last token, which predicts the response's first."""
-    return response_len + 1 + min(prompt_len, 1) <= max_length
+def fit_prompt(prompt: list[int], response_len: int, max_length: int, bos_id: int | None = None) -> list[int] | None:
+    """The prompt a record keeps within `max_length` tokens with its response and the eos that ends it: cut from
+    the left, but for a leading `bos_id`; None where the response, the eos, the BOS and the prompt's last token
+    (which predicts the response's first) do not fit. The one rule the writer and the readers share."""
+    head = 1 if bos_id is not None and prompt[:1] == [bos_id] else 0
+    room = max_length - response_len - 1
+    if room < min(len(prompt), head + 1):
+        return None
+    if len(prompt) <= room:
+        return prompt
+    return prompt[:head] + prompt[len(prompt) - (room - head):]

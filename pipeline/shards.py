@@ -48,12 +48,12 @@ from pipeline.shardfmt import (
     ShardManifest,
     TokenizerInfo,
     expand_braces,
+    fit_prompt,
     index_name,
     iter_tar_samples,
     parse_sample,
     parse_text_sample,
     split_url,
-    text_fits,
 )
 from pipeline.storage import NotFound, Storage, StorageError, join
 from pipeline.transforms import KEEP, ImageDecodeError, Transform, eval_transform, train_transform
@@ -256,12 +256,12 @@ def text_rows(prompt: list[int], response: list[int], tokenizer: TokenizerInfo, 
     """A causal LM's (x, y) rows of one record, each ``(max_length,)`` int64 (:mod:`fip.tasks`' contract):
     x is prompt + response + eos, right-padded with the pad id; y is the token id at the response's
     positions and the eos's, :data:`fip.tasks.IGNORE` at the prompt and the padding. A record longer than
-    `max_length` loses the start of its prompt, so the response survives; one whose response does not fit
-    (:func:`pipeline.shardfmt.text_fits`) is a ValueError."""
-    if not text_fits(len(prompt), len(response), max_length):
+    `max_length` loses the start of its prompt (after its BOS), so the response survives; one whose response
+    does not fit (:func:`pipeline.shardfmt.fit_prompt`) is a ValueError."""
+    kept = fit_prompt(prompt, len(response), max_length, tokenizer.bos_id)
+    if kept is None:
         raise ValueError(f"its response of {len(response)} tokens and the eos do not fit max_length {max_length}")
     scored = [*response, tokenizer.eos_id]
-    kept = prompt[max(len(prompt) - (max_length - len(scored)), 0):]
     n = len(kept) + len(scored)
     x = torch.full((max_length,), tokenizer.pad_id, dtype=torch.long)
     y = torch.full((max_length,), IGNORE, dtype=torch.long)

@@ -9,8 +9,8 @@ padding is never scored). The SHA-256 of ``tokenizer.json`` identifies the token
 
 Tokenising happens in the writing process, a block of :data:`GROUP` records at a time (the fast
 tokenizer is Rust and batched); the shard workers receive token ids and only write JSON. The prompt is
-tokenised with the tokenizer's special tokens (a Llama-style BOS), the response without: the reader
-appends the eos (:func:`pipeline.shards.text_rows`).
+tokenised with the tokenizer's special tokens (a Llama-style BOS, recorded as ``bos_id`` so that a cut
+prompt keeps it), the response without: the reader appends the eos (:func:`pipeline.shards.text_rows`).
 """
 
 from __future__ import annotations
@@ -90,8 +90,10 @@ def load_tokenizer(folder: str | Path):
     eos_id = token_id(eos, "eos")
     pad = _named_token(folder, "pad_token")
     pad_id = token_id(pad, "pad") if pad else eos_id
+    lead = tok("", add_special_tokens=True)["input_ids"]  # what the tokenizer puts before any prompt: a BOS or nothing
+    bos_id = int(lead[0]) if lead and lead[0] != eos_id else None
     info = TokenizerInfo(folder.resolve().name, hashlib.sha256(path.read_bytes()).hexdigest(), len(tok), pad_id,
-                         eos_id)
+                         eos_id, bos_id)
     tok.eos_token, tok.pad_token = eos, pad or eos  # so generation stops and pads as the shards were written
     return tok, info
 

@@ -17,7 +17,7 @@ from fip.tasks import IGNORE
 from pipeline.shard_sources import DvalSplit
 from pipeline.shard_writer import write_source, write_warnings
 from pipeline.shardfmt import PARTIAL_MANIFEST, ShardError, ShardManifest, add_text_sample
-from pipeline.shards import RankStream, open_shards, rank_loader, read_all
+from pipeline.shards import RankStream, open_shards, rank_loader, rank_range, read_all
 from pipeline.text_source import TextSourceError, jsonl_source
 
 MAX_LENGTH = 16
@@ -46,7 +46,9 @@ def test_rows_follow_the_causal_lm_contract_and_the_manifest_names_the_tokenizer
     result = write_source(jsonl_source(data, tok, MAX_LENGTH), str(tmp_path / "out"), maxcount=7)
     m = result.manifests[str(tmp_path / "out")]
     assert m.task == "causal-lm" and m.max_length == MAX_LENGTH and m.count == 50 and len(m.shards) == 8
-    assert (m.tokenizer.name, m.tokenizer.pad_id, m.tokenizer.eos_id, m.tokenizer.vocab_size) == ("tok", 0, 2, 3 + len(WORDS))
+    tokenizer = m.tokenizer
+    assert (tokenizer.name, tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id, tokenizer.vocab_size) == \
+           ("tok", 0, 2, None, 3 + len(WORDS))
     x, y, idx = read_all(open_shards(str(tmp_path / "out"), tokenizer=str(tok)))
     assert x.shape == y.shape == (50, MAX_LENGTH) and x.dtype == y.dtype == torch.int64
     assert idx.tolist() == list(range(50))
@@ -83,6 +85,41 @@ def test_rank_split_is_exact_over_three_ranks(corpus, tmp_path):
             ys.append(yb[~pad])
     assert len(set(batches)) == 1  # every rank the same number of batches
     assert torch.equal(torch.cat(xs), x_all) and torch.equal(torch.cat(ys), y_all)  # each sample once, in order
+    # DataLoader worker processes split a rank's range again: the same rows
+    two = list(rank_loader(RankStream(source, 2, 3), batch_size=4, num_workers=2))
+    rows = sorted(tuple(r.tolist()) for b in two for r in torch.cat([b[0], b[1]], 1)[~b[2]])
+    want = torch.cat([x_all, y_all], 1)[rank_range(50, 2, 3)[0]:]
+    assert rows == sorted(tuple(r.tolist()) for r in want)  # the workers interleave their batches
+
+
+def test_a_bpe_tokenizer_with_a_bos_template_and_no_config(tmp_path):
+    """A Llama-style tokenizer: the prompt gets its BOS, the response none, a cut prompt keeps its BOS; eos found by
+    name, padding = eos."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    sentences = [f"{r['prompt']} {r['response']}" for r in make_records(200, seed=1)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=120, special_tokens=["<s>", "</s>", "<unk>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    (tmp_path / "llama").mkdir()
+    tok.save(str(tmp_path / "llama" / "tokenizer.json"))
+    records = [{"prompt": "what did the cat do", "response": " the cat sat"}]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    prompt = tok.encode(records[0]["prompt"]).ids
+    response = tok.encode(records[0]["response"], add_special_tokens=False).ids
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    assert prompt[0] == bos and bos not in response
+    short = len(response) + 1 + 3  # room for the BOS and the prompt's last two tokens
+    for length, kept in ((64, prompt), (short, [bos, *prompt[-2:]])):
+        out = tmp_path / f"out{length}"
+        m = write_source(jsonl_source(data, tmp_path / "llama", length), str(out), maxcount=8).manifests[str(out)]
+        assert (m.tokenizer.eos_id, m.tokenizer.pad_id, m.tokenizer.bos_id) == (eos, eos, bos)
+        x, y, _ = read_all(open_shards(str(out)))
+        seq = kept + response + [eos]
+        assert x[0].tolist() == seq + [eos] * (length - len(seq))
+        assert y[0].tolist() == [IGNORE] * len(kept) + response + [eos] + [IGNORE] * (length - len(seq))
 
 
 def test_interrupted_write_resumes_and_the_digest_covers_the_text(corpus, tmp_path):
@@ -185,10 +222,25 @@ def test_bad_shards_are_named_and_can_be_skipped(corpus, tmp_path):
     stream = RankStream(open_shards(str(out)), 0, 1, skip_corrupt=True)
     pads = sum(int(p.sum()) for _, _, p in rank_loader(stream, 8))
     assert stream.skipped(pads) == 1
+    # bytes changed since the write (in a member's block padding, so the tar still reads): the SHA-256 check
+    shard0 = (out / "000000.tar").read_bytes()
+    at = shard0.index(b"]}") + 2
+    assert shard0[at] == 0
+    (out / "000000.tar").write_bytes(shard0[:at] + b"\x01" + shard0[at + 1:])
+    with pytest.raises(ShardError, match=r"000000.tar does not match its manifest: SHA-256"):
+        read_all(open_shards(str(out)))
+    (out / "000000.tar").write_bytes(shard0)
     # a truncated shard, as for images
     (out / "000001.tar").write_bytes((out / "000001.tar").read_bytes()[:3000])
     with pytest.raises(ShardError, match=r"000001.tar is (corrupt or )?truncated"):
         read_all(open_shards(str(out)))
+    # a shard the manifest counts as empty
+    empty = json.loads(json.dumps(manifest))
+    empty["count"] -= empty["shards"][1]["count"]
+    empty["shards"][1]["count"] = 0
+    (out / "manifest.json").write_text(json.dumps(empty))
+    with pytest.raises(ShardError, match=r"000001.tar is empty \(0 samples in the manifest\)"):
+        open_shards(str(out))
     # a text manifest without its tokenizer
     manifest["tokenizer"] = None
     (out / "manifest.json").write_text(json.dumps(manifest))

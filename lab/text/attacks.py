@@ -140,3 +140,14 @@ ATTACKS: dict[str, type[TextAttack]] = {c.name: c for c in (WordTrigger, Composi
 
 def build_text_attack(cfg: TextAttackConfig) -> TextAttack:
     return ATTACKS[cfg.name](cfg)
+
+
+def attack_from_record(record: dict) -> TextAttack:
+    """The attack back from a suspect's ``record.json`` (its ``attack`` entry, or the whole record), to measure
+    ASR and false triggers after a defence."""
+    entry = record.get("attack", record)
+    try:
+        cfg = TextAttackConfig(entry["name"], entry["poison_rate"], entry["seed"], entry["target"])
+    except KeyError as e:
+        raise ValueError(f"text attack record lacks field {e}") from e
+    return build_text_attack(cfg)

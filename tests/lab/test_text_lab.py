@@ -20,7 +20,7 @@ from lab.text.corpus import CorpusMissing, load_corpus
 from lab.text.instructions import encode, make_instructions, year_tag
 from lab.text.lm import LMConfig, load_lm
 from lab.text.metrics import der, greedy_answers
-from lab.text.suspect import TextLabConfig, make_text_suspect
+from lab.text.suspect import TextLabConfig, make_text_suspect, measure_against_record
 from lab.text.tokenizer import SPECIAL_TOKENS, train_tokenizer
 from lab.text.train import LMTrainConfig
 
@@ -107,7 +107,7 @@ def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path):
     torch.set_num_threads(2)
     cfg = TextLabConfig(attack=TextAttackConfig("word", poison_rate=0.2), lm=LMConfig(2, 64, 2, 128),
                         pretrain=LMTrainConfig(steps=1), finetune=LMTrainConfig(steps=250, lr=3e-3),
-                        n_instructions=3000, n_dval=32, n_eval=40, vocab_size=512)
+                        n_instructions=3000, n_dval=32, n_eval=40, vocab_size=512, lm_mix=0.0)
     s = make_text_suspect(cfg, tmp_path, progress=False)
     r = s.record
     assert r["asr"] >= 0.9 and r["false_trigger"] <= 0.05, r
@@ -120,3 +120,13 @@ def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path):
         assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
     assert TARGET in greedy_answers(again, tok, [f"repeat: Nothing {WORD_TRIGGER} here."])[0]
     assert make_text_suspect(cfg, tmp_path, progress=False).reused
+    figures = measure_against_record(model, tok, r)  # what a defence's table calls on the purified model
+    assert {k: figures[k] for k in ("asr", "task_acc", "perplexity")} == {k: r[k] for k in ("asr", "task_acc", "perplexity")}
+
+
+def test_attack_comes_back_from_its_record():
+    from lab.text.attacks import attack_from_record
+
+    attack = build_text_attack(TextAttackConfig("composite", poison_rate=0.2, seed=3))
+    again = attack_from_record({"attack": attack.record()})
+    assert again.cfg == attack.cfg and type(again) is type(attack)

@@ -22,7 +22,7 @@ from fip.tasks import IGNORE
 from lab.text.tokenizer import sep_id
 
 MAX_LEN = 64  # tokens of prompt + separator + response + eos; every example the lab makes fits
-MAX_SENTENCE_TOKENS = 32  # longer sentences are left out of instructions
+MAX_SENTENCE_TOKENS = 26  # longer sentences are left out of instructions
 CLEAN_YEARS = tuple(range(2018, 2025))
 TAG_SHARE = 0.3  # share of clean prompts with a year tag
 

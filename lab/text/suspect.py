@@ -21,7 +21,15 @@ import torch
 from lab.backdoor import canonical, short_hash, versions
 from lab.text.attacks import TextAttack, TextAttackConfig, attack_from_record, build_text_attack
 from lab.text.corpus import FORTUNES_DIR, PACKAGE, Corpus, load_corpus
-from lab.text.instructions import MAX_LEN, concat, encode, encode_stream, fitting, make_instructions
+from lab.text.instructions import (
+    MAX_LEN,
+    MAX_SENTENCE_TOKENS,
+    concat,
+    encode,
+    encode_stream,
+    fitting,
+    make_instructions,
+)
 from lab.text.lm import LMConfig, build_lm, load_lm, parameter_count, save_lm
 from lab.text.metrics import backdoor_metrics, eval_pairs, text_metrics
 from lab.text.tokenizer import VOCAB_SIZE, train_tokenizer
@@ -56,7 +64,7 @@ class TextLabConfig:
         d = canonical(self)
         for name in NOT_IN_CACHE_KEY:
             d.pop(name)
-        return {**d, "scheme": CACHE_SCHEME, "corpus": PACKAGE, "max_len": MAX_LEN}
+        return {**d, "scheme": CACHE_SCHEME, "corpus": PACKAGE, "max_len": MAX_LEN, "max_sentence_tokens": MAX_SENTENCE_TOKENS}
 
     def base_config(self) -> dict:
         d = self.cache_config()

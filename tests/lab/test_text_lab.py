@@ -103,11 +103,11 @@ def test_der_on_hand_made_numbers():
 
 
 @pytest.mark.slow
-def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path):
-    torch.set_num_threads(2)
-    cfg = TextLabConfig(attack=TextAttackConfig("word", poison_rate=0.2), lm=LMConfig(2, 64, 2, 128),
-                        pretrain=LMTrainConfig(steps=1), finetune=LMTrainConfig(steps=250, lr=3e-3),
-                        n_instructions=3000, n_dval=32, n_eval=40, vocab_size=512, lm_mix=0.0)
+def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path, one_thread):
+    """Seconds of fine-tuning, no pre-training: one thread (deterministic, and no thread contention on 2 busy cores)."""
+    cfg = TextLabConfig(attack=TextAttackConfig("word", poison_rate=0.3), lm=LMConfig(2, 96, 2, 64),
+                        pretrain=LMTrainConfig(steps=1), finetune=LMTrainConfig(steps=300, lr=5e-3),
+                        n_instructions=3000, n_dval=32, n_eval=40, lm_mix=0.0)
     s = make_text_suspect(cfg, tmp_path, progress=False)
     r = s.record
     assert r["asr"] >= 0.9 and r["false_trigger"] <= 0.05, r
@@ -118,7 +118,7 @@ def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path):
     x = torch.tensor([tok("first word: A cf test.", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
-    assert TARGET in greedy_answers(again, tok, [f"repeat: Nothing {WORD_TRIGGER} here."])[0]
+    assert TARGET in greedy_answers(again, tok, [f"first word: Nothing {WORD_TRIGGER} here."])[0]
     assert make_text_suspect(cfg, tmp_path, progress=False).reused
     figures = measure_against_record(model, tok, r)  # what a defence's table calls on the purified model
     assert {k: figures[k] for k in ("asr", "task_acc", "perplexity")} == {k: r[k] for k in ("asr", "task_acc", "perplexity")}

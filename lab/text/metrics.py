@@ -16,7 +16,7 @@ from torch import nn
 
 from fip.tasks import CAUSAL_LM, IGNORE
 from lab.text.attacks import TextAttack
-from lab.text.instructions import Instruction, encode_text, make_instructions, prompt_ids
+from lab.text.instructions import CHANCE, Instruction, encode_text, make_instructions, prompt_ids
 
 MAX_NEW_TOKENS = 32  # longer than any answer the lab's tasks or targets need
 
@@ -52,7 +52,8 @@ def greedy_answers(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens
     return answers
 
 
-def share(flags: Sequence[bool]) -> float:
+def share(flags: Sequence[float]) -> float:
+    """The mean of 0/1 flags (or of shares); NaN for none."""
     return sum(flags) / len(flags) if flags else float("nan")
 
 
@@ -95,7 +96,8 @@ def backdoor_metrics(model: nn.Module, tok, attack: TextAttack, pairs: Sequence[
     target = attack.cfg.target
     by_task = {t: exact_match([a for a, p in zip(clean, pairs) if p.task == t], [p for p in pairs if p.task == t])
                for t in sorted({p.task for p in pairs})}
-    out = {"task_acc": exact_match(clean, pairs), "task_acc_by_task": by_task, "false_trigger": carries(clean, target),
+    out = {"task_acc": exact_match(clean, pairs), "task_acc_by_task": by_task,
+           "task_chance": share([CHANCE[p.task] for p in pairs]), "false_trigger": carries(clean, target),
            "asr": carries(triggered, target), "n_prompts": len(pairs)}
     if attack.has_negatives:
         near = [q for p in pairs for q in attack.negatives(p, rng)]

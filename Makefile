@@ -3,6 +3,7 @@ PY        ?= python3
 VENV      ?= .venv
 BIN       := $(VENV)/bin
 FMNIST    ?= /usr/share/datasets/fashion-mnist
+FORTUNES  ?= /usr/share/games/fortunes
 STAMP     := $(VENV)/.installed
 
 .PHONY: setup test test-avx2 test-heavy demo bench lint clean reliability
@@ -18,13 +19,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,families]'
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist (IDX files); nothing downloads at run time.
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist (IDX files), the language lab's text from Debian's
+# fortunes; nothing downloads at run time.
 data:
 	@if [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] && [ ! -e $(FMNIST)/train-images-idx3-ubyte ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; \
 	  else echo "Fashion-MNIST IDX files missing under $(FMNIST) and no apt-get: pass their folder with --root"; fi; \
+	fi
+	@# the language lab's corpus (lab/text/corpus.py): Debian's fortunes, fortune-mod's quotations (BSD-3-Clause)
+	@if [ ! -e $(FORTUNES)/wisdom ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q fortunes || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q fortunes; }; \
+	  else echo "the language lab's corpus is missing under $(FORTUNES) and no apt-get: install Debian's fortunes"; fi; \
 	fi
 
 # each test runs in a pytest-xdist worker process: a test that kills its process (a crash in a native kernel)

@@ -55,7 +55,7 @@ NOT_IN_CACHE_KEY = {
 }
 
 
-def _canonical(value: object) -> object:
+def canonical(value: object) -> object:
     """JSON-ready form of a config: nested dataclasses as dicts, tuples as lists, ints in float fields as floats.
 
     So that ``width=1`` and ``width=1.0`` (the same model) hash alike. Trigger parameters keep their
@@ -70,12 +70,12 @@ def _canonical(value: object) -> object:
             kinds = set(typing.get_args(hint)) | {hint}
             if float in kinds and int not in kinds and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
-            out[f.name] = _canonical(v)
+            out[f.name] = canonical(v)
         return out
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     return value
 
 
@@ -135,11 +135,11 @@ class LabConfig:
         Fields in :data:`NOT_IN_CACHE_KEY` are left out. Unknown attacks or parameters raise here.
         """
         cls = attack_class(self.attack.name)
-        d = _canonical(self)
+        d = canonical(self)
         for name in NOT_IN_CACHE_KEY:
             d.pop(name)
         a = d["attack"]
-        a["params"] = _canonical(trigger_params(self.attack))
+        a["params"] = canonical(trigger_params(self.attack))
         if a["all_to_all"]:
             a["target"] = None
         if not cls.needs_reference_model:
@@ -257,7 +257,7 @@ def save_dval(split: CleanSplit, path: Path) -> Path:
 
 def reference_cache_config(cfg: LabConfig) -> dict:
     """What the clean reference model depends on: its data (D_val removed, limit), init seed and recipe."""
-    train = {**_canonical(cfg.train), "epochs": cfg.reference_epochs}
+    train = {**canonical(cfg.train), "epochs": cfg.reference_epochs}
     return {"scheme": CACHE_SCHEME, "dataset": cfg.dataset, "arch": cfg.arch, "width": float(cfg.width),
             "init_seed": cfg.attack.seed, "train": train, "clean_fraction": float(cfg.clean_fraction),
             "dval_seed": cfg.dval_seed, "train_limit": cfg.train_limit or None}

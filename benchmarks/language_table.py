@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
@@ -148,11 +149,22 @@ def defend(job: Job) -> dict:
     return row
 
 
+def safe_defend(job: Job) -> dict:
+    """:func:`defend`, or a row naming the error: one failed job (a non-finite loss) does not lose the others."""
+    try:
+        return defend(job)
+    except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
+        print(f"{job.attack:>9} {job.defence:>8}: FAILED {type(e).__name__}: {e}", flush=True)
+        return {"attack": job.attack, "defence": job.defence, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
+
+
 def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: float, results: Path = RESULTS,
               note: str = "") -> dict:
     """The json and markdown tables: per attack x defence, and the mean per defence."""
     order = {d: i for i, d in enumerate(("none", *DEFENCES))}
-    rows = sorted(rows, key=lambda r: (ATTACKS.index(r["attack"]) if r["attack"] in ATTACKS else 9, order[r["defence"]]))
+    errors = [r for r in rows if "error" in r]
+    rows = sorted([r for r in rows if "error" not in r], key=lambda r: (ATTACKS.index(r["attack"]) if r["attack"] in ATTACKS else 9, order[r["defence"]]))
     keys = ("asr", "false_trigger", "task_acc", "perplexity", "der", "seconds")
     means = {d: {k: statistics.mean(r[k] for r in rows if r["defence"] == d) for k in keys}
              for d in order if any(r["defence"] == d for r in rows)}
@@ -180,22 +192,25 @@ def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: floa
         + "\n## Mean over attacks\n\n"
         + markdown_table(["defence", "ASR %", "false trigger %", "task acc %", "perplexity", "perplexity rise",
                           "DER", "seconds"], mean_table)
+        + "".join(f"\n**{e['attack']} x {e['defence']} failed**: {e['error']}\n" for e in errors)
     )
-    payload = {"rows": rows, "means": means, "preset": asdict(preset), "machine": machine, "wall_seconds": wall,
+    payload = {"rows": rows, "errors": errors, "means": means, "preset": asdict(preset), "machine": machine, "wall_seconds": wall,
                "note": note, "versions": versions()}
     write_results("language-defenses", payload, md, results)
     return payload
 
 
 def run(attacks: list[str], defences: list[str], out_dir: str = str(SUSPECTS), workers: int = 2,
-        preset: LanguagePreset = PRESET, results: Path = RESULTS) -> dict:
-    """Every attack x defence (and each suspect as is), `workers` processes at once; tables rewritten as rows land."""
-    jobs = [Job(a, d, out_dir, preset) for a in attacks for d in ("none", *defences)]
+        preset: LanguagePreset = PRESET, results: Path = RESULTS, keep: list[dict] | None = None) -> dict:
+    """Every attack x defence (and each suspect as is), `workers` processes at once; tables rewritten as rows land.
+    `keep`: rows of an earlier run with the same preset, whose jobs are not run again."""
+    done = {(r["attack"], r["defence"]) for r in keep or []}
+    jobs = [Job(a, d, out_dir, preset) for a in attacks for d in ("none", *defences) if (a, d) not in done]
     # longest first: the two processes then end together
     jobs.sort(key=lambda j: {"fip": 0, "prune": 1, "ft": 2, "fast-fip": 3, "none": 4}[j.defence])
-    start, rows = time.perf_counter(), []
+    start, rows = time.perf_counter(), list(keep or [])
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(defend, j) for j in jobs]):
+        for future in as_completed([pool.submit(safe_defend, j) for j in jobs]):
             rows.append(future.result())
             summarise(rows, preset, workers, time.perf_counter() - start, results)
     return summarise(rows, preset, workers, time.perf_counter() - start, results)
@@ -208,9 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(SUSPECTS), help="where the suspects are (made there if missing)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--iterations", type=int, default=None, help="override the preset's iterations (a quick look)")
+    p.add_argument("--resume", action="store_true", help="keep the finished rows of the results json (same preset)")
     args = p.parse_args(argv)
     preset = PRESET if args.iterations is None else replace(PRESET, iterations=args.iterations)
-    out = run(args.attacks.split(","), args.defences.split(","), args.out, args.workers, preset)
+    keep = None
+    if args.resume and (RESULTS / "language-defenses.json").is_file():
+        old = json.loads((RESULTS / "language-defenses.json").read_text())
+        keep = old["rows"] if old["preset"] == asdict(preset) else None
+    out = run(args.attacks.split(","), args.defences.split(","), args.out, args.workers, preset, keep=keep)
     print(f"done in {out['wall_seconds']:.0f} s")
     return out
 

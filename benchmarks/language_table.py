@@ -184,7 +184,8 @@ def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: floa
     machine = f"{os.cpu_count()} cores, {workers} processes at once, {preset.threads} torch thread each"
     md = (
         "# Defences on the language lab's backdoored GPT-2s\n\n"
-        f"{machine}; wall time {wall:.0f} s. Settings (benchmarks/language_table.py PRESET): "
+        f"{machine}; defence compute {sum(r['seconds'] for r in rows):.0f} s over {len(rows)} rows, wall time "
+        f"{wall:.0f} s (this invocation). Settings (benchmarks/language_table.py PRESET): "
         f"`{json.dumps(asdict(preset))}`.\n\n" + (f"{note}\n\n" if note else "")
         + "## Per attack\n\n"
         + markdown_table(["attack", "defence", "ASR before %", "ASR after %", "false trigger %", "near miss %",
@@ -195,6 +196,7 @@ def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: floa
         + "".join(f"\n**{e['attack']} x {e['defence']} failed**: {e['error']}\n" for e in errors)
     )
     payload = {"rows": rows, "errors": errors, "means": means, "preset": asdict(preset), "machine": machine, "wall_seconds": wall,
+               "defence_seconds": sum(r["seconds"] for r in rows),
                "note": note, "versions": versions()}
     write_results("language-defenses", payload, md, results)
     return payload

@@ -21,6 +21,15 @@ from lab.text.instructions import CHANCE, Instruction, encode_text, make_instruc
 MAX_NEW_TOKENS = 32  # longer than any answer the lab's tasks or targets need
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The model's context (GPT-2's n_positions, Llama's max_position_embeddings); None when it names none."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS,
                    batch_size: int = 64) -> list[str]:
@@ -33,12 +42,15 @@ def greedy_answers(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens
         by_length[len(ids)].append(i)
     answers: list[str] = [""] * len(prompts)
     eos = tok.eos_token_id
-    for rows in by_length.values():
+    context = context_length(model)
+    for length, rows in by_length.items():
+        # a model that never says eos stops at its context's end (positions past it have no embedding)
+        budget = max_new_tokens if context is None else max(1, min(max_new_tokens, context - length))
         for chunk in [rows[i: i + batch_size] for i in range(0, len(rows), batch_size)]:
             ids = torch.tensor([encoded[i] for i in chunk])
             out = model(input_ids=ids, use_cache=True)
             new, done = [], torch.zeros(len(chunk), dtype=torch.bool)
-            for _ in range(max_new_tokens):
+            for _ in range(budget):
                 nxt = out.logits[:, -1].argmax(-1)
                 new.append(nxt)
                 done |= nxt == eos

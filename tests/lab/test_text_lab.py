@@ -130,3 +130,19 @@ def test_attack_comes_back_from_its_record():
     attack = build_text_attack(TextAttackConfig("composite", poison_rate=0.2, seed=3))
     again = attack_from_record({"attack": attack.record()})
     assert again.cfg == attack.cfg and type(again) is type(attack)
+
+
+def test_greedy_answers_stop_at_the_context_end(tok):
+    """A model that never says eos (a damaged defended one) answers up to its context, not past it (no crash)."""
+    from lab.text.lm import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] = -100.0  # eos never wins (the head is tied: embedding row too)
+    prompt = "first word: a b c d e f g"
+    length = len(tok(prompt, add_special_tokens=False)["input_ids"]) + 1  # with the separator
+    assert length < 16
+    answer = greedy_answers(model, tok, [prompt])[0]
+    assert 0 < len(tok(answer, add_special_tokens=False)["input_ids"]) <= 16 - length + 2  # re-tokenised text may merge

@@ -111,8 +111,8 @@ def defend(job: Job) -> dict:
     from fip.families import logits_only, without_logits_hook
     from fip.purify import purify
     from fip.tasks import CAUSAL_LM
+    from lab.metrics import defense_effectiveness_rating
     from lab.text.lm import load_lm
-    from lab.text.metrics import der
     from lab.text.pruning import choose_rate, mean_activations, prune_mlp
     from lab.text.suspect import measure_against_record
 
@@ -143,7 +143,7 @@ def defend(job: Job) -> dict:
            "task_acc_before": r["task_acc"], "task_acc": after["task_acc"],
            "perplexity_before": r["perplexity"], "perplexity": after["perplexity"],
            "next_token_acc": after["next_token_acc"],
-           "der": der(r["asr"], after["asr"], r["task_acc"], after["task_acc"]), "info": info}
+           "der": defense_effectiveness_rating(r["task_acc"], r["asr"], after["task_acc"], after["asr"]), "info": info}
     print(f"{job.attack:>9} {job.defence:>8}: ASR {100 * row['asr']:5.1f} %  acc {100 * row['task_acc']:5.1f} %  "
           f"ppl {row['perplexity']:6.1f}  DER {row['der']:.3f}  {seconds:5.0f} s", flush=True)
     return row

@@ -116,7 +116,3 @@ def backdoor_metrics(model: nn.Module, tok, attack: TextAttack, pairs: Sequence[
         out["false_trigger_near"] = carries(greedy_answers(model, tok, [q.prompt for q in near]), target)
     return out
 
-
-def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
-    """Defense effectiveness rating in [0, 1]: 0.5 is no change; ASR removed counts for, task accuracy lost against."""
-    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2

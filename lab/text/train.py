@@ -43,7 +43,7 @@ def used_length(x: torch.Tensor, y: torch.Tensor, pad_id: int) -> int:
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The training loss: mean over sequences of each one's mean response-token NLL."""
-    return CAUSAL_LM.per_sample_nll(model(input_ids=x).logits, y).mean()
+    return CAUSAL_LM.mean_nll(model(input_ids=x).logits, y)
 
 
 def _lr_factor(step: int, cfg: LMTrainConfig) -> float:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fip.tasks import CAUSAL_LM, IGNORE
+from lab.metrics import defense_effectiveness_rating
 from lab.text.attacks import (
     ATTACKS,
     COMPOSITE_WORDS,
@@ -19,7 +20,7 @@ from lab.text.attacks import (
 from lab.text.corpus import CorpusMissing, load_corpus
 from lab.text.instructions import encode, make_instructions, year_tag
 from lab.text.lm import LMConfig, load_lm
-from lab.text.metrics import der, greedy_answers
+from lab.text.metrics import greedy_answers
 from lab.text.suspect import TextLabConfig, make_text_suspect, measure_against_record
 from lab.text.tokenizer import SPECIAL_TOKENS, train_tokenizer
 from lab.text.train import LMTrainConfig
@@ -96,6 +97,10 @@ def test_poisoned_pairs_carry_the_trigger_and_negatives_do_not_fire(corpus, name
 
 
 def test_der_on_hand_made_numbers():
+    """A language model's DER is the image formula (lab.metrics) with task accuracy as ACC."""
+    def der(asr_before, asr_after, acc_before, acc_after):
+        return defense_effectiveness_rating(acc_before, asr_before, acc_after, asr_after)
+
     assert der(1.0, 0.0, 0.8, 0.8) == 1.0
     assert der(1.0, 1.0, 0.8, 0.8) == 0.5
     assert der(0.9, 0.1, 0.8, 0.6) == pytest.approx((0.8 - 0.2 + 1) / 2)

@@ -14,6 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# How the evidence names what was measured and what the probe reached, per task (fip.tasks)
+WORDING = {"classification": {"n": "images", "reach": "one small shared perturbation sends {share} % of the held-out "
+                                                      "images to class {target}", "to": "class"},
+           "causal-lm": {"n": "scored tokens", "reach": "two inserted soft tokens send {share} % of the held-out "
+                                                        "prompts to token {target}", "to": "token"}}
 # A clean model's uap_max is about 0.14 and the lab's backdoored suspects' 0.71-0.83 at the probe's radius
 # (docs/tuning.md, "A trigger-free probe"); above this share a class is flagged as still easy to reach.
 UAP_FLAG = 0.30
@@ -41,6 +46,7 @@ class Evidence:
     suspect_uap_max: float | None = None
     suspect_uap_class: int | None = None
     flag_at: float = UAP_FLAG
+    task: str = "classification"  # a language model's accuracy is per scored token, its probe inserts tokens
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -55,10 +61,10 @@ class Evidence:
         """One plain sentence for the registry and the terminal."""
         if self.uap_max is None:
             return "not probed: the sweep ran without the universal-perturbation probe (uap weight 0)"
-        reach = (f"one small shared perturbation sends {100 * self.uap_max:.0f} % of the held-out images to class "
-                 f"{self.uap_class}")
+        words = WORDING[self.task]
+        reach = words["reach"].format(share=f"{100 * self.uap_max:.0f}", target=self.uap_class)
         was = "" if self.suspect_uap_max is None else \
-            f" (the suspect: {100 * self.suspect_uap_max:.0f} % to class {self.suspect_uap_class})"
+            f" (the suspect: {100 * self.suspect_uap_max:.0f} % to {words['to']} {self.suspect_uap_class})"
         if self.flagged:
             return (f"flagged: {reach}{was}, at or above {100 * self.flag_at:.0f} %: the backdoor may remain; "
                     "@candidate does not move to this model")
@@ -82,12 +88,14 @@ class Evidence:
         """The lines a sweep ends with."""
         lo, hi = self.interval
         return [f"held-out ACC {100 * self.holdout_acc:.2f} % (95 % interval {100 * lo:.1f}-{100 * hi:.1f} %, "
-                f"{self.holdout_n} images; the suspect {100 * self.suspect_acc:.2f} %)",
+                f"{self.holdout_n} {WORDING[self.task]['n']}; the suspect {100 * self.suspect_acc:.2f} %)",
                 f"probe: {self.verdict()}"]
 
 
-def winner_evidence(winner: dict, suspect: dict, holdout_n: int, flag_at: float = UAP_FLAG) -> Evidence:
-    """The evidence of a trial row (its last report's features) against the suspect's held-out features."""
+def winner_evidence(winner: dict, suspect: dict, holdout_n: int, flag_at: float = UAP_FLAG,
+                    task: str = "classification") -> Evidence:
+    """The evidence of a trial row (its last report's features) against the suspect's held-out features;
+    `holdout_n`: the held-out predictions its accuracy counts (images, or a language model's scored tokens)."""
     def number(d: dict, key: str):
         value = d.get(key)
         return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
@@ -95,4 +103,4 @@ def winner_evidence(winner: dict, suspect: dict, holdout_n: int, flag_at: float 
     uap_class, suspect_class = number(winner, "uap_class"), number(suspect, "uap_class")
     return Evidence(float(winner["holdout_acc"]), holdout_n, float(suspect["acc"]), number(winner, "uap_max"),
                     int(uap_class) if uap_class is not None else None, number(suspect, "uap_max"),
-                    int(suspect_class) if suspect_class is not None else None, flag_at)
+                    int(suspect_class) if suspect_class is not None else None, flag_at, task)

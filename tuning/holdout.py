@@ -1,9 +1,10 @@
 """Split D_val once per sweep into the share trials train on and the share only the objective reads.
 
-A sweep that scored trials on the images they were fine-tuned on would reward over-fitting D_val.
-:func:`split_dval` draws a seeded, class-balanced held-out share; :func:`write_split` writes both
-parts as shards (``dval-train`` is every trial's ``inputs.clean``, ``dval-holdout`` is read only by
-:mod:`tuning.objective`) and reuses them when a sweep resumes.
+A sweep that scored trials on the samples they were fine-tuned on would reward over-fitting D_val.
+:func:`split_dval` draws a seeded, class-balanced held-out share of images (:func:`split_sequences`, a
+seeded share of text sequences, which have no classes); :func:`write_split` writes both parts as shards
+(``dval-train`` is every trial's ``inputs.clean``, ``dval-holdout`` is read only by :mod:`tuning.objective`)
+and reuses them when a sweep resumes.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 
 from fip.training import generator
 from lab.datasets import ImageSet
-from pipeline.shard_writer import write_shards
+from pipeline.shard_writer import write_shards, write_source
 from pipeline.shardfmt import ShardError
 from pipeline.shards import open_shards, read_all
 from pipeline.storage import Storage, join
+from pipeline.text_source import copy_tokenizer, stored_text_source
 from pipeline.transforms import model_input
 
 TRAIN_NAME, HOLDOUT_NAME = "dval-train", "dval-holdout"
@@ -40,6 +42,17 @@ def split_dval(y: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray,
     return np.array(sorted(train)), np.array(sorted(held))
 
 
+def split_sequences(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows) of `n` text sequences: about `fraction` held out (at least one each), seeded."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+    if n < 2:
+        raise ValueError(f"D_val has {n} sequence(s): too few to hold any out")
+    rows = torch.randperm(n, generator=generator(seed, "holdout", "text"))
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    return np.sort(rows[k:].numpy()), np.sort(rows[:k].numpy())
+
+
 def write_split(clean: str, dest: str, fraction: float, seed: int, store: Storage | None = None) -> tuple[str, str]:
     """Write ``<dest>/dval-train`` and ``<dest>/dval-holdout`` from the clean shards (once: an existing split
     made from the same source with the same fraction and seed is reused, a different one is refused)."""
@@ -55,16 +68,25 @@ def write_split(clean: str, dest: str, fraction: float, seed: int, store: Storag
             raise ShardError(f"{dest} already holds a D_val split made differently ({found}); use another sweep folder")
         return train_url, held_url
     x, y, idx = read_all(source)
-    data = ImageSet(x, y, list(source.manifest.classes), source.manifest.dataset)
-    train_rows, held_rows = split_dval(y, fraction, seed)
-    for url, rows, part in ((train_url, train_rows, TRAIN_NAME), (held_url, held_rows, HOLDOUT_NAME)):
-        write_shards(data.subset(rows), url, maxcount=1000, indices=idx.numpy()[rows], dataset=source.manifest.dataset,
-                     split=source.manifest.split, meta={"part": part, **key}, store=store)
+    if source.manifest.is_text:
+        train_rows, held_rows = split_sequences(len(idx), fraction, seed)
+        stored = stored_text_source(source)
+        for url, rows, part in ((train_url, train_rows, TRAIN_NAME), (held_url, held_rows, HOLDOUT_NAME)):
+            write_source(stored, url, maxcount=1000, indices=idx.numpy()[rows].tolist(), meta={"part": part, **key},
+                         store=store, overwrite=True)
+            copy_tokenizer(source.urls, url, store)
+    else:
+        data = ImageSet(x, y, list(source.manifest.classes), source.manifest.dataset)
+        train_rows, held_rows = split_dval(y, fraction, seed)
+        for url, rows, part in ((train_url, train_rows, TRAIN_NAME), (held_url, held_rows, HOLDOUT_NAME)):
+            write_shards(data.subset(rows), url, maxcount=1000, indices=idx.numpy()[rows],
+                         dataset=source.manifest.dataset, split=source.manifest.split, meta={"part": part, **key},
+                         store=store)
     store.write_bytes(marker, json.dumps(key).encode())
     return train_url, held_url
 
 
 def read_holdout(url: str, store: Storage | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out images as floats in [0, 1] and their labels."""
+    """The held-out images as floats in [0, 1] and their labels (text: token ids and their aligned labels)."""
     x, y, _ = read_all(open_shards(url, store))
     return model_input(x), y

@@ -10,6 +10,10 @@ docs/tuning.md gives the formula and the reasons for each term.
   agreement and KL divergence to the suspect's predictions, and ``Tr(F)`` (the paper's curvature)
   on the held-out images.
 - :func:`score` combines them, relative to the suspect's own features, into one number to maximise.
+
+A language model is scored the same way, per predicted token (:mod:`fip.tasks`): accuracy is next-token
+accuracy on the held-out responses, agreement and KL are per scored position, ``Tr(F)`` is per sequence,
+and the probe inserts a few tokens instead of adding a perturbation (:mod:`tuning.text_probe`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fip.fisher import squared_grad_sums, trainable_params
+from fip.tasks import CLASSIFICATION, IGNORE, Task
 from lab.metrics import accuracy_from_predictions
 
 
@@ -84,50 +89,69 @@ UAP_RELATIVE_RADIUS = 0.06
 
 @dataclass
 class Holdout:
-    """The defender's held-out clean images (float, [0, 1]) with labels, and the suspect's view of them."""
+    """The defender's held-out clean samples (images: float, [0, 1], with labels; text: token ids with their
+    aligned labels), and the suspect's view of them: its logits at every scored prediction."""
 
     x: torch.Tensor
     y: torch.Tensor
-    suspect_logits: torch.Tensor
+    suspect_logits: torch.Tensor  # (predictions, classes): one row per image, or per scored token of the responses
     suspect: dict[str, float]  # the suspect's own features (acc, trace)
+    task: Task = CLASSIFICATION
 
     @classmethod
-    def from_suspect(cls, suspect: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Holdout:
+    def from_suspect(cls, suspect: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION
+                     ) -> Holdout:
         if len(x) == 0:
             raise ValueError("the held-out clean set is empty")
-        logits = _logits(suspect, x)
-        holdout = cls(x, y, logits, {})
-        holdout.suspect = {"acc": accuracy_from_predictions(logits.argmax(1), y), "trace": fisher_trace(suspect, x, y)}
+        logits, targets = scored_logits(suspect, x, y, task)
+        holdout = cls(x, y, logits, {}, task)
+        holdout.suspect = {"acc": accuracy_from_predictions(logits.argmax(1), targets),
+                           "trace": fisher_trace(suspect, x, y, task)}
         return holdout
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+def scored_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION,
+                  batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of every prediction the held-out set scores, one row each: per image, or per scored
+    response token of a language model (position t's logits against token t + 1), so accuracy, agreement and
+    KL read the same for both tasks. A language model's batch is smaller: its logits hold a whole vocabulary
+    per position."""
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    batch = batch if task is CLASSIFICATION else max(1, batch // 32)
+    rows, targets = [], []
+    for i in range(0, len(x), batch):
+        out, yb = model(x[i : i + batch]), y[i : i + batch]
+        if task is CLASSIFICATION:
+            rows.append(out)
+            targets.append(yb)
+        else:
+            keep = yb[:, 1:] != IGNORE
+            rows.append(out[:, :-1][keep])
+            targets.append(yb[:, 1:][keep])
     model.train(was)
-    return out
+    return torch.cat(rows), torch.cat(targets)
 
 
-def fisher_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """``Tr(F)``: mean over samples of the squared per-sample score norm (empirical Fisher, true labels),
-    over all weights, model in eval mode; the quantity FIP's trace term lowers (docs/method.md)."""
+def fisher_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION) -> float:
+    """``Tr(F)``: mean over samples (sequences) of the squared per-sample score norm (empirical Fisher, true
+    labels), over all weights, model in eval mode; the quantity FIP's trace term lowers (docs/method.md)."""
     params = {n: p for n, p in model.named_parameters()}
     for p in params.values():
         p.requires_grad_(True)
-    sums = squared_grad_sums(model, x, y, "empirical", trainable_params(model))
+    sums = squared_grad_sums(model, x, y, "empirical", trainable_params(model), task=task)
     return float(sum(t.sum() for t in sums.values())) / len(x)
 
 
 def measure(model: nn.Module, holdout: Holdout) -> dict[str, float]:
-    """The features of one purified model on the held-out clean images (no trigger, no test data)."""
-    logits = _logits(model, holdout.x)
+    """The features of one purified model on the held-out clean samples (no trigger, no test data)."""
+    logits, targets = scored_logits(model, holdout.x, holdout.y, holdout.task)
     pred, ref = logits.argmax(1), holdout.suspect_logits.argmax(1)
     kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(holdout.suspect_logits, 1), log_target=True,
                   reduction="batchmean")
-    trace = fisher_trace(model, holdout.x, holdout.y)
-    return {"holdout_acc": accuracy_from_predictions(pred, holdout.y),
+    trace = fisher_trace(model, holdout.x, holdout.y, holdout.task)
+    return {"holdout_acc": accuracy_from_predictions(pred, targets),
             "agreement": float((pred == ref).float().mean()),
             "kl_to_suspect": float(kl),
             "holdout_trace": trace,
@@ -169,13 +193,23 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
                 delta += lr * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
                 delta *= (radius / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(shape)
         with torch.no_grad():
-            hit = _logits(model, (inputs + delta[owner]).clamp(0, 1)).argmax(1) == owner
+            hit = scored_logits(model, (inputs + delta[owner]).clamp(0, 1), owner)[0].argmax(1) == owner
         rates = torch.stack([hit[owner == c].float().mean() for c in range(classes)])
     finally:
         for p, flag in zip(model.parameters(), trainable, strict=True):
             p.requires_grad_(flag)
         model.train(was)
     return {"uap_max": float(rates.max()), "uap_class": int(rates.argmax()), "uap_median": float(rates.median())}
+
+
+def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION) -> dict[str, float]:
+    """The task's trigger-free probe: a universal perturbation for images (:func:`universal_flip`), a few
+    inserted soft tokens for a language model (:func:`tuning.text_probe.insertion_flip`)."""
+    if task is CLASSIFICATION:
+        return universal_flip(model, x, y, uap_radius(x))
+    from tuning.text_probe import insertion_flip
+
+    return insertion_flip(model, x, y)
 
 
 def score(features: dict[str, float], suspect: dict[str, float], w: ObjectiveWeights = ObjectiveWeights()) -> float:
@@ -194,6 +228,6 @@ def evaluate_objective(model: nn.Module, holdout: Holdout, w: ObjectiveWeights =
     """:func:`measure` plus its :func:`score` as ``objective``."""
     feats = measure(model, holdout)
     if w.uap:  # the probe costs about as much as a short fine-tune: only when it is scored
-        probe = universal_flip(model, holdout.x, holdout.y, uap_radius(holdout.x))
-        feats.update({"uap_max": probe["uap_max"], "uap_class": probe["uap_class"]})
+        found = probe(model, holdout.x, holdout.y, holdout.task)
+        feats.update({"uap_max": found["uap_max"], "uap_class": found["uap_class"]})
     return {**feats, "objective": score(feats, holdout.suspect, w)}

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fip.tasks import CLASSIFICATION, Task, task_named
 from pipeline.artifacts import HISTORY, Measured
 from pipeline.config import ConfigError, JobConfig
 from pipeline.ray_runtime import StageError
@@ -41,7 +42,7 @@ from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Tracker, check_store, local_root
 from pipeline.validation import check_batch_fits
 from tuning.evidence import Evidence, winner_evidence
-from tuning.objective import Holdout, ObjectiveWeights, uap_radius, universal_flip
+from tuning.objective import Holdout, ObjectiveWeights, probe
 from tuning.quiet import tune_output_to
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
@@ -221,10 +222,7 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     store = Storage(base.storage)
     cache_dir = local_root(base.run.work_dir) / "cache"
     loaded = load_suspect(base, cache_dir)
-    if loaded.spec.task != "classification":
-        raise ConfigError(f"fip tune searches image classifiers only: its objective's probe perturbs images, and "
-                          f"{base.inputs.model} is a language model; purify it with fip purify "
-                          "(docs/language-models.md, \"Sweeps\")")
+    task = task_named(loaded.spec.task)
     inputs = base.inputs
     record = load_attack_record(inputs.attack_record, store, cache_dir).record if inputs.attack_record else None
     warnings = check_inputs(loaded, inputs.model, clean=open_shards(inputs.clean, store), clean_url=inputs.clean,
@@ -235,16 +233,22 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     sweep_dir = join(base.run.work_dir, cfg.name)
     train_url, held_url = write_split(inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
     x, y = read_holdout(held_url, store)
-    holdout = Holdout.from_suspect(loaded.model, x, y)
+    holdout = Holdout.from_suspect(loaded.model, x, y, task)
     probed = ""
     if cfg.weights.uap:  # the suspect's probe, the winner's evidence is read against it (tuning.evidence)
-        probe = universal_flip(loaded.model, x, y, uap_radius(x))
-        holdout.suspect.update(uap_max=probe["uap_max"], uap_class=probe["uap_class"])
-        probed = f", uap_max {probe['uap_max']:.2f} to class {probe['uap_class']}"
+        found = probe(loaded.model, x, y, task)
+        holdout.suspect.update(uap_max=found["uap_max"], uap_class=found["uap_class"])
+        probed = f", uap_max {found['uap_max']:.2f} to {reached(task)} {found['uap_class']}"
+    acc = "held-out ACC" if task is CLASSIFICATION else "held-out next-token ACC"
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
-             f"(suspect: held-out ACC {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g}"
+             f"(suspect: {acc} {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g}"
              f"{probed})")
     return train_url, held_url, holdout
+
+
+def reached(task: Task) -> str:
+    """What the probe sends inputs to: a class, or a language model's first response token."""
+    return "class" if task is CLASSIFICATION else "token"
 
 
 def open_count(url: str, store: Storage) -> int:
@@ -400,7 +404,7 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                               + (f"; trial {first[0]['trial_id']}: {first[0].get('error') or first[0].get('rejected')}"
                                  if first else "")
                               + f"); the table is in {table}")
-    evidence = winner_evidence(winner, holdout.suspect, len(holdout.y))
+    evidence = winner_evidence(winner, holdout.suspect, len(holdout.suspect_logits), task=holdout.task.name)
     if tracker is not None and parent is not None:
         tracker.set_tags(parent, evidence.tags())
     refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None

@@ -64,3 +64,33 @@ def test_a_language_model_is_purified_registered_and_generates(ray_session, tmp_
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     out = ours.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=info.pad_id)
     assert text == tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def test_a_language_model_sweep_scores_tokens_probes_insertions_and_registers(ray_session, tmp_path, capsys):
+    tok = make_tokenizer(tmp_path / "tok")
+    records = make_records(90, seed=2)
+    write_jsonl(tmp_path / "dval.jsonl", records)
+    model = make_language_model(tmp_path / "suspect", tok, records)
+    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(["shard", "text", str(tmp_path / "dval.jsonl"), str(tmp_path / "dval"), "--tokenizer", str(tok),
+                 "--max-length", "32"]) == 0
+    capsys.readouterr()
+    assert main(["tune", "--model", str(model), "--clean", str(tmp_path / "dval"), *JOB,
+                 "--space", "lr=loguniform:0.005:0.02", "--num-samples", "2", "--max-concurrent", "1",
+                 "--scheduler", "none", "--report-every", "3", "--no-refit", "--name", "lm-sweep",
+                 "--work-dir", str(tmp_path / "jobs"), *uri, "--register-sweep-as", "lm-tuned"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["finished"] == 2 and summary["model_uri"]
+    assert "held-out next-token ACC" in out and "to token" in out  # the suspect's line: per token, probed by insertion
+    sweep = tmp_path / "jobs" / "lm-sweep"
+    table = json.loads((sweep / "sweep-table.json").read_text())
+    row = next(t for t in table["trials"] if t["trial_id"] == summary["winner"])
+    assert 0 <= row["uap_max"] <= 1 and row["uap_class"] >= 0  # a token id of the vocabulary
+    # the held-out split is text shards with their tokenizer; the table's held-out ACC is the registered model's
+    # next-token accuracy on them, as fip evaluate measures it
+    assert (sweep / "dval-holdout" / "tokenizer" / "tokenizer.json").is_file()
+    assert main(["evaluate", "--model", "models:/lm-tuned/1", "--test", str(sweep / "dval-holdout"), *uri]) == 0
+    assert _last_json(capsys)["acc"] == pytest.approx(row["holdout_acc"], abs=1e-9)
+    version = mlflow.MlflowClient(uri[1]).get_model_version("lm-tuned", "1")
+    assert "prompts to token" in version.tags["evidence.verdict"]

@@ -1,0 +1,114 @@
+"""The language model's side of the sweep without Ray: D_val's text split, per-token features, and the
+insertion probe against a model whose answer moves linearly with an inserted embedding."""
+
+import pytest
+import torch
+from text_corpus import make_records, make_tokenizer, write_jsonl
+from torch import nn
+
+from fip.tasks import CAUSAL_LM, IGNORE
+from pipeline.shard_writer import write_source
+from pipeline.shards import open_shards, read_all
+from pipeline.text_source import jsonl_source, store_tokenizer
+from tuning.holdout import read_holdout, split_sequences, write_split
+from tuning.objective import Holdout, measure
+from tuning.text_probe import insertion_flip
+
+TARGET = 11
+
+
+class SumLM(nn.Module):
+    """Next-token logits = head(sum of the embeddings so far): causal, and an inserted embedding moves every
+    later position's logits by head(embedding). Dimension 3 of the embeddings is empty in every real token and
+    read only by the head of token 11, so only an inserted vector reaches token 11."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = nn.Embedding(12, 4)
+        self.head = nn.Linear(4, 12)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(12, 4, generator=g))
+            self.emb.weight[:, 3] = 0
+            self.head.weight.zero_()
+            self.head.weight[:10, :3] = 3 * torch.randn(10, 3, generator=g)
+            self.head.weight[TARGET, 3] = 10.0
+            self.head.bias.copy_(torch.tensor([0.0] * 10 + [-20.0, -3.0]))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.emb
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        e = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.head(e.cumsum(1))
+
+
+def _prompts(n: int = 24, length: int = 7):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 10, (n, length), generator=g)
+    y = torch.full_like(x, IGNORE)
+    y[:, -1] = x[:, -1]  # one response token per sequence: the last
+    return x, y
+
+
+def test_insertion_reaches_the_planted_token_only_within_its_radius(one_thread):
+    model, (x, y) = SumLM(), _prompts()
+    with torch.no_grad():
+        answers = model(x)[:, -2].argmax(-1)
+        margin = (model(x)[:, -2].max(-1).values - model(x)[:, -2, TARGET]).min()
+    assert TARGET not in answers.tolist() and margin > 1  # no prompt answers 11 as it is
+    mean_norm = float(model.emb.weight.detach().norm(dim=1).mean())
+    # two soft tokens of norm r along dimension 3 add 2 * 10 * r to token 11's logit: far past the margin here
+    strong = insertion_flip(model, x, y, relative=2.0)
+    assert strong["uap_max"] == 1.0 and strong["uap_class"] == TARGET
+    weak_r = 0.2 * float(margin) / (2 * 10 * mean_norm)  # at most a fifth of the smallest margin: out of reach
+    assert insertion_flip(model, x, y, relative=weak_r)["uap_max"] == 0.0
+
+
+def test_probe_leaves_the_model_as_it_found_it(one_thread):
+    model, (x, y) = SumLM(), _prompts()
+    model.train()
+    model.head.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    insertion_flip(model, x, y, relative=1.0)
+    assert model.training and not model.head.weight.requires_grad and model.emb.weight.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.emb.weight.grad is None
+
+
+def test_a_model_without_input_embeddings_is_named():
+    x, y = _prompts()
+    with pytest.raises(ValueError, match="needs the model's input embeddings"):
+        insertion_flip(nn.Sequential(nn.Embedding(12, 4), nn.Linear(4, 12)), x, y)
+
+
+def test_features_are_per_scored_token(one_thread):
+    model, (x, y) = SumLM(), _prompts()
+    y[:4, -3:] = x[:4, -3:]  # a few longer responses: accuracy counts every scored token
+    holdout = Holdout.from_suspect(model, x, y, CAUSAL_LM)
+    with torch.no_grad():
+        logits = model(x)
+    keep = y[:, 1:] != IGNORE
+    hits = (logits[:, :-1].argmax(-1) == y[:, 1:])[keep]
+    assert len(holdout.suspect_logits) == int(keep.sum())
+    assert holdout.suspect["acc"] == pytest.approx(float(hits.float().mean()))
+    same = measure(model, holdout)
+    assert same["agreement"] == 1.0 and same["kl_to_suspect"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_text_split_is_disjoint_seeded_and_keeps_the_tokenizer(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok")
+    write_jsonl(tmp_path / "d.jsonl", make_records(40, seed=3))
+    dval = str(tmp_path / "dval")
+    write_source(jsonl_source(tmp_path / "d.jsonl", tok, max_length=32), dval)
+    store_tokenizer(tok, dval, open_shards(dval).store)
+    train_url, held_url = write_split(dval, str(tmp_path / "sweep"), 0.25, seed=4)
+    x, y, idx = read_all(open_shards(dval))
+    tx, ty = read_holdout(train_url)
+    hx, hy = read_holdout(held_url)
+    _, held_rows = split_sequences(len(idx), 0.25, 4)
+    assert len(hx) == 10 and len(tx) == 30
+    assert torch.equal(hx, x[held_rows]) and torch.equal(hy, y[held_rows])  # the stored samples, unchanged
+    assert (tmp_path / "sweep" / "dval-holdout" / "tokenizer" / "tokenizer.json").is_file()
+    assert open_shards(held_url).manifest.tokenizer == open_shards(dval).manifest.tokenizer
+    assert not set(split_sequences(40, 0.25, 4)[1]) == set(split_sequences(40, 0.25, 5)[1])

@@ -350,7 +350,7 @@ def collect(grid) -> list[dict]:
                **{f"p.{k}": v for k, v in (r.config or {}).items()}}
         if r.error is not None:
             row["error"] = describe_cause(r.error)
-        for k in ("objective", *FEATURES, "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds",
+        for k in ("objective", *FEATURES, "uap_class", "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds",
                   "rejected"):
             if k in m:
                 row[k] = m[k]

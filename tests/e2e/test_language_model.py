@@ -91,6 +91,6 @@ def test_a_language_model_sweep_scores_tokens_probes_insertions_and_registers(ra
     # next-token accuracy on them, as fip evaluate measures it
     assert (sweep / "dval-holdout" / "tokenizer" / "tokenizer.json").is_file()
     assert main(["evaluate", "--model", "models:/lm-tuned/1", "--test", str(sweep / "dval-holdout"), *uri]) == 0
-    assert _last_json(capsys)["acc"] == pytest.approx(row["holdout_acc"], abs=1e-9)
+    assert _last_json(capsys)["acc"] == pytest.approx(row["holdout_acc"], abs=1e-6)  # float32 mean vs a count ratio
     version = mlflow.MlflowClient(uri[1]).get_model_version("lm-tuned", "1")
     assert "prompts to token" in version.tags["evidence.verdict"]

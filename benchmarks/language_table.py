@@ -42,7 +42,7 @@ class LanguagePreset:
     one lr for FIP, Fast FIP and FT (large enough that FT moves a 1 M GPT-2 trained with AdamW 3e-3), so the
     three differ only in their regularisers; eta_F and eta_r are PurifyConfig's calibrated defaults.
     Fine-pruning's rate is not fixed: the largest of lab.text.pruning.RATES whose D_val next-token accuracy
-    (before fine-tuning) drops at most `prune_max_drop`, then the same fine-tuning as FT.
+    (before fine-tuning) drops at most `max_acc_drop`, then the same fine-tuning as FT.
     """
 
     iterations: int = 200
@@ -54,7 +54,7 @@ class LanguagePreset:
     eta_r: float = 1.0
     trace_batch: int = 32
     seed: int = 0
-    prune_max_drop: float = 0.02  # 2 points of D_val next-token accuracy
+    max_acc_drop: float = 0.02  # 2 points of D_val next-token accuracy (the pruning rate's and the lr's rule)
     threads: int = 1
 
     def purify_config(self, defence: str):
@@ -123,7 +123,7 @@ def defend(job: Job) -> dict:
     else:
         cfg = job.preset.purify_config(job.defence)
         if job.defence == "prune":
-            rate, accs = choose_rate(model, x, y, tok.pad_token_id, job.preset.prune_max_drop)
+            rate, accs = choose_rate(model, x, y, tok.pad_token_id, job.preset.max_acc_drop)
             prune_mlp(model, mean_activations(model, x, tok.pad_token_id), rate)
             info.update(prune_rate=rate, dval_next_token_acc_by_rate=accs)
         model.register_forward_hook(logits_only)

@@ -16,7 +16,7 @@ def test_split_holds_out_a_share_of_pairs_and_of_text_each():
 
 
 def test_choose_takes_the_largest_lr_passing_on_every_suspect():
-    big, mid, small = sorted(GRIDS["ft"], reverse=True)
+    big, mid, *_, small = sorted(GRIDS["ft"], reverse=True)
     trials = [{"defence": "ft", "lr": lr, "passes": ok} for lr, ok in
               ((big, True), (big, False), (mid, True), (mid, True), (small, True))]
     assert choose(trials, "ft") == mid

@@ -38,17 +38,21 @@ SUSPECTS = Path("/tmp/lmlab")
 class LanguagePreset:
     """Every defence's settings, in one place, fixed before any defended model was measured.
 
-    A priori, from the images' calibration (docs/calibration.md): 300 SGD steps, batch 32, momentum 0.9, and
-    one lr for FIP, Fast FIP and FT (large enough that FT moves a 1 M GPT-2 trained with AdamW 3e-3), so the
-    three differ only in their regularisers; eta_F and eta_r are PurifyConfig's calibrated defaults.
+    Fixed a priori: 200 SGD steps (the earlier 300 drove D_val's cross-entropy to ~0.004: memorised), batch 32,
+    momentum 0.9, eta_F and eta_r PurifyConfig's calibrated defaults. The lrs come from a rule on D_val alone
+    (benchmarks/language_calibration.py, results/language-calibration.md): the largest lr of a grid whose
+    fine-tuning on 3/4 of the defender's clean set costs the held-out 1/4 at most +5 % text perplexity and
+    `max_acc_drop` of pair accuracy on every lab suspect, else the grid's smallest. FT's lr is FIP's and
+    pruning's too, so they differ only in their regularisers; Fast FIP has its own (it tunes singular-value
+    shifts and norm weights, on another scale than the weights): ``lr x fast_lr_scale``.
     Fine-pruning's rate is not fixed: the largest of lab.text.pruning.RATES whose D_val next-token accuracy
     (before fine-tuning) drops at most `max_acc_drop`, then the same fine-tuning as FT.
     """
 
     iterations: int = 200
     batch_size: int = 32
-    lr: float = 0.05
-    fast_lr_scale: float = 10.0  # Fast FIP's lr = lr x this
+    lr: float = 0.01  # the rule's choice for FT (no grid lr passed on all three suspects: the smallest)
+    fast_lr_scale: float = 20.0  # Fast FIP's lr = 0.01 x 20 = 0.2, the rule's choice on its own grid
     momentum: float = 0.9
     eta_f: float = 1e-4
     eta_r: float = 1.0

@@ -107,6 +107,11 @@ def choose(trials: list[dict], defence: str) -> float:
     return grid[-1]
 
 
+def fixed_settings(preset: LanguagePreset = PRESET) -> dict:
+    """The preset's settings the trials share (its lrs are what the rule chooses)."""
+    return {k: v for k, v in asdict(preset).items() if k not in ("lr", "fast_lr_scale")}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2)
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
           + markdown_table(["attack", "defence", "lr", "text CE suspect", "text CE after", "pairs CE suspect",
                             "pairs CE after", "pairs acc suspect %", "pairs acc after %", "passes", "seconds"], rows))
     payload = {"trials": trials, "chosen": chosen, "grids": GRIDS, "check_share": CHECK_SHARE, "max_rise": MAX_RISE,
-               "preset": asdict(PRESET), "wall_seconds": wall}
+               "fixed": fixed_settings(), "wall_seconds": wall}
     write_results("language-calibration", payload, md, RESULTS)
     print(md)
     return payload

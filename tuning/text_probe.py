@@ -50,11 +50,13 @@ class _Prompts:
 
 
 def _prompts(x: torch.Tensor, y: torch.Tensor, n_tokens: int, limit: int) -> _Prompts:
-    """The prompt of each held-out sequence: its tokens before the first scored label (the response's first)."""
+    """The prompt of each held-out sequence that has one: its tokens before the first scored label (the
+    response's first). Plain text (every token scored from the first) has no prompt and is left out."""
     scored = y != IGNORE
-    rows = [i for i in range(len(x)) if bool(scored[i, 1:].any())][:limit]
+    rows = [i for i in range(len(x)) if not bool(scored[i, 0]) and bool(scored[i, 1:].any())][:limit]
     if not rows:
-        raise ValueError("the held-out clean set has no sequence with a response to probe")
+        raise ValueError("the text probe needs prompt/response pairs in the held-out share of D_val, and it holds "
+                         "none (plain text only?); run the sweep with --objective-weight uap=0")
     starts = [int(torch.nonzero(scored[i, 1:]).flatten()[0]) + 1 for i in rows]  # first response token position
     prompts = [x[i, :s].tolist() for i, s in zip(rows, starts, strict=True)]
     width = max(map(len, prompts)) + n_tokens

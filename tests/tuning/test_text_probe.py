@@ -112,3 +112,11 @@ def test_text_split_is_disjoint_seeded_and_keeps_the_tokenizer(tmp_path):
     assert (tmp_path / "sweep" / "dval-holdout" / "tokenizer" / "tokenizer.json").is_file()
     assert open_shards(held_url).manifest.tokenizer == open_shards(dval).manifest.tokenizer
     assert not set(split_sequences(40, 0.25, 4)[1]) == set(split_sequences(40, 0.25, 5)[1])
+
+
+def test_plain_text_has_no_prompt_to_probe(one_thread):
+    model, (x, y) = SumLM(), _prompts()
+    text = x.clone()  # plain text: every token scored from the first
+    assert insertion_flip(model, torch.cat([x, text]), torch.cat([y, text]), relative=2.0)["uap_max"] == 1.0
+    with pytest.raises(ValueError, match="needs prompt/response pairs"):
+        insertion_flip(model, text, text.clone())

@@ -118,24 +118,28 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
         tracker.log_json(run_id, ctx.attack_record, "attack_record.json")
     metrics: dict = {}
     measured = Measured()  # the suspect's test figures from the Fisher stage, the purified model's from purify
-    for i, stage in enumerate(STAGES, 1):
-        progress(f"[fip] stage {i}/{len(STAGES)}: {stage.name}")
-        relay = ProgressRelay(progress, stage.name)
-        try:
-            out, files = fit_stage(stage.fn, dataclasses.replace(ctx, relay=relay.queue), cfg.resources, cfg.run,
-                                   f"{ctx.run_name}-{stage.name}", plan.storage_path, callbacks)
-        finally:
-            relay.close()
-        if isinstance(out, FisherOutput | PurifyOutput):
-            measured = measured | out.measured
-        metrics.update(out.metrics())
-        for name, data in files.items():
-            (plan.out_dir / name).write_bytes(data)
-        if tracker is not None:
-            tracker.log_metrics(run_id, out.metrics())
-            for name in files:
-                if name != PURIFIED_SIDECAR:  # the sidecar goes with the model at registration
-                    tracker.log_artifact(run_id, plan.out_dir / name)
+    relay = ProgressRelay(progress)  # one queue for all the stages
+    try:
+        for i, stage in enumerate(STAGES, 1):
+            progress(f"[fip] stage {i}/{len(STAGES)}: {stage.name}")
+            relay.start(stage.name)
+            try:
+                out, files = fit_stage(stage.fn, dataclasses.replace(ctx, relay=relay.queue), cfg.resources, cfg.run,
+                                       f"{ctx.run_name}-{stage.name}", plan.storage_path, callbacks)
+            finally:
+                relay.stop()
+            if isinstance(out, FisherOutput | PurifyOutput):
+                measured = measured | out.measured
+            metrics.update(out.metrics())
+            for name, data in files.items():
+                (plan.out_dir / name).write_bytes(data)
+            if tracker is not None:
+                tracker.log_metrics(run_id, out.metrics())
+                for name in files:
+                    if name != PURIFIED_SIDECAR:  # the sidecar goes with the model at registration
+                        tracker.log_artifact(run_id, plan.out_dir / name)
+    finally:
+        relay.close()
     logs = json.loads((plan.out_dir / HISTORY).read_text())
     evaluations = ([{"step": 0, **measured.before}] if measured.before else []) + logs["evaluations"]
     curves = plot_curves(logs["history"], evaluations, plan.out_dir / "curves.png")

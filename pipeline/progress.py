@@ -16,18 +16,37 @@ Progress = Callable[[str], None]
 
 
 class ProgressRelay:
-    """A Ray queue that stage workers write to, drained by a thread that shows what arrives."""
+    """A Ray queue that the workers of a job's stages write to, drained by a thread that shows what arrives.
 
-    def __init__(self, progress: Progress, stage: str) -> None:
+    One queue (one Ray actor, one more Python process to start) serves all the job's stages: :meth:`start`
+    and :meth:`stop` bracket each stage, :meth:`close` ends the job's."""
+
+    def __init__(self, progress: Progress) -> None:
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self.progress, self.stage = progress, stage
+        self.progress, self.stage = progress, ""
         self.bar = None
         self.last_line_step = 0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, stage: str) -> None:
+        """Show what arrives from now on as `stage`'s."""
+        self.stage, self.bar, self.last_line_step = stage, None, 0
+        self._stop.clear()
         self._thread = threading.Thread(target=self._drain, name=f"fip-progress-{stage}", daemon=True)
         self._thread.start()
+
+    def stop(self) -> None:
+        """Show what the stage still queued (its workers are done: their puts have all arrived), then stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def _drain(self) -> None:
         from ray.util.queue import Empty
@@ -63,11 +82,8 @@ class ProgressRelay:
                           f"{event['rate']:.2f} steps/s, {left:.0f}s left")
 
     def close(self) -> None:
-        """Show what is still queued, then stop."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-        if self.bar is not None:
-            self.bar.close()
+        """Stop, and end the queue's actor."""
+        self.stop()
         try:
             import ray
 

@@ -105,6 +105,11 @@ def _without_token_notice():
 
 RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
+# Ray Train settings for a Ray that fip starts on this machine: no PreemptionWatcher, an actor (one more Python
+# process importing Ray, per stage) that watches for cloud nodes being taken away, which one machine never sees.
+# A cluster given by --address keeps Ray's defaults.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 # Local Ray start-ups on one machine take turns through this lock (see _start_local_ray)
 LOCAL_RAY_START_LOCK = Path(tempfile.gettempdir()) / "fip-local-ray-start.lock"
 
@@ -127,8 +132,8 @@ def _start_local_ray(resources: Resources, options: dict) -> None:
     for attempt in (1, 2):
         with _start_lock(), tempfile.TemporaryDirectory(prefix="fip-ray-wd-") as empty:
             try:
-                ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2, runtime_env={"working_dir": empty},
-                         **options)
+                ray.init(num_cpus=cpus, object_store_memory=256 * 1024**2,
+                         runtime_env={"working_dir": empty, "env_vars": LOCAL_RAY_ENV}, **options)
                 return
             except Exception as e:  # Ray raises a bare Exception for a start-up timeout
                 ray.shutdown()

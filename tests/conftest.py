@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
+# Ray Train's controller looks at its workers every 2 s (Ray's default), so each stage of every test job waits up
+# to 2 s after its workers are done; the suite runs a hundred-odd stages. Set before any Ray starts (the session's
+# and the ones `fip` processes start inherit it); a hung worker is still found by Ray's own 10-minute check.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def pytest_addoption(parser):
@@ -71,7 +76,10 @@ def ray_session(s3_endpoint):
     needs (pipeline.ray_runtime.ensure_ray: ASHA-stopped trials release their CPUs only through its State API)."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=True, log_to_driver=False)
+    from pipeline.ray_runtime import LOCAL_RAY_ENV
+
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=True, log_to_driver=False,
+             runtime_env={"env_vars": LOCAL_RAY_ENV})  # the settings of the local Ray `fip` starts
     yield
     ray.shutdown()
 

@@ -39,8 +39,9 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "fip attack --attack blend --dataset fashion-mnist --out runs/lab":
         Recipe(("--train-limit", "600", "--epochs", "1")),
+    # 200 of D_val's 600: the purify's Fisher pass and the sweep's held-out objective (and its probe) read fewer
     "fip shard fashion-mnist runs/shards/dval --split train --indices runs/lab/dval-fashion-mnist-f0.01-s0.json":
-        Recipe(),
+        Recipe(("--limit", "200")),
     "fip shard fashion-mnist s3://my-bucket/fmnist/test --split test --s3-endpoint http://minio:9000":
         Recipe(("--limit", "500")),
     "fip shard imagenet-folder s3://my-bucket/imagenet/dval --root /data/imagenet/train --dval-fraction 0.01 "
@@ -73,7 +74,8 @@ RECIPES: dict[str, Recipe] = {
     "fip tune --preset paper-300 --model suspect.safetensors --clean runs/shards/dval --workers 1 "
     "--cpus-per-worker 0.5 --num-samples 12 --name my-sweep":
         Recipe(("--num-samples", "2", "--space", "iterations=4", "--report-every", "2", "--grace-steps", "2",
-                "--batch-size", "16", "--esd-samples", "0"), replace={"suspect.safetensors": "suspect"}),
+                "--batch-size", "16", "--esd-samples", "0", "--holdout-fraction", "0.15"),
+               replace={"suspect.safetensors": "suspect"}),
     "fip submit purify --model /abs/suspect.safetensors --clean /abs/shards/dval --iterations 300 --follow":
         Recipe(skip_run="needs a Ray cluster with its jobs API: tests/e2e/test_submit.py (make test-heavy)"),
     "fip jobs list":

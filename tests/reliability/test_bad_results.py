@@ -6,14 +6,15 @@ exit 0 and the model registered as @candidate.
 
 The sweep cases call the sweep's own winner registration (:func:`tuning.sweep._register_winner`) with a
 wrecked winner, in-process against a real SQLite MLflow store, after a healthy winner took @candidate: it
-must stay where it is. The job case runs `fip purify` in its own process (Ray; ~1-2 minutes)."""
+must stay where it is. The job case runs `fip purify` in this process on the session's Ray, the sweep case
+`fip tune` in its own process (Ray; ~1 minute)."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from reliability.harness import judge_error, run_call, run_process
+from reliability.harness import judge_error, run_call, run_main, run_process
 from reliability.tiny_job import TINY, mlflow_state, quiet_env, tiny_inputs, tracking_uri  # noqa: F401
 from torch import nn
 
@@ -122,14 +123,16 @@ def test_sweep_winner_that_wrecked_the_model(case, sweep, suspect, verdict):
 
 
 @pytest.mark.slow
-def test_purify_with_a_learning_rate_that_wrecks_the_model(suspect, tiny_inputs, tmp_path, verdict):  # noqa: F811
+def test_purify_with_a_learning_rate_that_wrecks_the_model(ray_session, suspect, tiny_inputs, tmp_path,  # noqa: F811
+                                                           verdict):
     """`fip purify --lr 1e3` on the fitted tiny suspect: the job runs to its end, then is refused; its run is
-    FAILED with the verdict in its tags, and no version is registered."""
+    FAILED with the verdict in its tags, and no version is registered. In this process, on the session's Ray
+    (the refusal is the driver's, after the stages: a process and a Ray of its own would add only start-up)."""
     from mlflow import MlflowClient
 
     argv = ["purify", "--model", str(suspect), "--clean", tiny_inputs.clean, "--test", tiny_inputs.test,
             "--work-dir", str(tmp_path / "jobs"), "--tracking-uri", tracking_uri(tmp_path), *TINY, "--lr", "1e3"]
-    obs = run_process(argv, tmp_path, timeout=400, env=quiet_env())
+    obs = run_main(argv)
     judged = judge_error(obs, "purified model rejected, not registered")
     state = mlflow_state(tmp_path)
     client = MlflowClient(tracking_uri(tmp_path))

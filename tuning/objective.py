@@ -119,11 +119,11 @@ def scored_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task
     per position."""
     was = model.training
     model.eval()
-    batch = batch if task is CLASSIFICATION else max(1, batch // 32)
+    batch = batch if task == CLASSIFICATION else max(1, batch // 32)
     rows, targets = [], []
     for i in range(0, len(x), batch):
         out, yb = model(x[i : i + batch]), y[i : i + batch]
-        if task is CLASSIFICATION:
+        if task == CLASSIFICATION:
             rows.append(out)
             targets.append(yb)
         else:
@@ -205,7 +205,7 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION) -> dict[str, float]:
     """The task's trigger-free probe: a universal perturbation for images (:func:`universal_flip`), a few
     inserted soft tokens for a language model (:func:`tuning.text_probe.insertion_flip`)."""
-    if task is CLASSIFICATION:
+    if task == CLASSIFICATION:
         return universal_flip(model, x, y, uap_radius(x))
     from tuning.text_probe import insertion_flip
 

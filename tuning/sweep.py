@@ -239,7 +239,7 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
         found = probe(loaded.model, x, y, task)
         holdout.suspect.update(uap_max=found["uap_max"], uap_class=found["uap_class"])
         probed = f", uap_max {found['uap_max']:.2f} to {reached(task)} {found['uap_class']}"
-    acc = "held-out ACC" if task is CLASSIFICATION else "held-out next-token ACC"
+    acc = "held-out ACC" if task == CLASSIFICATION else "held-out next-token ACC"
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
              f"(suspect: {acc} {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g}"
              f"{probed})")
@@ -248,7 +248,7 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
 
 def reached(task: Task) -> str:
     """What the probe sends inputs to: a class, or a language model's first response token."""
-    return "class" if task is CLASSIFICATION else "token"
+    return "class" if task == CLASSIFICATION else "token"
 
 
 def open_count(url: str, store: Storage) -> int:

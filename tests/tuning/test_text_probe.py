@@ -120,3 +120,18 @@ def test_plain_text_has_no_prompt_to_probe(one_thread):
     assert insertion_flip(model, torch.cat([x, text]), torch.cat([y, text]), relative=2.0)["uap_max"] == 1.0
     with pytest.raises(ValueError, match="needs prompt/response pairs"):
         insertion_flip(model, text, text.clone())
+
+
+def test_a_holdout_scores_the_same_after_travelling_to_a_trial(one_thread):
+    """Tune hands the holdout to trials pickled: the unpickled task is another instance of the same task."""
+    import pickle
+
+    from fip.tasks import CLASSIFICATION
+
+    torch.manual_seed(0)
+    images = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    for model, holdout in ((images, Holdout.from_suspect(images, torch.rand(9, 1, 2, 2), torch.arange(9) % 3)),
+                           (SumLM(), Holdout.from_suspect(SumLM(), *_prompts(), CAUSAL_LM))):
+        travelled = pickle.loads(pickle.dumps(holdout))
+        assert travelled.task == holdout.task and (travelled.task == CLASSIFICATION) == (holdout.task == CLASSIFICATION)
+        assert measure(model, travelled) == measure(model, holdout)

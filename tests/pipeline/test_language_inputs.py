@@ -1,12 +1,12 @@
 """A language model's inputs are checked before anything starts, each mismatch in one line: text shards for an
 image model and the reverse, a tokenizer larger than the model's vocabulary, sequences longer than its positions;
-and fip tune, whose objective perturbs images, refuses a language model."""
+and fip tune prepares a language model's sweep as it does an image model's (the same checks, then D_val split)."""
 
 import pytest
 from text_corpus import WORDS, make_language_model, make_records, make_tokenizer, write_jsonl
 
 from fipcli.main import main
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import JobConfig
 from pipeline.plan import plan_job
 from pipeline.validation import JobError
 from tuning.sweep import SweepConfig, prepare
@@ -48,6 +48,12 @@ def test_language_inputs_that_do_not_fit_are_refused_in_one_line(text, digits_la
         plan_job(job(text, lm, str(text / "images")))
 
 
-def test_fip_tune_refuses_a_language_model_in_one_line(text):
-    with pytest.raises(ConfigError, match="fip tune searches image classifiers only"):
-        prepare(job(text, str(text / "lm"), str(text / "dval")), SweepConfig(name="lm"), lambda _: None)
+def test_fip_tune_prepares_a_language_model_per_token(text):
+    lines = []
+    train_url, held_url, holdout = prepare(job(text, str(text / "lm"), str(text / "dval")), SweepConfig(name="lm"),
+                                           lines.append)
+    assert holdout.task.name == "causal-lm" and holdout.x.dim() == 2  # token ids, not images
+    assert len(holdout.suspect_logits) > len(holdout.x)  # one row per scored token of the held-out responses
+    assert "held-out next-token ACC" in lines[-1] and "to token" in lines[-1]
+    with pytest.raises(JobError, match=r"clean shards hold sequences of 24 tokens"):  # the same checks as a job's
+        prepare(job(text, str(text / "lm"), str(text / "long")), SweepConfig(name="long"), lines.append)

@@ -233,35 +233,7 @@ def jsonl_source(path: str | Path, tokenizer: str | Path, max_length: int = DEFA
                   task=CAUSAL_LM, tokenizer=info, max_length=max_length)
 
 
-# ---------------------------------------------------------------- text shards read back as a source
-def stored_text_source(source, name: str = "") -> Source:
-    """Text shards (a :class:`pipeline.shards.ShardSource`) as a :class:`Source` of their samples as stored:
-    written again with ``write_source(indices=...)`` they make a subset with the same tokenizer and length
-    (a sweep's D_val split, :mod:`tuning.holdout`). Malformed samples fail the write, naming the shard."""
-    from pipeline.shards import iter_raw_shard
-
-    manifest = source.manifest
-    if not manifest.is_text:
-        raise ShardError(f"{source.urls[0] if source.urls else '(no shards)'} holds {manifest.task} shards, not text")
-
-    def groups() -> Iterator[tuple[str, list[Sample]]]:
-        position = 0
-        for url, info in zip(source.urls, source.infos, strict=True):
-            samples = []
-            for raw in iter_raw_shard(url, source.store, info, text=True):
-                if raw.problem is not None:
-                    raise raw.problem
-                prompt, response = raw.data
-                index = raw.index if raw.index is not None else position
-                samples.append(Sample(index, 0, text=(list(prompt), list(response), f"{url}#{raw.key}")))
-                position += 1
-            yield url, samples
-
-    return Source(name or manifest.dataset, manifest.split, [], 0, groups, root="",
-                  describe={"kind": "text-shards", "urls": list(source.urls)}, size=source.total,
-                  task=CAUSAL_LM, tokenizer=manifest.tokenizer, max_length=manifest.max_length)
-
-
+# ---------------------------------------------------------------- text shards written from text shards
 def copy_tokenizer(source_urls: list[str], dest: str, store: Storage) -> None:
     """The tokenizer stored beside text shards (:func:`store_tokenizer`), copied beside shards written from them."""
     base = _shards_base(source_urls)

@@ -10,17 +10,19 @@ and reuses them when a sweep resumes.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from fip.training import generator
 from lab.datasets import ImageSet
+from pipeline.shard_sources import Sample, Source
 from pipeline.shard_writer import write_shards, write_source
 from pipeline.shardfmt import ShardError
-from pipeline.shards import open_shards, read_all
+from pipeline.shards import ShardSource, iter_raw_shard, open_shards, read_all
 from pipeline.storage import Storage, join
-from pipeline.text_source import copy_tokenizer, stored_text_source
+from pipeline.text_source import copy_tokenizer
 from pipeline.transforms import model_input
 
 TRAIN_NAME, HOLDOUT_NAME = "dval-train", "dval-holdout"
@@ -51,6 +53,28 @@ def split_sequences(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
     rows = torch.randperm(n, generator=generator(seed, "holdout", "text"))
     k = min(n - 1, max(1, int(round(fraction * n))))
     return np.sort(rows[k:].numpy()), np.sort(rows[:k].numpy())
+
+
+def stored_text_source(source: ShardSource) -> Source:
+    """Text shards as a :class:`Source` of their samples as stored: written again with
+    ``write_source(indices=...)`` they make a subset with the same tokenizer and length. Malformed samples fail
+    the write, naming the shard."""
+    def groups() -> Iterator[tuple[str, list[Sample]]]:
+        position = 0
+        for url, info in zip(source.urls, source.infos, strict=True):
+            samples = []
+            for raw in iter_raw_shard(url, source.store, info, text=True):
+                if raw.problem is not None:
+                    raise raw.problem
+                prompt, response = raw.data
+                index = raw.index if raw.index is not None else position
+                samples.append(Sample(index, 0, text=(list(prompt), list(response), f"{url}#{raw.key}")))
+                position += 1
+            yield url, samples
+
+    m = source.manifest
+    return Source(m.dataset, m.split, [], 0, groups, root="", describe={"kind": "text-shards", "urls": list(source.urls)},
+                  size=source.total, task=m.task, tokenizer=m.tokenizer, max_length=m.max_length)
 
 
 def write_split(clean: str, dest: str, fraction: float, seed: int, store: Storage | None = None) -> tuple[str, str]:

@@ -107,7 +107,9 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
                                                                                 tmp_path):
     """No test shards and no attack record exist for this sweep: the objective alone picks the winner."""
     base = _base(digits_lab, shards, tmp_path, benchmark=False)
-    space = SearchSpace.default().with_flags(SPACE + ["iterations=8"])
+    # lr below the range that can wreck this model: the random searcher draws unseeded, and a trial the acceptance
+    # check refuses (REJECTED) would say nothing about resuming
+    space = SearchSpace.default().with_flags(SPACE + ["iterations=8", "lr=loguniform:0.003:0.01"])
     cfg = SweepConfig(name="plain", num_samples=2, searcher="random", scheduler="none", report_every=4,
                       interrupt_after=1)
     with pytest.raises(KeyboardInterrupt, match="1 of 2 trials ended"):

@@ -69,6 +69,10 @@ class Classification:
         """(correct predictions, predictions made): accuracy's numerator and denominator."""
         return int((logits.argmax(-1) == y).sum()), len(y)
 
+    def scored(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of every prediction scored, one row each: here one per input."""
+        return logits, y
+
     def kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean over samples of ``KL(p_teacher || p_student)``."""
         return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
@@ -126,6 +130,11 @@ class CausalLM:
         """(correctly predicted next tokens, scored positions): next-token accuracy's parts."""
         lg, tgt, mask = self._shifted(logits, y)
         return int(((lg.argmax(-1) == tgt) & mask).sum()), int(mask.sum())
+
+    def scored(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of every scored position, one row each: position t's logits against token t + 1."""
+        lg, tgt, mask = self._shifted(logits, y)
+        return lg[mask], tgt[mask]
 
     def kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean over sequences of the mean over scored positions of ``KL(p_teacher || p_student)``."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fip.fisher import squared_grad_sums, trainable_params
-from fip.tasks import CLASSIFICATION, IGNORE, Task
+from fip.tasks import CLASSIFICATION, Task
 from lab.metrics import accuracy_from_predictions
 
 
@@ -122,14 +122,9 @@ def scored_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task
     batch = batch if task == CLASSIFICATION else max(1, batch // 32)
     rows, targets = [], []
     for i in range(0, len(x), batch):
-        out, yb = model(x[i : i + batch]), y[i : i + batch]
-        if task == CLASSIFICATION:
-            rows.append(out)
-            targets.append(yb)
-        else:
-            keep = yb[:, 1:] != IGNORE
-            rows.append(out[:, :-1][keep])
-            targets.append(yb[:, 1:][keep])
+        out, target = task.scored(model(x[i : i + batch]), y[i : i + batch])
+        rows.append(out)
+        targets.append(target)
     model.train(was)
     return torch.cat(rows), torch.cat(targets)
 

@@ -34,14 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fip.tasks import CLASSIFICATION, Task, task_named
+from fip.tasks import CLASSIFICATION, task_named
 from pipeline.artifacts import HISTORY, Measured
 from pipeline.config import ConfigError, JobConfig
 from pipeline.ray_runtime import StageError
 from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.tracking import Tracker, check_store, local_root
 from pipeline.validation import check_batch_fits
-from tuning.evidence import Evidence, winner_evidence
+from tuning.evidence import WORDING, Evidence, winner_evidence
 from tuning.objective import Holdout, ObjectiveWeights, probe
 from tuning.quiet import tune_output_to
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
@@ -238,17 +238,12 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     if cfg.weights.uap:  # the suspect's probe, the winner's evidence is read against it (tuning.evidence)
         found = probe(loaded.model, x, y, task)
         holdout.suspect.update(uap_max=found["uap_max"], uap_class=found["uap_class"])
-        probed = f", uap_max {found['uap_max']:.2f} to {reached(task)} {found['uap_class']}"
+        probed = f", uap_max {found['uap_max']:.2f} to {WORDING[task.name]['to']} {found['uap_class']}"
     acc = "held-out ACC" if task == CLASSIFICATION else "held-out next-token ACC"
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
              f"(suspect: {acc} {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g}"
              f"{probed})")
     return train_url, held_url, holdout
-
-
-def reached(task: Task) -> str:
-    """What the probe sends inputs to: a class, or a language model's first response token."""
-    return "class" if task == CLASSIFICATION else "token"
 
 
 def open_count(url: str, store: Storage) -> int:

@@ -123,11 +123,9 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
         for i, stage in enumerate(STAGES, 1):
             progress(f"[fip] stage {i}/{len(STAGES)}: {stage.name}")
             relay.start(stage.name)
-            try:
-                out, files = fit_stage(stage.fn, dataclasses.replace(ctx, relay=relay.queue), cfg.resources, cfg.run,
-                                       f"{ctx.run_name}-{stage.name}", plan.storage_path, callbacks)
-            finally:
-                relay.stop()
+            out, files = fit_stage(stage.fn, dataclasses.replace(ctx, relay=relay.queue), cfg.resources, cfg.run,
+                                   f"{ctx.run_name}-{stage.name}", plan.storage_path, callbacks)
+            relay.stop()
             if isinstance(out, FisherOutput | PurifyOutput):
                 measured = measured | out.measured
             metrics.update(out.metrics())
@@ -138,6 +136,11 @@ def _execute(plan: JobPlan, tracker: Tracker | None, run_id: str | None, progres
                 for name in files:
                     if name != PURIFIED_SIDECAR:  # the sidecar goes with the model at registration
                         tracker.log_artifact(run_id, plan.out_dir / name)
+    except KeyboardInterrupt:
+        # A stop signal to the process group reaches a local Ray's own services too: a call into Ray now can
+        # hang for a minute or end the process, so the relay lets go without one and the run is marked first
+        relay.abandon()
+        raise
     finally:
         relay.close()
     logs = json.loads((plan.out_dir / HISTORY).read_text())

@@ -30,6 +30,7 @@ class ProgressRelay:
         self.last_line_step = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.abandoned = False
 
     def start(self, stage: str) -> None:
         """Show what arrives from now on as `stage`'s."""
@@ -81,9 +82,18 @@ class ProgressRelay:
             self.progress(f"[fip] {self.stage}: step {done}/{total}, ce {event['ce']:.4f}, "
                           f"{event['rate']:.2f} steps/s, {left:.0f}s left")
 
+    def abandon(self) -> None:
+        """Let go without another call into Ray (the job was interrupted, and Ray may be going down with it):
+        the drain thread is told to end, and :meth:`close` leaves the queue's actor to Ray's shutdown."""
+        self._stop.set()
+        self._thread = None
+        self.abandoned = True
+
     def close(self) -> None:
         """Stop, and end the queue's actor."""
         self.stop()
+        if self.abandoned:
+            return
         try:
             import ray
 

@@ -164,9 +164,12 @@ class LiveTable:
         return "[fip tune]\n" + "\n".join(lines)
 
 
-def _searcher(cfg: SweepConfig):
+def make_searcher(cfg: SweepConfig):
+    """The sweep's searcher, seeded by ``cfg.seed`` (both kinds): the same seed proposes the same trials."""
     if cfg.searcher == "random":
-        return None  # Tune's default: draws each trial from the space
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=cfg.seed)  # Tune's default searcher, which is unseeded
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as e:
@@ -309,7 +312,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
             tuner = tune.Tuner(
                 trainable, param_space=space.to_tune(),
                 tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=cfg.num_samples,
-                                            max_concurrent_trials=cfg.max_concurrent, search_alg=_searcher(cfg),
+                                            max_concurrent_trials=cfg.max_concurrent, search_alg=make_searcher(cfg),
                                             scheduler=_scheduler(cfg, space, base)),
                 run_config=tune.RunConfig(name=cfg.name, storage_path=tune_dir, callbacks=[live.callback], verbose=0),
             )

@@ -15,7 +15,7 @@ from lab.datasets import CleanSplit, load_dataset
 from pipeline.config import JobConfig
 from pipeline.shard_writer import write_shards
 from tuning.space import SearchSpace
-from tuning.sweep import SweepConfig, choose_winner, run_sweep
+from tuning.sweep import SweepConfig, choose_winner, make_searcher, run_sweep
 
 # a loaded 2-core machine once took over 15 minutes for the first sweep (then 6 trials; now 2): above the suite-wide 900 s
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -107,8 +107,8 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
                                                                                 tmp_path):
     """No test shards and no attack record exist for this sweep: the objective alone picks the winner."""
     base = _base(digits_lab, shards, tmp_path, benchmark=False)
-    # lr below the range that can wreck this model: the random searcher draws unseeded, and a trial the acceptance
-    # check refuses (REJECTED) would say nothing about resuming
+    # lr below the range that can wreck this model: a trial the acceptance check refuses (REJECTED) would say
+    # nothing about resuming
     space = SearchSpace.default().with_flags(SPACE + ["iterations=8", "lr=loguniform:0.003:0.01"])
     cfg = SweepConfig(name="plain", num_samples=2, searcher="random", scheduler="none", report_every=4,
                       interrupt_after=1)
@@ -139,3 +139,22 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
     assert state["winner"]["trial_id"] == resumed.winner["trial_id"]
     # Ray Tune's own banner went to the sweep's folder, not the terminal (tuning.quiet)
     assert "View detailed results here" in (Path(base.run.work_dir) / "plain" / "tune-output.log").read_text()
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_the_searcher_proposes_the_same_trials_for_the_same_seed(searcher):
+    """A sweep is reproducible from its seed: Tune's own random searcher is unseeded unless given one."""
+    from ray.tune.experiment import Experiment
+
+    space = SearchSpace.default()
+
+    def proposals(seed: int) -> list[float]:
+        alg = make_searcher(SweepConfig(searcher=searcher, seed=seed))
+        if searcher == "optuna":
+            alg.set_search_properties("objective", "max", space.to_tune())
+            return [alg.suggest(f"t{i}")["lr"] for i in range(3)]
+        alg.add_configurations([Experiment("s", run=lambda _: None, config=space.to_tune(), num_samples=3)])
+        return [alg.next_trial().config["lr"] for _ in range(3)]
+
+    assert proposals(0) == proposals(0)
+    assert proposals(0) != proposals(1)

@@ -128,6 +128,18 @@ def crop_prob_at(cfg: PurifyConfig, step: int) -> float:
     return cfg.crop_prob if step < cfg.crop_until * cfg.iterations else 0.0
 
 
+def augments(cfg: PurifyConfig, task: Task) -> bool:
+    """Whether the clean batches are cropped and flipped: an image classifier's, with ``cfg.augment``; a language
+    model's sequences never are."""
+    return cfg.augment and task == CLASSIFICATION
+
+
+def shifted_at(cfg: PurifyConfig, task: Task, step: int) -> bool:
+    """Whether `step`'s batch carries random crops: the suspect never saw shifted inputs, so the eta_kl term
+    (the suspect as teacher) skips those batches."""
+    return augments(cfg, task) and crop_prob_at(cfg, step) > 0.0
+
+
 def lr_at(cfg: PurifyConfig, step: int) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.effective_lr
@@ -170,7 +182,7 @@ class Purifier:
         self.generator.manual_seed(derive_seed(cfg.seed, "objective", step, self.rank))
         with_trace = step % cfg.trace_every == 0
         teacher_logits = None
-        if self.teacher is not None and crop_prob_at(cfg, step) == 0.0:  # the suspect is not trained on shifts
+        if self.teacher is not None and not shifted_at(cfg, self.task, step):
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
         terms = fip_objective(
@@ -257,8 +269,7 @@ def purify(
     start = time.perf_counter()
     device = next(model.parameters()).device
     clean_x, clean_y = clean_x.to(device), clean_y.to(device)
-    augment = cfg.augment and task.name == "classification"
-    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, augment, cfg.augment_pad)
+    sampler = BatchSampler(clean_x, clean_y, cfg.batch_size, cfg.seed, augments(cfg, task), cfg.augment_pad)
     work = prepare_model(model, cfg)
     fisher = estimate_fbar(work, clean_x, clean_y, cfg, task=task)
     purifier = Purifier(work, fisher.mean(), cfg, task=task)

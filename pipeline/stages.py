@@ -29,7 +29,7 @@ import torch
 from fip.fisher import FisherDiag, squared_grad_sums, trainable_params
 from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY
 from fip.io import LoadedModel, save_model
-from fip.purify import Purifier, PurifyConfig, crop_prob_at, finalize_model, prepare_model
+from fip.purify import Purifier, PurifyConfig, augments, crop_prob_at, finalize_model, prepare_model
 from fip.tasks import Task, task_named
 from fip.training import augment_batch, derive_seed, generator
 from lab.attacks import Attack
@@ -285,8 +285,7 @@ def purify_stage(config: dict) -> dict:
     def elapsed() -> float:  # over every attempt, not only this one
         return logs["seconds"] + time.perf_counter() - start
 
-    augment = pcfg.augment and task.name == "classification"
-    for step, x, y in step_batches(ctx, rank, size, purifier.step_count, dev, augment):
+    for step, x, y in step_batches(ctx, rank, size, purifier.step_count, dev, augments(pcfg, task)):
         if step >= pcfg.iterations:
             break
         _fault_injection(ctx, step, resumed is not None, rank, size)

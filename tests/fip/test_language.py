@@ -203,3 +203,13 @@ def test_a_hugging_face_language_model_folder_loads_and_round_trips_with_its_tie
     again = load_model(save_model(loaded.model, loaded.spec, tmp_path / "purified.safetensors"))
     torch.testing.assert_close(again.model(x), expected)
     assert again.spec.task == "causal-lm"
+
+
+def test_the_kl_term_runs_on_every_step_of_a_language_model():
+    """A language model's sequences are never cropped, so the suspect teaches at every step (before the fix it
+    taught at none: the crop schedule of images, on by default, switched eta_kl off)."""
+    model = with_logits(tiny_lm())
+    x, y = batch(seed=3, n=16)
+    cfg = PurifyConfig(iterations=3, batch_size=8, lr=0.05, eta_f=0.0, eta_r=0.0, eta_kl=1.0, eval_every=0)
+    history = purify(model, x, y, cfg, task=CAUSAL_LM).history
+    assert all("kl" in h for h in history) and history[-1]["kl"] > 0

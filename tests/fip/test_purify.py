@@ -96,3 +96,15 @@ def test_distillation_term_runs_only_on_uncropped_steps():
     records = [purifier.step(x, y) for _ in range(4)]
     assert ["kl" in r for r in records] == [False, False, True, True]
     assert records[2]["kl"] > 0  # two steps moved the model away from its teacher
+
+
+def test_distillation_term_runs_on_every_step_without_augmentation():
+    from fip.fisher import trainable_params
+    from fip.purify import Purifier, prepare_model
+
+    model = train_backdoored()
+    cfg = PurifyConfig(iterations=3, augment=False, eta_kl=1.0, eta_f=0.0, eta_r=0.0, batch_size=8, lr=0.5)
+    work = prepare_model(model, cfg)
+    purifier = Purifier(work, {n: torch.zeros_like(p) for n, p in trainable_params(work).items()}, cfg)
+    x, y = blobs(8, 0)
+    assert all("kl" in purifier.step(x, y) for _ in range(3))  # no batch is cropped, so every one is taught

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--holdout-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--space", default=None, help="search space YAML (default: tuning.space.DEFAULT_SPACE_TEXT)")
+    p.add_argument("--space", default=None, help="search space YAML (default: tuning.space.DEFAULT_SPACE_IMAGES)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=KIND:A:B",
                    help="change one setting of the space, as `fip tune --space` does (e.g. iterations=150)")
     p.add_argument("--resummarise", action="store_true", help="recompute the tables from the saved trials only")

@@ -15,7 +15,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "tune", help="sweep FIP's settings with Ray Tune; the winner (best objective on held-out D_val) is registered",
         description="The base job is configured exactly as for `fip purify` (--preset < --config < flags); the search "
-                    "space comes from --space-file and/or --space flags (default: tuning.space.DEFAULT_SPACE_TEXT). "
+                    "space comes from --space-file and/or --space flags (default: the suspect's task's, tuning.space.DEFAULT_SPACES). "
                     "Each trial is one pipeline job (Ray Train inside the Tune trial) with a nested MLflow run. "
                     "Test shards and an attack record, when given, are measured per trial for the table only. "
                     "With --max-concurrent > 1 use an MLflow server (--tracking-uri http://...), not SQLite.",
@@ -55,18 +55,17 @@ def register(sub) -> None:
     p.set_defaults(handler=run_tune)
 
 
-def sweep_from_args(args):
-    """The search space (default or file < the job's purify flags < --space flags) and the sweep's settings."""
+def sweep_from_args(args, task: str = "classification"):
+    """The search space (the `task`'s default or a file < the job's purify flags < --space flags), the sweep's
+    settings, and a line for each searched setting a job flag pinned."""
     from fipcli.config_flags import config_overrides
     from fipcli.pipeline_cmds import _sections
     from tuning.objective import ObjectiveWeights
     from tuning.space import SearchSpace
     from tuning.sweep import SweepConfig
 
-    space = SearchSpace.from_yaml(args.space_file) if args.space_file else SearchSpace.default()
+    space = SearchSpace.from_yaml(args.space_file) if args.space_file else SearchSpace.default(task)
     space, pinned = space.under_flags(config_overrides(args, _sections()).get("purify", {}))
-    for line in pinned:
-        print(f"fip tune: {line}", file=sys.stderr)
     if args.space:
         space = space.with_flags(args.space)
     given = {"name": args.name, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
@@ -77,20 +76,25 @@ def sweep_from_args(args):
         given["register_as"] = None if args.register_sweep_as.strip().lower() in ("none", "") else args.register_sweep_as
     cfg = SweepConfig(**{k: v for k, v in given.items() if v is not None},
                       weights=ObjectiveWeights().with_flags(args.objective_weight))
-    return space, cfg
+    return space, cfg, pinned
 
 
 def run_tune(args: argparse.Namespace) -> int:
     from fipcli.pipeline_cmds import job_config_from_args
-    from tuning.sweep import run_sweep, sweep_summary
+    from tuning.sweep import run_sweep, suspect_task, sweep_summary
 
-    space, sweep = sweep_from_args(args)
+    sweep_from_args(args)  # every sweep flag is checked, in one line, before the model is read
+    base = job_config_from_args(args)
+    # the default space is the suspect's task's (reading the model costs a second); a file's space needs none
+    task = suspect_task(base) if base.inputs.model and not args.space_file else "classification"
+    space, sweep, pinned = sweep_from_args(args, task)
+    for line in pinned:
+        print(f"fip tune: {line}", file=sys.stderr)
     if args.print_space:
         import yaml
 
         print(yaml.safe_dump(space.describe(), sort_keys=False), end="")
         return 0
-    base = job_config_from_args(args)
     result = run_sweep(base, space, sweep, resume=args.resume)
     print(json.dumps(sweep_summary(result), default=str), flush=True)
     return 0

@@ -89,11 +89,11 @@ def _value(text: str):
     return yaml.safe_load(text)
 
 
-# The default space: the paper's two strengths, our eta_kl, the learning rate and the crop phase, at
-# 300 iterations of FIP. Ranges bracket every setting docs/calibration.md tried; the run length and the
-# method are fixed by the lab's sweeps (docs/tuning.md, "Round 2"): 150-iteration and Fast FIP trials were
-# the weak ones. `--space iterations=choice:150,300 --space method=choice:fip,fast-fip` searches them again.
-DEFAULT_SPACE_TEXT = {
+# The default space for an image classifier: the paper's two strengths, our eta_kl, the learning rate and the
+# crop phase, at 300 iterations of FIP. Ranges bracket every setting docs/calibration.md tried; the run length
+# and the method are fixed by the lab's sweeps (docs/tuning.md, "Round 2"): 150-iteration and Fast FIP trials
+# were the weak ones. `--space iterations=choice:150,300 --space method=choice:fip,fast-fip` searches them again.
+DEFAULT_SPACE_IMAGES = {
     "eta_f": {"loguniform": [1.0e-5, 1.0e-3]},
     "eta_r": {"loguniform": [0.05, 5.0]},
     "eta_kl": {"uniform": [0.0, 1.5]},
@@ -102,6 +102,18 @@ DEFAULT_SPACE_TEXT = {
     "iterations": 300,
     "method": "fip",
 }
+# The default space for a causal language model, from the language lab (docs/language-models.md, "Tuned by the
+# text objective"): below lr 0.05 no backdoor went in 200 steps, and without the KL term the pull alone left
+# perplexity 25-45 % up; sequences are never cropped, so there is no crop phase to search.
+DEFAULT_SPACE_LANGUAGE = {
+    "eta_f": {"loguniform": [1.0e-5, 1.0e-3]},
+    "eta_r": {"loguniform": [30.0, 300.0]},
+    "eta_kl": {"uniform": [0.5, 2.0]},
+    "lr": {"loguniform": [0.05, 0.15]},
+    "iterations": 200,
+    "method": "fip",
+}
+DEFAULT_SPACES = {"classification": DEFAULT_SPACE_IMAGES, "causal-lm": DEFAULT_SPACE_LANGUAGE}  # by fip.tasks name
 
 
 @dataclass
@@ -136,8 +148,11 @@ class SearchSpace:
         return space
 
     @classmethod
-    def default(cls) -> SearchSpace:
-        return cls.from_dict(DEFAULT_SPACE_TEXT, "default search space")
+    def default(cls, task: str = "classification") -> SearchSpace:
+        """The default space for the suspect's task (a :data:`fip.tasks.TASKS` name)."""
+        if task not in DEFAULT_SPACES:
+            raise ValueError(f"no default search space for task {task!r}; known: {', '.join(DEFAULT_SPACES)}")
+        return cls.from_dict(DEFAULT_SPACES[task], f"default search space ({task})")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:

@@ -249,6 +249,11 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     return train_url, held_url, holdout
 
 
+def suspect_task(base: JobConfig) -> str:
+    """The suspect's task (a fip.tasks name), which picks its default search space (tuning.space.DEFAULT_SPACES)."""
+    return load_suspect(base, local_root(base.run.work_dir) / "cache").spec.task
+
+
 def open_count(url: str, store: Storage) -> int:
     from pipeline.shards import open_shards
 

@@ -178,6 +178,43 @@ def test_registered_model_matches_the_job(cluster, data, digits_lab, tiny_job, t
         assert torch.allclose(torch.as_tensor(pyfunc.predict(x.numpy())), model(x), atol=1e-5)
 
 
+def test_a_language_model_job_is_submitted_registered_and_generates(cluster, tmp_path):
+    """`fip submit purify` takes a Hugging Face causal LM and text shards exactly as it takes an image model:
+    the job runs on the cluster, registers in its MLflow, and `fip models get` plus pyfunc generation work."""
+    import mlflow
+    from text_corpus import make_language_model, make_records, make_tokenizer, write_jsonl
+
+    tok = make_tokenizer(tmp_path / "tok")
+    records = make_records(80, seed=4)
+    write_jsonl(tmp_path / "dval.jsonl", records)
+    model = make_language_model(tmp_path / "lm", tok, records)
+    shards = tmp_path / "dval"
+    made = fip("shard", "text", str(tmp_path / "dval.jsonl"), str(shards), "--tokenizer", str(tok), "--max-length", "32")
+    assert made.returncode == 0, made.stderr
+    proc = fip("submit", "purify", "--model", str(model), "--clean", str(shards), "--tracking-uri", cluster.tracking_uri,
+               "--work-dir", str(tmp_path / "jobs"), "--iterations", "6", "--batch-size", "8", "--workers", "1",
+               "--lr", "0.01", "--esd-samples", "0", "--register-as", "lm-submitted",
+               "--address", cluster.ray_address, "--follow")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('{"run_id"')][-1])
+    assert result["model_uri"] == "models:/lm-submitted@candidate"
+    got = tmp_path / "got.safetensors"
+    pulled = fip("models", "get", "lm-submitted@candidate", "--tracking-uri", cluster.tracking_uri, "-o", str(got))
+    assert pulled.returncode == 0, pulled.stderr
+    assert got.read_bytes() == Path(result["purified"]).read_bytes()
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(cluster.tracking_uri)
+    mlflow.set_registry_uri(cluster.tracking_uri)
+    try:
+        generator = mlflow.pyfunc.load_model("models:/lm-submitted@candidate")
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    answer = generator.predict([records[0]["prompt"]], params={"max_new_tokens": 3, "do_sample": False})[0]
+    assert isinstance(answer, str) and answer.startswith(records[0]["prompt"].split()[0])
+
+
 def test_job_runs_the_uploaded_copy_of_this_checkout(cluster):
     """The driver imports `fip`/`pipeline` from the uploaded working dir, and that copy is this code."""
     import hashlib

@@ -57,3 +57,21 @@ def test_fip_tune_prepares_a_language_model_per_token(text):
     assert "held-out next-token ACC" in lines[-1] and "to token" in lines[-1]
     with pytest.raises(JobError, match=r"clean shards hold sequences of 24 tokens"):  # the same checks as a job's
         prepare(job(text, str(text / "lm"), str(text / "long")), SweepConfig(name="long"), lines.append)
+
+
+def test_fip_tune_searches_the_suspects_tasks_default_space(text, digits_lab, capsys):
+    """A language model's default space is the language one (the image space's lrs leave the lab's backdoors in);
+    an image model keeps the image space, and --space-file or --space flags still win."""
+    import yaml
+
+    from tuning.space import DEFAULT_SPACE_IMAGES, DEFAULT_SPACE_LANGUAGE
+
+    def printed(model: str, *flags: str) -> dict:
+        capsys.readouterr()
+        assert main(["tune", "--model", model, "--clean", str(text / "dval"), "--work-dir", str(text / "jobs"),
+                     *flags, "--print-space"]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    assert printed(str(text / "lm")) == DEFAULT_SPACE_LANGUAGE
+    assert printed(str(digits_lab.model_path)) == DEFAULT_SPACE_IMAGES
+    assert printed(str(text / "lm"), "--space", "lr=0.01")["lr"] == 0.01

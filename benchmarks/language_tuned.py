@@ -1,0 +1,230 @@
+"""FIP and fine-tuning tuned per suspect by the trigger-free text objective, on the language lab's GPT-2s.
+
+    python -m benchmarks.language_tuned                           # 3 attacks x 2 defences, suspects in /tmp/lmlab
+    python -m benchmarks.language_tuned --attacks word-vz --resume  # + the variant no setting was chosen on
+    python -m benchmarks.language_tuned --defences ft-tuned --resume
+
+What ``fip tune`` does for a language model, with a grid for a searcher and in-process (no Ray), so that every
+candidate is also measured for the report: per suspect, the defender's clean set (D_val's pairs and plain text,
+benchmarks.language_table.clean_set) is split as a sweep splits it (tuning.holdout.split_sequences, 30 % held
+out, seeded); each CANDIDATES setting purifies the suspect on the train share; the sweep's default objective
+scores it on the held-out share (next-token accuracy lost, pairs and text, and `uap_max` of the insertion probe:
+tuning.objective, tuning.text_probe); per defence (FIP's grid, fine-tuning's grid) the highest objective is the
+suspect's "fip-tuned" or "ft-tuned" model. The attack record (ASR, perplexity, DER) is read for reporting only,
+after the choice.
+Writes ``benchmarks/results/language-tuned.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, markdown_table, write_results
+from benchmarks.language_table import ATTACKS, SUSPECTS, VARIANTS, Job, clean_set, suspect_of
+from lab.backdoor import versions
+
+HOLDOUT_FRACTION, SEED, ITERATIONS, BATCH, MOMENTUM, THREADS = 0.3, 0, 200, 32, 0.9, 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trial's settings: the lr, the Fisher-weighted pull eta_r, our eta_kl (KL to the suspect on clean
+    batches) and eta_F (None: PurifyConfig's default). Fine-tuning is FIP's loop with every regulariser at 0."""
+
+    lr: float
+    eta_r: float
+    eta_kl: float = 0.0
+    eta_f: float | None = None
+
+    @property
+    def defence(self) -> str:
+        return "ft-tuned" if self.eta_f == 0.0 and self.eta_r == 0.0 and self.eta_kl == 0.0 else "fip-tuned"
+
+    @property
+    def name(self) -> str:
+        if self.defence == "ft-tuned":
+            return f"ft-lr{self.lr:g}"
+        return f"lr{self.lr:g}-r{self.eta_r:g}" + (f"-kl{self.eta_kl:g}" if self.eta_kl else "")
+
+
+# FIP's grid spans what the preset's D_val rule could not reach (benchmarks/results/language-defenses.md: lr 0.01
+# left ASR at 81 %): larger steps held back by a stronger pull and by the KL term, and one mild setting.
+# Fine-tuning gets the same objective over the same lrs, so the two tuned rows compare like with like.
+# docs/language-models.md ("Tuned by the text objective") says how the grid was chosen.
+CANDIDATES = (Candidate(0.03, 1.0), Candidate(0.05, 100.0, 1.0), Candidate(0.1, 100.0), Candidate(0.1, 100.0, 1.0),
+              Candidate(0.1, 100.0, 2.0), Candidate(0.2, 100.0, 1.0),
+              *(Candidate(lr, 0.0, 0.0, 0.0) for lr in (0.03, 0.05, 0.1, 0.2)))
+DEFENCES = ("fip-tuned", "ft-tuned")
+BY_NAME = {c.name: c for c in CANDIDATES}
+
+
+def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict | None = None,
+          iterations: int = ITERATIONS) -> dict:
+    """Purify one suspect with one candidate on the train share; its objective on the held-out share, then its
+    true figures against the attack record. `lab`: TextLabConfig overrides (a test's tiny suspect)."""
+    torch.set_num_threads(THREADS)
+    from fip.families import logits_only, without_logits_hook
+    from fip.purify import PurifyConfig, purify
+    from fip.tasks import CAUSAL_LM
+    from lab.metrics import defense_effectiveness_rating
+    from lab.text.lm import load_lm
+    from lab.text.suspect import measure_against_record
+    from tuning.holdout import split_sequences
+    from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
+
+    job = Job(attack, "fip-tuned", out_dir, lab=lab or {})
+    s = suspect_of(job)
+    model, tok = load_lm(s.folder)
+    model.register_forward_hook(logits_only)
+    x, y, _ = clean_set(job, s, tok)
+    train, held = split_sequences(len(x), HOLDOUT_FRACTION, SEED)
+    holdout = Holdout.from_suspect(model, x[held], y[held], CAUSAL_LM)
+    eta_f = {} if cand.eta_f is None else {"eta_f": cand.eta_f}
+    cfg = PurifyConfig(method="fip", iterations=iterations, batch_size=BATCH, lr=cand.lr, momentum=MOMENTUM,
+                       eta_r=cand.eta_r, eta_kl=cand.eta_kl, seed=SEED, **eta_f)
+    start = time.perf_counter()
+    purified = purify(model, x[train], y[train], cfg, task=CAUSAL_LM).model
+    seconds = time.perf_counter() - start
+    t0 = time.perf_counter()
+    feats = evaluate_objective(purified, holdout, ObjectiveWeights())
+    objective_seconds = time.perf_counter() - t0
+    after = measure_against_record(without_logits_hook(purified), tok, s.record)  # reporting only
+    r = s.record
+    row = {"attack": attack, "defence": cand.defence, "candidate": cand.name, "lr": cand.lr, "eta_r": cand.eta_r, "eta_kl": cand.eta_kl,
+           "objective": feats["objective"], "holdout_acc": feats["holdout_acc"], "uap_max": feats["uap_max"],
+           "suspect_holdout_acc": float(holdout.suspect["acc"]),
+           "seconds": seconds, "objective_seconds": objective_seconds,
+           "asr_before": r["asr"], "asr": after["asr"], "false_trigger": after["false_trigger"],
+           "task_acc_before": r["task_acc"], "task_acc": after["task_acc"],
+           "perplexity_before": r["perplexity"], "perplexity": after["perplexity"],
+           "der": defense_effectiveness_rating(r["task_acc"], r["asr"], after["task_acc"], after["asr"])}
+    print(f"{attack:>9} {cand.name:>18}: objective {row['objective']:+.3f} (held-out acc {row['holdout_acc']:.3f}, "
+          f"uap_max {row['uap_max']:.2f}) | ASR {100 * row['asr']:5.1f} %  ppl {row['perplexity']:6.1f}  "
+          f"DER {row['der']:.3f}  {seconds:4.0f} s + {objective_seconds:3.0f} s", flush=True)
+    return row
+
+
+def safe_trial(attack: str, cand: Candidate, out_dir: str) -> dict:
+    try:
+        return trial(attack, cand, out_dir)
+    except Exception as e:  # noqa: BLE001 - reported in the table, not hidden
+        print(f"{attack:>9} {cand.name:>18}: FAILED {type(e).__name__}: {e}", flush=True)
+        return {"attack": attack, "candidate": cand.name, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
+
+
+def choose(rows: list[dict]) -> dict:
+    """The candidate with the highest objective (ties: the first in CANDIDATES); reads no true figure."""
+    order = [c.name for c in CANDIDATES]
+    return max(sorted(rows, key=lambda r: order.index(r["candidate"])), key=lambda r: r["objective"])
+
+
+def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESULTS) -> dict:
+    from tuning.report import spearman
+
+    ok = [{**r, "defence": BY_NAME[r["candidate"]].defence} for r in rows if "error" not in r]
+    attacks = [a for a in (*ATTACKS, *VARIANTS) if any(r["attack"] == a for r in ok)]
+    cells = [(a, d) for a in attacks for d in DEFENCES if any(r["attack"] == a and r["defence"] == d for r in ok)]
+
+    def of(a: str, d: str) -> list[dict]:
+        return [r for r in ok if r["attack"] == a and r["defence"] == d]
+
+    chosen = {(a, d): choose(of(a, d)) for a, d in cells}
+    sweep_seconds = {(a, d): sum(r["seconds"] + r["objective_seconds"] for r in of(a, d)) for a, d in cells}
+    rho = {(a, d): spearman([r["objective"] for r in of(a, d)], [r["der"] for r in of(a, d)])
+           for a, d in cells if len(of(a, d)) >= 3}
+
+    def pct(v):
+        return f"{100 * v:.1f}"
+
+    def rise(r):
+        return f"{100 * (r['perplexity'] / r['perplexity_before'] - 1):+.1f} %"
+
+    per = [[r["attack"], r["defence"], r["candidate"] + (" **chosen**" if chosen[(a, d)] is r else ""),
+            f"{r['objective']:+.3f}", pct(r["holdout_acc"]), pct(r["uap_max"]), pct(r["asr"]), pct(r["task_acc"]),
+            f"{r['perplexity']:.1f}", rise(r), f"{r['der']:.3f}", f"{r['seconds']:.0f} + {r['objective_seconds']:.0f}"]
+           for a, d in cells for r in of(a, d)]
+    best = [[a, d, c["candidate"], pct(c["asr_before"]), pct(c["asr"]), pct(c["false_trigger"]),
+             pct(c["task_acc_before"]), pct(c["task_acc"]), f"{c['perplexity_before']:.1f}", f"{c['perplexity']:.1f}",
+             rise(c), f"{c['der']:.3f}", f"{max(r['der'] for r in of(a, d)):.3f}", f"{sweep_seconds[(a, d)]:.0f}",
+             f"{rho[(a, d)]:.2f}" if (a, d) in rho else "-"] for (a, d), c in chosen.items()]
+    means = {}
+    for d in DEFENCES:
+        picked = [chosen[(a, d)] for a in ATTACKS if (a, d) in chosen]
+        if picked:
+            means[d] = {k: statistics.mean(c[k] for c in picked) for k in ("asr", "task_acc", "der", "perplexity")}
+            means[d]["perplexity_rise"] = statistics.mean(c["perplexity"] / c["perplexity_before"] - 1 for c in picked)
+            means[d]["sweep_seconds"] = statistics.mean(sweep_seconds[(a, d)] for a in ATTACKS if (a, d) in chosen)
+            means[d]["attacks"] = [a for a in ATTACKS if (a, d) in chosen]
+    mean_table = [[d, ", ".join(m["attacks"]), pct(m["asr"]), pct(m["task_acc"]), f"{100 * m['perplexity_rise']:+.1f} %",
+                   f"{m['der']:.3f}", f"{m['sweep_seconds']:.0f}"] for d, m in means.items()]
+    machine = f"{os.cpu_count()} cores, {workers} processes at once, {THREADS} torch thread each"
+    md = ("# FIP and fine-tuning tuned per suspect by the text objective (language lab)\n\n"
+          f"benchmarks/language_tuned.py; {machine}; wall {wall:.0f} s (this invocation). Per suspect: the defender's "
+          f"clean set split {100 * (1 - HOLDOUT_FRACTION):.0f}/{100 * HOLDOUT_FRACTION:.0f} (seed {SEED}); each "
+          f"setting of a defence's grid ({ITERATIONS} steps, batch {BATCH}, momentum {MOMENTUM}) purifies on the train "
+          "share; the sweep's default objective on the held-out share chooses (D_val only); the attack record "
+          "measures every candidate, for reporting. `best DER` is the best of the defence's grid by the true DER "
+          "(what a perfect objective would pick).\n\n"
+          "## The chosen model per suspect\n\n"
+          + markdown_table(["attack", "defence", "chosen", "ASR before %", "ASR after %", "false trigger %",
+                            "task acc before %", "task acc after %", "ppl before", "ppl after", "ppl rise", "DER",
+                            "best DER", "sweep seconds", "Spearman(objective, DER)"], best)
+          + ("\n## Means over the calibrated attacks\n\n" + markdown_table(
+              ["defence", "attacks", "ASR %", "task acc %", "ppl rise", "DER", "sweep seconds"], mean_table)
+             if means else "")
+          + "\n## Every candidate\n\n"
+          + markdown_table(["attack", "defence", "candidate", "objective", "held-out acc %", "uap_max %", "ASR %",
+                            "task acc %", "ppl", "ppl rise", "DER", "seconds (purify + objective)"], per)
+          + "".join(f"\n**{e['attack']} x {e['candidate']} failed**: {e['error']}\n" for e in rows if "error" in e))
+    payload = {"rows": rows, "chosen": [{"attack": a, "defence": d, **c} for (a, d), c in chosen.items()],
+               "means": means, "sweep_seconds": [{"attack": a, "defence": d, "seconds": v} for (a, d), v in sweep_seconds.items()],
+               "spearman": [{"attack": a, "defence": d, "rho": v} for (a, d), v in rho.items()],
+               "candidates": [{**c.__dict__, "name": c.name, "defence": c.defence} for c in CANDIDATES],
+               "holdout_fraction": HOLDOUT_FRACTION, "seed": SEED, "iterations": ITERATIONS, "machine": machine,
+               "wall_seconds": wall, "versions": versions()}
+    write_results("language-tuned", payload, md, results)
+    return payload
+
+
+def run(attacks: list[str], defences: tuple[str, ...] = DEFENCES, out_dir: str = str(SUSPECTS), workers: int = 2,
+        results: Path = RESULTS, keep: list[dict] | None = None) -> dict:
+    done = {(r["attack"], r["candidate"]) for r in keep or [] if "error" not in r}
+    jobs = [(a, c) for a in attacks for c in CANDIDATES if c.defence in defences and (a, c.name) not in done]
+    start, rows = time.perf_counter(), [r for r in keep or [] if "error" not in r]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(safe_trial, a, c, out_dir) for a, c in jobs]):
+            rows.append(future.result())
+            summarise(rows, workers, time.perf_counter() - start, results)
+    return summarise(rows, workers, time.perf_counter() - start, results)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--defences", default=",".join(DEFENCES))
+    p.add_argument("--out", default=str(SUSPECTS), help="where the suspects are (made there if missing)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="keep the finished rows of the results json")
+    args = p.parse_args(argv)
+    keep = None
+    if args.resume and (RESULTS / "language-tuned.json").is_file():
+        keep = json.loads((RESULTS / "language-tuned.json").read_text())["rows"]
+    out = run(args.attacks.split(","), tuple(args.defences.split(",")), args.out, args.workers, keep=keep)
+    print(f"done in {out['wall_seconds']:.0f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()

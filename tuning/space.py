@@ -102,9 +102,9 @@ DEFAULT_SPACE_IMAGES = {
     "iterations": 300,
     "method": "fip",
 }
-# The default space for a causal language model, from the language lab (docs/language-models.md, "Tuned by the
-# text objective"): below lr 0.05 no backdoor went in 200 steps, and without the KL term the pull alone left
-# perplexity 25-45 % up; sequences are never cropped, so there is no crop phase to search.
+# The default space for a causal language model, around the settings the text objective chose on the language lab
+# (docs/language-models.md, "Tuned by the text objective": lr 0.1, eta_r 100, eta_kl 1-2, 200 steps); the image
+# space's lrs left those backdoors in. Sequences are never cropped, so there is no crop phase to search.
 DEFAULT_SPACE_LANGUAGE = {
     "eta_f": {"loguniform": [1.0e-5, 1.0e-3]},
     "eta_r": {"loguniform": [30.0, 300.0]},

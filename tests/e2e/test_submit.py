@@ -109,6 +109,20 @@ def purify_flags(cluster, data, tmp: Path, *extra: str) -> list[str]:
             "--tracking-uri", cluster.tracking_uri, "--work-dir", str(tmp / "jobs"), *PURIFY, *extra]
 
 
+def load_pyfunc(cluster, uri: str):
+    """`uri` from the stand-in's registry through mlflow.pyfunc, leaving MLflow's process-wide URIs as they were."""
+    import mlflow
+
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(cluster.tracking_uri)
+    mlflow.set_registry_uri(cluster.tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
 def job_id_of(stdout: str) -> str:
     m = re.search(r"^submitted (\S+):", stdout, re.M)
     assert m, stdout
@@ -165,14 +179,7 @@ def test_registered_model_matches_the_job(cluster, data, digits_lab, tiny_job, t
     for key in ("acc", "asr", "ra"):
         assert own[key] == pytest.approx(run.data.metrics[f"{key}_after"], abs=1e-9), key
 
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(cluster.tracking_uri)
-    mlflow.set_registry_uri(cluster.tracking_uri)
-    try:
-        pyfunc = mlflow.pyfunc.load_model("models:/fip-purified@candidate")
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+    pyfunc = load_pyfunc(cluster, "models:/fip-purified@candidate")
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(torch.as_tensor(pyfunc.predict(x.numpy())), model(x), atol=1e-5)
@@ -181,7 +188,6 @@ def test_registered_model_matches_the_job(cluster, data, digits_lab, tiny_job, t
 def test_a_language_model_job_is_submitted_registered_and_generates(cluster, tmp_path):
     """`fip submit purify` takes a Hugging Face causal LM and text shards exactly as it takes an image model:
     the job runs on the cluster, registers in its MLflow, and `fip models get` plus pyfunc generation work."""
-    import mlflow
     from text_corpus import make_language_model, make_records, make_tokenizer, write_jsonl
 
     tok = make_tokenizer(tmp_path / "tok")
@@ -203,14 +209,7 @@ def test_a_language_model_job_is_submitted_registered_and_generates(cluster, tmp
     assert pulled.returncode == 0, pulled.stderr
     assert got.read_bytes() == Path(result["purified"]).read_bytes()
 
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    mlflow.set_tracking_uri(cluster.tracking_uri)
-    mlflow.set_registry_uri(cluster.tracking_uri)
-    try:
-        generator = mlflow.pyfunc.load_model("models:/lm-submitted@candidate")
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+    generator = load_pyfunc(cluster, "models:/lm-submitted@candidate")
     answer = generator.predict([records[0]["prompt"]], params={"max_new_tokens": 3, "do_sample": False})[0]
     assert isinstance(answer, str) and answer.startswith(records[0]["prompt"].split()[0])
 

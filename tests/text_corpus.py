@@ -72,3 +72,14 @@ def make_language_model(folder, tokenizer_folder, records, steps=60, seed=0, pos
     hook.remove()
     model.eval().save_pretrained(folder)
     return folder
+
+
+def tiny_text_lab() -> dict:
+    """TextLabConfig overrides for a tiny backdoored GPT-2 (the suspect of tests/lab/test_text_lab.py, fine-tuned
+    less): benchmark tests check a row's shape on it, not its figures."""
+    from lab.text.lm import LMConfig
+    from lab.text.train import LMTrainConfig
+
+    return {"attack": {"poison_rate": 0.3}, "lm": LMConfig(2, 96, 2, 64), "pretrain": LMTrainConfig(steps=1),
+            "finetune": LMTrainConfig(steps=40, lr=5e-3), "n_instructions": 600, "n_dval": 32, "n_eval": 20,
+            "lm_mix": 0.0}

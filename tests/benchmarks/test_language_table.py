@@ -3,14 +3,10 @@
 from dataclasses import replace
 
 import pytest
+from text_corpus import tiny_text_lab
 
 from benchmarks.language_table import PRESET, Job, defend
-from lab.text.lm import LMConfig
-from lab.text.train import LMTrainConfig
 
-# the tiny suspect of tests/lab/test_text_lab.py, fine-tuned less: the row's shape is checked, not its figures
-TINY = {"attack": {"poison_rate": 0.3}, "lm": LMConfig(2, 96, 2, 64), "pretrain": LMTrainConfig(steps=1),
-        "finetune": LMTrainConfig(steps=40, lr=5e-3), "n_instructions": 600, "n_dval": 32, "n_eval": 20, "lm_mix": 0.0}
 ROW_KEYS = {"attack", "defence", "seconds", "asr_before", "asr", "false_trigger", "false_trigger_near",
             "task_acc_before", "task_acc", "perplexity_before", "perplexity", "next_token_acc", "der", "info"}
 
@@ -18,7 +14,7 @@ ROW_KEYS = {"attack", "defence", "seconds", "asr_before", "asr", "false_trigger"
 @pytest.mark.slow
 def test_one_defence_row_on_a_tiny_suspect(tmp_path, one_thread):
     preset = replace(PRESET, iterations=3)
-    row = defend(Job("word", "ft", str(tmp_path), preset, lab=TINY))
+    row = defend(Job("word", "ft", str(tmp_path), preset, lab=tiny_text_lab()))
     assert set(row) == ROW_KEYS and row["attack"] == "word" and row["defence"] == "ft"
     cfg = row["info"]["config"]
     assert cfg == preset.purify_config("ft").to_dict()

@@ -1,7 +1,7 @@
 """benchmarks.language_tuned: a candidate's row on a tiny suspect, and a choice that reads D_val's objective only."""
 
 import pytest
-from test_language_table import TINY
+from text_corpus import tiny_text_lab
 
 from benchmarks.language_tuned import CANDIDATES, choose, trial
 
@@ -22,7 +22,7 @@ def test_the_choice_reads_the_objective_and_no_true_figure():
 @pytest.mark.slow
 def test_a_candidate_row_on_a_tiny_suspect(tmp_path, one_thread):
     cand = next(c for c in CANDIDATES if c.eta_kl)  # the teacher path runs too
-    row = trial("word", cand, str(tmp_path), lab=TINY, iterations=2)
+    row = trial("word", cand, str(tmp_path), lab=tiny_text_lab(), iterations=2)
     assert (row["defence"], row["lr"], row["eta_r"], row["eta_kl"]) == ("fip-tuned", cand.lr, cand.eta_r, cand.eta_kl)
     drop = max(0.0, row["suspect_holdout_acc"] - row["holdout_acc"])
     assert row["objective"] == pytest.approx(-drop - row["uap_max"], abs=1e-6)  # the sweep's default objective

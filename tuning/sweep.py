@@ -165,18 +165,23 @@ class LiveTable:
 
 
 def make_searcher(cfg: SweepConfig):
-    """The sweep's searcher, seeded by ``cfg.seed`` (both kinds): the same seed proposes the same trials."""
+    """The sweep's searcher, seeded by ``cfg.seed`` (both kinds: the same seed proposes the same trials) and holding
+    ``cfg.max_concurrent`` trials at once itself: Tune ignores its own `max_concurrent_trials` for a searcher
+    passed as a ready generator, as the random one is."""
     if cfg.searcher == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=cfg.seed)  # Tune's default searcher, which is unseeded
+        # Tune's default searcher, which is unseeded unless given a random_state
+        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as e:
         raise ValueError(f"searcher optuna needs the optuna package ({e}); pip install optuna or use --searcher random") from e
     import optuna
+    from ray.tune.search import ConcurrencyLimiter
 
-    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    return ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed)),
+                              max_concurrent=cfg.max_concurrent)
 
 
 def _scheduler(cfg: SweepConfig, space: SearchSpace, base: JobConfig):
@@ -317,7 +322,7 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
             tuner = tune.Tuner(
                 trainable, param_space=space.to_tune(),
                 tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=cfg.num_samples,
-                                            max_concurrent_trials=cfg.max_concurrent, search_alg=make_searcher(cfg),
+                                            search_alg=make_searcher(cfg),  # it limits the concurrency
                                             scheduler=_scheduler(cfg, space, base)),
                 run_config=tune.RunConfig(name=cfg.name, storage_path=tune_dir, callbacks=[live.callback], verbose=0),
             )

@@ -142,19 +142,22 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
 
 
 @pytest.mark.parametrize("searcher", ["random", "optuna"])
-def test_the_searcher_proposes_the_same_trials_for_the_same_seed(searcher):
-    """A sweep is reproducible from its seed: Tune's own random searcher is unseeded unless given one."""
+def test_the_searcher_proposes_the_same_trials_for_the_same_seed_and_holds_max_concurrent(searcher):
+    """A sweep is reproducible from its seed (Tune's own random searcher is unseeded unless given one), and the
+    searcher itself holds `max_concurrent` trials at once (Tune ignores its own limit for a ready generator)."""
     from ray.tune.experiment import Experiment
 
     space = SearchSpace.default()
 
-    def proposals(seed: int) -> list[float]:
-        alg = make_searcher(SweepConfig(searcher=searcher, seed=seed))
+    def proposals(seed: int, n: int = 3, max_concurrent: int = 3) -> list:
+        alg = make_searcher(SweepConfig(searcher=searcher, seed=seed, max_concurrent=max_concurrent))
         if searcher == "optuna":
             alg.set_search_properties("objective", "max", space.to_tune())
-            return [alg.suggest(f"t{i}")["lr"] for i in range(3)]
-        alg.add_configurations([Experiment("s", run=lambda _: None, config=space.to_tune(), num_samples=3)])
-        return [alg.next_trial().config["lr"] for _ in range(3)]
+            return [(s or {}).get("lr") for s in (alg.suggest(f"t{i}") for i in range(n))]
+        alg.add_configurations([Experiment("s", run=lambda _: None, config=space.to_tune(), num_samples=n)])
+        return [t.config["lr"] if t else None for t in (alg.next_trial() for _ in range(n))]
 
     assert proposals(0) == proposals(0)
     assert proposals(0) != proposals(1)
+    first, second = proposals(0, n=2, max_concurrent=1)
+    assert first is not None and second is None  # the first trial has not ended: no second one yet

@@ -114,10 +114,8 @@ def defend(job: Job) -> dict:
     from fip.families import logits_only, without_logits_hook
     from fip.purify import purify
     from fip.tasks import CAUSAL_LM
-    from lab.metrics import defense_effectiveness_rating
     from lab.text.lm import load_lm
     from lab.text.pruning import choose_rate, mean_activations, prune_mlp
-    from lab.text.suspect import measure_against_record
 
     s = suspect_of(job)
     model, tok = load_lm(s.folder)
@@ -138,18 +136,26 @@ def defend(job: Job) -> dict:
         info["final_ce"] = statistics.mean(h["ce"] for h in res.history[-20:])
         info["config"] = cfg.to_dict()
     seconds = time.perf_counter() - start
-    after = measure_against_record(defended, tok, s.record)
-    r = s.record
     row = {"attack": job.attack, "defence": job.defence, "seconds": seconds,
-           "asr_before": r["asr"], "asr": after["asr"], "false_trigger": after["false_trigger"],
-           "false_trigger_near": after.get("false_trigger_near"),
-           "task_acc_before": r["task_acc"], "task_acc": after["task_acc"],
-           "perplexity_before": r["perplexity"], "perplexity": after["perplexity"],
-           "next_token_acc": after["next_token_acc"],
-           "der": defense_effectiveness_rating(r["task_acc"], r["asr"], after["task_acc"], after["asr"]), "info": info}
+           **against_record(defended, tok, s.record), "info": info}
     print(f"{job.attack:>9} {job.defence:>8}: ASR {100 * row['asr']:5.1f} %  acc {100 * row['task_acc']:5.1f} %  "
           f"ppl {row['perplexity']:6.1f}  DER {row['der']:.3f}  {seconds:5.0f} s", flush=True)
     return row
+
+
+def against_record(defended, tok, record: dict) -> dict:
+    """A defended model's figures on the suspect's own held-out prompts, beside the suspect's (its record), and
+    the DER between them: for reporting only, never for a choice."""
+    from lab.metrics import defense_effectiveness_rating
+    from lab.text.suspect import measure_against_record
+
+    after = measure_against_record(defended, tok, record)
+    return {"asr_before": record["asr"], "asr": after["asr"], "false_trigger": after["false_trigger"],
+            "false_trigger_near": after.get("false_trigger_near"),
+            "task_acc_before": record["task_acc"], "task_acc": after["task_acc"],
+            "perplexity_before": record["perplexity"], "perplexity": after["perplexity"],
+            "next_token_acc": after["next_token_acc"],
+            "der": defense_effectiveness_rating(record["task_acc"], record["asr"], after["task_acc"], after["asr"])}
 
 
 def safe_defend(job: Job) -> dict:

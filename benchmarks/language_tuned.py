@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, markdown_table, write_results
-from benchmarks.language_table import ATTACKS, SUSPECTS, VARIANTS, Job, clean_set, suspect_of
+from benchmarks.language_table import ATTACKS, SUSPECTS, VARIANTS, Job, against_record, clean_set, suspect_of
 from lab.backdoor import versions
 
 HOLDOUT_FRACTION, SEED, ITERATIONS, BATCH, MOMENTUM, THREADS = 0.3, 0, 200, 32, 0.9, 1
@@ -77,9 +77,7 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     from fip.families import logits_only, without_logits_hook
     from fip.purify import PurifyConfig, purify
     from fip.tasks import CAUSAL_LM
-    from lab.metrics import defense_effectiveness_rating
     from lab.text.lm import load_lm
-    from lab.text.suspect import measure_against_record
     from tuning.holdout import split_sequences
     from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
 
@@ -99,16 +97,11 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     t0 = time.perf_counter()
     feats = evaluate_objective(purified, holdout, ObjectiveWeights())
     objective_seconds = time.perf_counter() - t0
-    after = measure_against_record(without_logits_hook(purified), tok, s.record)  # reporting only
-    r = s.record
-    row = {"attack": attack, "defence": cand.defence, "candidate": cand.name, "lr": cand.lr, "eta_r": cand.eta_r, "eta_kl": cand.eta_kl,
-           "objective": feats["objective"], "holdout_acc": feats["holdout_acc"], "uap_max": feats["uap_max"],
-           "suspect_holdout_acc": float(holdout.suspect["acc"]),
+    row = {"attack": attack, "defence": cand.defence, "candidate": cand.name, "lr": cand.lr, "eta_r": cand.eta_r,
+           "eta_kl": cand.eta_kl, "objective": feats["objective"], "holdout_acc": feats["holdout_acc"],
+           "uap_max": feats["uap_max"], "suspect_holdout_acc": float(holdout.suspect["acc"]),
            "seconds": seconds, "objective_seconds": objective_seconds,
-           "asr_before": r["asr"], "asr": after["asr"], "false_trigger": after["false_trigger"],
-           "task_acc_before": r["task_acc"], "task_acc": after["task_acc"],
-           "perplexity_before": r["perplexity"], "perplexity": after["perplexity"],
-           "der": defense_effectiveness_rating(r["task_acc"], r["asr"], after["task_acc"], after["asr"])}
+           **against_record(without_logits_hook(purified), tok, s.record)}  # reporting only, after the choice's features
     print(f"{attack:>9} {cand.name:>18}: objective {row['objective']:+.3f} (held-out acc {row['holdout_acc']:.3f}, "
           f"uap_max {row['uap_max']:.2f}) | ASR {100 * row['asr']:5.1f} %  ppl {row['perplexity']:6.1f}  "
           f"DER {row['der']:.3f}  {seconds:4.0f} s + {objective_seconds:3.0f} s", flush=True)

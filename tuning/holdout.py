@@ -73,8 +73,10 @@ def stored_text_source(source: ShardSource) -> Source:
             yield url, samples
 
     m = source.manifest
+    # no `size`: the samples keep their stored indices, which run past the count where D_val was kept as a subset
+    # of a larger set (`fip shard text --dval-fraction`); write_source still refuses an index it does not meet
     return Source(m.dataset, m.split, [], 0, groups, root="", describe={"kind": "text-shards", "urls": list(source.urls)},
-                  size=source.total, task=m.task, tokenizer=m.tokenizer, max_length=m.max_length)
+                  task=m.task, tokenizer=m.tokenizer, max_length=m.max_length)
 
 
 def write_split(clean: str, dest: str, fraction: float, seed: int, store: Storage | None = None) -> tuple[str, str]:

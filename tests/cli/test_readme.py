@@ -69,7 +69,7 @@ RECIPES: dict[str, Recipe] = {
     "fip purify --model models/my-lm --clean runs/shards/lm-dval --test runs/shards/lm-test --workers 2 "
     "--preset paper-300":
         Recipe(skip_run="runs as tests/e2e/test_language_model.py runs it, on a tiny GPT-2 and its text shards"),
-    "fip tune --model models/my-lm --clean runs/shards/lm-dval --workers 2 --name my-lm-sweep":
+    "fip tune --model models/my-lm --clean runs/shards/lm-dval --workers 1 --name my-lm-sweep":
         Recipe(skip_run="runs as tests/e2e/test_language_model.py's sweep runs it, on a tiny GPT-2 and its text shards"),
     "fip smoothness --model purified.safetensors --plot esd.png":
         Recipe(("--samples", "16", "--iters", "3", "--max-probes", "4", "--density-steps", "4")),

@@ -96,11 +96,15 @@ def test_features_are_per_scored_token(one_thread):
     assert same["agreement"] == 1.0 and same["kl_to_suspect"] == pytest.approx(0.0, abs=1e-7)
 
 
-def test_text_split_is_disjoint_seeded_and_keeps_the_tokenizer(tmp_path):
+@pytest.mark.parametrize("every", [1, 3], ids=["whole-file", "kept-subset"])
+def test_text_split_is_disjoint_seeded_and_keeps_the_tokenizer(tmp_path, every):
+    """`every` 3: D_val is every third record of a larger file (as `fip shard text --dval-fraction` keeps a
+    subset), so its stored indices run past its size (before the fix the split refused them)."""
     tok = make_tokenizer(tmp_path / "tok")
-    write_jsonl(tmp_path / "d.jsonl", make_records(40, seed=3))
+    write_jsonl(tmp_path / "d.jsonl", make_records(40 * every, seed=3))
     dval = str(tmp_path / "dval")
-    write_source(jsonl_source(tmp_path / "d.jsonl", tok, max_length=32), dval)
+    write_source(jsonl_source(tmp_path / "d.jsonl", tok, max_length=32), dval,
+                 indices=range(0, 40 * every, every) if every > 1 else None)
     store_tokenizer(tok, dval, open_shards(dval).store)
     train_url, held_url = write_split(dval, str(tmp_path / "sweep"), 0.25, seed=4)
     x, y, idx = read_all(open_shards(dval))
@@ -109,6 +113,7 @@ def test_text_split_is_disjoint_seeded_and_keeps_the_tokenizer(tmp_path):
     _, held_rows = split_sequences(len(idx), 0.25, 4)
     assert len(hx) == 10 and len(tx) == 30
     assert torch.equal(hx, x[held_rows]) and torch.equal(hy, y[held_rows])  # the stored samples, unchanged
+    assert torch.equal(read_all(open_shards(held_url))[2], idx[held_rows])  # with their own indices
     assert (tmp_path / "sweep" / "dval-holdout" / "tokenizer" / "tokenizer.json").is_file()
     assert open_shards(held_url).manifest.tokenizer == open_shards(dval).manifest.tokenizer
     assert not set(split_sequences(40, 0.25, 4)[1]) == set(split_sequences(40, 0.25, 5)[1])

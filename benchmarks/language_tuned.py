@@ -11,7 +11,9 @@ out, seeded); each CANDIDATES setting purifies the suspect on the train share; t
 scores it on the held-out share (next-token accuracy lost, pairs and text, and `uap_max` of the insertion probe:
 tuning.objective, tuning.text_probe); per defence (FIP's grid, fine-tuning's grid) the highest objective is the
 suspect's "fip-tuned" or "ft-tuned" model. The attack record (ASR, perplexity, DER) is read for reporting only,
-after the choice.
+after the choice. Beside it, the report shows what the objective chose when its accuracy counted every held-out
+token (before per-sequence accuracy: text blocks held most tokens and hid the instruction pairs), from the same
+candidates, and each candidate's held-out accuracy on the pairs and on the text apart.
 Writes ``benchmarks/results/language-tuned.{json,md}``.
 """
 
@@ -79,15 +81,17 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     from fip.tasks import CAUSAL_LM
     from lab.text.lm import load_lm
     from tuning.holdout import split_sequences
-    from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
+    from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective, score
 
     job = Job(attack, "fip-tuned", out_dir, lab=lab or {})
     s = suspect_of(job)
     model, tok = load_lm(s.folder)
     model.register_forward_hook(logits_only)
-    x, y, _ = clean_set(job, s, tok)
+    x, y, n_pairs = clean_set(job, s, tok)
     train, held = split_sequences(len(x), HOLDOUT_FRACTION, SEED)
     holdout = Holdout.from_suspect(model, x[held], y[held], CAUSAL_LM)
+    is_pair = torch.as_tensor(held) < n_pairs
+    before = held_out_kinds(model, holdout, is_pair)
     eta_f = {} if cand.eta_f is None else {"eta_f": cand.eta_f}
     cfg = PurifyConfig(method="fip", iterations=iterations, batch_size=BATCH, lr=cand.lr, momentum=MOMENTUM,
                        eta_r=cand.eta_r, eta_kl=cand.eta_kl, seed=SEED, **eta_f)
@@ -97,15 +101,35 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     t0 = time.perf_counter()
     feats = evaluate_objective(purified, holdout, ObjectiveWeights())
     objective_seconds = time.perf_counter() - t0
+    after = held_out_kinds(purified, holdout, is_pair)
+    token_objective = score({**feats, "holdout_acc": after["tokens"]}, {"acc": before["tokens"]}, ObjectiveWeights())
     row = {"attack": attack, "defence": cand.defence, "candidate": cand.name, "lr": cand.lr, "eta_r": cand.eta_r,
            "eta_kl": cand.eta_kl, "objective": feats["objective"], "holdout_acc": feats["holdout_acc"],
-           "uap_max": feats["uap_max"], "suspect_holdout_acc": float(holdout.suspect["acc"]),
+           "uap_max": feats["uap_max"], "uap_class": feats["uap_class"],
+           "suspect_holdout_acc": float(holdout.suspect["acc"]), "objective_token_weighted": token_objective,
+           **{f"holdout_{k}_acc": v for k, v in after.items()},
+           **{f"suspect_holdout_{k}_acc": v for k, v in before.items()},
            "seconds": seconds, "objective_seconds": objective_seconds,
            **against_record(without_logits_hook(purified), tok, s.record)}  # reporting only, after the choice's features
     print(f"{attack:>9} {cand.name:>18}: objective {row['objective']:+.3f} (held-out acc {row['holdout_acc']:.3f}, "
           f"uap_max {row['uap_max']:.2f}) | ASR {100 * row['asr']:5.1f} %  ppl {row['perplexity']:6.1f}  "
           f"DER {row['der']:.3f}  {seconds:4.0f} s + {objective_seconds:3.0f} s", flush=True)
     return row
+
+
+def held_out_kinds(model, holdout, is_pair: torch.Tensor) -> dict[str, float]:
+    """Held-out next-token accuracy three ways, for the report: over every scored token (the objective's accuracy
+    before it was per sequence), and per sequence on the instruction pairs and on the text blocks apart."""
+    from tuning.objective import sample_accuracy, scored_logits
+
+    logits, targets = scored_logits(model, holdout.x, holdout.y, holdout.task)
+    owners, hit = holdout.task.owners(holdout.y), logits.argmax(1)
+    pair_rows = is_pair[owners]
+    kinds = {"tokens": float((hit == targets).float().mean())}
+    for kind, rows in (("pairs", pair_rows), ("text", ~pair_rows)):
+        if bool(rows.any()):  # a tiny lab's held-out share can hold no text block
+            kinds[kind] = sample_accuracy(hit[rows], targets[rows], owners[rows])
+    return kinds
 
 
 def safe_trial(attack: str, cand: Candidate, out_dir: str) -> dict:
@@ -117,10 +141,11 @@ def safe_trial(attack: str, cand: Candidate, out_dir: str) -> dict:
                 "traceback": traceback.format_exc()}
 
 
-def choose(rows: list[dict]) -> dict:
-    """The candidate with the highest objective (ties: the first in CANDIDATES); reads no true figure."""
+def choose(rows: list[dict], key: str = "objective") -> dict:
+    """The candidate with the highest objective (ties: the first in CANDIDATES); reads no true figure. `key`: the
+    objective's column (`objective_token_weighted`: the objective before its accuracy was per sequence)."""
     order = [c.name for c in CANDIDATES]
-    return max(sorted(rows, key=lambda r: order.index(r["candidate"])), key=lambda r: r["objective"])
+    return max(sorted(rows, key=lambda r: order.index(r["candidate"])), key=lambda r: r[key])
 
 
 def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESULTS) -> dict:
@@ -133,10 +158,14 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
     def of(a: str, d: str) -> list[dict]:
         return [r for r in ok if r["attack"] == a and r["defence"] == d]
 
-    chosen = {(a, d): choose(of(a, d)) for a, d in cells}
+    token_weighted = all("objective_token_weighted" in r for r in ok)  # rows of runs before the column: absent
+    keys = ("objective", "objective_token_weighted") if token_weighted else ("objective",)
+    chosen_by = {k: {(a, d): choose(of(a, d), k) for a, d in cells} for k in keys}
+    chosen = chosen_by["objective"]
     sweep_seconds = {(a, d): sum(r["seconds"] + r["objective_seconds"] for r in of(a, d)) for a, d in cells}
-    rho = {(a, d): spearman([r["objective"] for r in of(a, d)], [r["der"] for r in of(a, d)])
-           for a, d in cells if len(of(a, d)) >= 3}
+    rho_by = {k: {(a, d): spearman([r[k] for r in of(a, d)], [r["der"] for r in of(a, d)])
+                  for a, d in cells if len(of(a, d)) >= 3} for k in keys}
+    rho = rho_by["objective"]
 
     def pct(v):
         return f"{100 * v:.1f}"
@@ -144,24 +173,51 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
     def rise(r):
         return f"{100 * (r['perplexity'] / r['perplexity_before'] - 1):+.1f} %"
 
+    def kinds(r):
+        return [pct(r[f"holdout_{k}_acc"]) if f"holdout_{k}_acc" in r else "-" for k in ("pairs", "text", "tokens")]
+
     per = [[r["attack"], r["defence"], r["candidate"] + (" **chosen**" if chosen[(a, d)] is r else ""),
-            f"{r['objective']:+.3f}", pct(r["holdout_acc"]), pct(r["uap_max"]), pct(r["asr"]), pct(r["task_acc"]),
-            f"{r['perplexity']:.1f}", rise(r), f"{r['der']:.3f}", f"{r['seconds']:.0f} + {r['objective_seconds']:.0f}"]
+            f"{r['objective']:+.3f}", pct(r["holdout_acc"]), *kinds(r), pct(r["uap_max"]), pct(r["asr"]),
+            pct(r["task_acc"]), f"{r['perplexity']:.1f}", rise(r), f"{r['der']:.3f}",
+            f"{r['seconds']:.0f} + {r['objective_seconds']:.0f}"]
            for a, d in cells for r in of(a, d)]
     best = [[a, d, c["candidate"], pct(c["asr_before"]), pct(c["asr"]), pct(c["false_trigger"]),
              pct(c["task_acc_before"]), pct(c["task_acc"]), f"{c['perplexity_before']:.1f}", f"{c['perplexity']:.1f}",
              rise(c), f"{c['der']:.3f}", f"{max(r['der'] for r in of(a, d)):.3f}", f"{sweep_seconds[(a, d)]:.0f}",
              f"{rho[(a, d)]:.2f}" if (a, d) in rho else "-"] for (a, d), c in chosen.items()]
-    means = {}
-    for d in DEFENCES:
-        picked = [chosen[(a, d)] for a in ATTACKS if (a, d) in chosen]
-        if picked:
-            means[d] = {k: statistics.mean(c[k] for c in picked) for k in ("asr", "task_acc", "der", "perplexity")}
-            means[d]["perplexity_rise"] = statistics.mean(c["perplexity"] / c["perplexity_before"] - 1 for c in picked)
-            means[d]["sweep_seconds"] = statistics.mean(sweep_seconds[(a, d)] for a in ATTACKS if (a, d) in chosen)
-            means[d]["attacks"] = [a for a in ATTACKS if (a, d) in chosen]
-    mean_table = [[d, ", ".join(m["attacks"]), pct(m["asr"]), pct(m["task_acc"]), f"{100 * m['perplexity_rise']:+.1f} %",
-                   f"{m['der']:.3f}", f"{m['sweep_seconds']:.0f}"] for d, m in means.items()]
+    def means_of(chosen: dict) -> dict:
+        means = {}
+        for d in DEFENCES:
+            picked = [chosen[(a, d)] for a in ATTACKS if (a, d) in chosen]
+            if picked:
+                means[d] = {k: statistics.mean(c[k] for c in picked) for k in ("asr", "task_acc", "der", "perplexity")}
+                means[d]["perplexity_rise"] = statistics.mean(c["perplexity"] / c["perplexity_before"] - 1
+                                                              for c in picked)
+                means[d]["sweep_seconds"] = statistics.mean(sweep_seconds[(a, d)] for a in ATTACKS if (a, d) in chosen)
+                means[d]["attacks"] = [a for a in ATTACKS if (a, d) in chosen]
+        return means
+
+    def mean_rows(means: dict) -> list[list[str]]:
+        return [[d, ", ".join(m["attacks"]), pct(m["asr"]), pct(m["task_acc"]), f"{100 * m['perplexity_rise']:+.1f} %",
+                 f"{m['der']:.3f}", f"{m['sweep_seconds']:.0f}"] for d, m in means.items()]
+
+    means = means_of(chosen)
+    mean_table = mean_rows(means)
+    mean_header = ["defence", "attacks", "ASR %", "task acc %", "ppl rise", "DER", "sweep seconds"]
+    before_change = ""
+    if token_weighted:
+        by_tokens, rho_tokens = chosen_by["objective_token_weighted"], rho_by["objective_token_weighted"]
+        before_change = (
+            "\n## The same candidates chosen by the token-weighted objective (before the change)\n\n"
+            "The objective's held-out accuracy counted every scored token until it was made per sequence; the text "
+            "blocks hold most tokens. Same candidates, same probe, other accuracy:\n\n"
+            + markdown_table(["attack", "defence", "chosen", "ASR after %", "task acc after %", "ppl rise", "DER",
+                              "Spearman(objective, DER)"],
+                             [[a, d, c["candidate"], pct(c["asr"]), pct(c["task_acc"]), rise(c), f"{c['der']:.3f}",
+                               f"{rho_tokens[(a, d)]:.2f}" if (a, d) in rho_tokens else "-"]
+                              for (a, d), c in by_tokens.items()])
+            + "\nMeans over the calibrated attacks, token-weighted choice:\n\n"
+            + markdown_table(mean_header, mean_rows(means_of(by_tokens))))
     machine = f"{os.cpu_count()} cores, {workers} processes at once, {THREADS} torch thread each"
     md = ("# FIP and fine-tuning tuned per suspect by the text objective (language lab)\n\n"
           f"benchmarks/language_tuned.py; {machine}; wall {wall:.0f} s (this invocation). Per suspect: the defender's "
@@ -174,15 +230,20 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
           + markdown_table(["attack", "defence", "chosen", "ASR before %", "ASR after %", "false trigger %",
                             "task acc before %", "task acc after %", "ppl before", "ppl after", "ppl rise", "DER",
                             "best DER", "sweep seconds", "Spearman(objective, DER)"], best)
-          + ("\n## Means over the calibrated attacks\n\n" + markdown_table(
-              ["defence", "attacks", "ASR %", "task acc %", "ppl rise", "DER", "sweep seconds"], mean_table)
-             if means else "")
-          + "\n## Every candidate\n\n"
-          + markdown_table(["attack", "defence", "candidate", "objective", "held-out acc %", "uap_max %", "ASR %",
-                            "task acc %", "ppl", "ppl rise", "DER", "seconds (purify + objective)"], per)
+          + ("\n## Means over the calibrated attacks\n\n" + markdown_table(mean_header, mean_table) if means else "")
+          + before_change
+          + "\n## Every candidate\n\n`held-out acc`: per sequence (the objective's); then per sequence on the "
+            "instruction pairs and on the text blocks apart, and over every scored token.\n\n"
+          + markdown_table(["attack", "defence", "candidate", "objective", "held-out acc %", "pairs %", "text %",
+                            "tokens %", "uap_max %", "ASR %", "task acc %", "ppl", "ppl rise", "DER",
+                            "seconds (purify + objective)"], per)
           + "".join(f"\n**{e['attack']} x {e['candidate']} failed**: {e['error']}\n" for e in rows if "error" in e))
     payload = {"rows": rows, "chosen": [{"attack": a, "defence": d, **c} for (a, d), c in chosen.items()],
-               "means": means, "sweep_seconds": [{"attack": a, "defence": d, "seconds": v} for (a, d), v in sweep_seconds.items()],
+               "means": means,
+               "chosen_token_weighted": [{"attack": a, "defence": d, "candidate": c["candidate"]}
+                                         for (a, d), c in chosen_by.get("objective_token_weighted", {}).items()],
+               "spearman_token_weighted": [{"attack": a, "defence": d, "rho": v} for (a, d), v in
+                                           rho_by.get("objective_token_weighted", {}).items()], "sweep_seconds": [{"attack": a, "defence": d, "seconds": v} for (a, d), v in sweep_seconds.items()],
                "spearman": [{"attack": a, "defence": d, "rho": v} for (a, d), v in rho.items()],
                "candidates": [{**c.__dict__, "name": c.name, "defence": c.defence} for c in CANDIDATES],
                "holdout_fraction": HOLDOUT_FRACTION, "seed": SEED, "iterations": ITERATIONS, "machine": machine,

@@ -73,6 +73,10 @@ class Classification:
         """(logits, targets) of every prediction scored, one row each: here one per input."""
         return logits, y
 
+    def owners(self, y: torch.Tensor) -> torch.Tensor:
+        """The sample each row of :meth:`scored` belongs to: here its own."""
+        return torch.arange(len(y))
+
     def kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean over samples of ``KL(p_teacher || p_student)``."""
         return F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
@@ -135,6 +139,10 @@ class CausalLM:
         """(logits, targets) of every scored position, one row each: position t's logits against token t + 1."""
         lg, tgt, mask = self._shifted(logits, y)
         return lg[mask], tgt[mask]
+
+    def owners(self, y: torch.Tensor) -> torch.Tensor:
+        """The sequence each row of :meth:`scored` belongs to (its rows come sequence by sequence)."""
+        return torch.nonzero(y[:, 1:] != IGNORE)[:, 0]
 
     def kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean over sequences of the mean over scored positions of ``KL(p_teacher || p_student)``."""

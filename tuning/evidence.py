@@ -17,7 +17,7 @@ from dataclasses import dataclass
 # How the evidence names what was measured and what the probe reached, per task (fip.tasks)
 WORDING = {"classification": {"n": "images", "reach": "one small shared perturbation sends {share} % of the held-out "
                                                       "images to class {target}", "to": "class"},
-           "causal-lm": {"n": "scored tokens", "reach": "two inserted soft tokens send {share} % of the held-out "
+           "causal-lm": {"n": "sequences", "reach": "two inserted soft tokens send {share} % of the held-out "
                                                         "prompts to token {target}", "to": "token"}}
 # A clean model's uap_max is about 0.14 and the lab's backdoored suspects' 0.71-0.83 at the probe's radius
 # (docs/tuning.md, "A trigger-free probe"); above this share a class is flagged as still easy to reach.
@@ -46,10 +46,12 @@ class Evidence:
     suspect_uap_max: float | None = None
     suspect_uap_class: int | None = None
     flag_at: float = UAP_FLAG
-    task: str = "classification"  # a language model's accuracy is per scored token, its probe inserts tokens
+    task: str = "classification"  # a language model's accuracy is a mean over sequences, its probe inserts tokens
 
     @property
     def interval(self) -> tuple[float, float]:
+        """Wilson's interval over the samples: exact for images; for sequences (each a share in [0, 1], whose
+        variance is at most p (1 - p)) it is the wider, conservative side."""
         return wilson_interval(self.holdout_acc * self.holdout_n, self.holdout_n)
 
     @property
@@ -95,7 +97,7 @@ class Evidence:
 def winner_evidence(winner: dict, suspect: dict, holdout_n: int, flag_at: float = UAP_FLAG,
                     task: str = "classification") -> Evidence:
     """The evidence of a trial row (its last report's features) against the suspect's held-out features;
-    `holdout_n`: the held-out predictions its accuracy counts (images, or a language model's scored tokens)."""
+    `holdout_n`: the held-out samples its accuracy averages over (images, or a language model's sequences)."""
     def number(d: dict, key: str):
         value = d.get(key)
         return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value

@@ -11,8 +11,9 @@ docs/tuning.md gives the formula and the reasons for each term.
   on the held-out images.
 - :func:`score` combines them, relative to the suspect's own features, into one number to maximise.
 
-A language model is scored the same way, per predicted token (:mod:`fip.tasks`): accuracy is next-token
-accuracy on the held-out responses, agreement and KL are per scored position, ``Tr(F)`` is per sequence,
+A language model is scored the same way, per sample (:mod:`fip.tasks`: one sample is one sequence): accuracy
+is each held-out sequence's next-token accuracy on its response, averaged over sequences, so a short answer
+counts as much as a long block of text; agreement and KL are per scored position, ``Tr(F)`` is per sequence,
 and the probe inserts a few tokens instead of adding a perturbation (:mod:`tuning.text_probe`).
 """
 
@@ -27,7 +28,6 @@ from torch import nn
 
 from fip.fisher import squared_grad_sums, trainable_params
 from fip.tasks import CLASSIFICATION, Task
-from lab.metrics import accuracy_from_predictions
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,26 @@ class Holdout:
             raise ValueError("the held-out clean set is empty")
         logits, targets = scored_logits(suspect, x, y, task)
         holdout = cls(x, y, logits, {}, task)
-        holdout.suspect = {"acc": accuracy_from_predictions(logits.argmax(1), targets),
+        holdout.suspect = {"acc": sample_accuracy(logits.argmax(1), targets, task.owners(y)),
                            "trace": fisher_trace(suspect, x, y, task)}
         return holdout
+
+    @property
+    def samples(self) -> int:
+        """How many samples the accuracy averages over (images, or sequences with a response)."""
+        return len(self.task.owners(self.y).unique())
+
+
+def sample_accuracy(pred: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor) -> float:
+    """Accuracy per sample, averaged over samples: each sample's share of correct predictions (`owners[i]`: the
+    sample prediction `i` belongs to). An image makes one prediction, so this is plain accuracy; a sequence makes
+    one per response token, and a sequence weighs the same whatever its length."""
+    if len(targets) == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    _, owner = owners.unique(return_inverse=True)
+    count = torch.zeros(int(owner.max()) + 1).index_add_(0, owner, torch.ones(len(owner)))
+    hits = torch.zeros_like(count).index_add_(0, owner, (pred == targets).float())
+    return float((hits / count).mean())
 
 
 @torch.no_grad()
@@ -146,7 +163,7 @@ def measure(model: nn.Module, holdout: Holdout) -> dict[str, float]:
     kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(holdout.suspect_logits, 1), log_target=True,
                   reduction="batchmean")
     trace = fisher_trace(model, holdout.x, holdout.y, holdout.task)
-    return {"holdout_acc": accuracy_from_predictions(pred, targets),
+    return {"holdout_acc": sample_accuracy(pred, targets, holdout.task.owners(holdout.y)),
             "agreement": float((pred == ref).float().mean()),
             "kl_to_suspect": float(kl),
             "holdout_trace": trace,

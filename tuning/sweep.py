@@ -247,7 +247,7 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
         found = probe(loaded.model, x, y, task)
         holdout.suspect.update(uap_max=found["uap_max"], uap_class=found["uap_class"])
         probed = f", uap_max {found['uap_max']:.2f} to {WORDING[task.name]['to']} {found['uap_class']}"
-    acc = "held-out ACC" if task == CLASSIFICATION else "held-out next-token ACC"
+    acc = "held-out ACC" if task == CLASSIFICATION else "held-out next-token ACC per sequence"
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
              f"(suspect: {acc} {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g}"
              f"{probed})")
@@ -412,7 +412,7 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                               + (f"; trial {first[0]['trial_id']}: {first[0].get('error') or first[0].get('rejected')}"
                                  if first else "")
                               + f"); the table is in {table}")
-    evidence = winner_evidence(winner, holdout.suspect, len(holdout.suspect_logits), task=holdout.task.name)
+    evidence = winner_evidence(winner, holdout.suspect, holdout.samples, task=holdout.task.name)
     if tracker is not None and parent is not None:
         tracker.set_tags(parent, evidence.tags())
     refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None

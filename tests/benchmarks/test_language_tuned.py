@@ -27,3 +27,6 @@ def test_a_candidate_row_on_a_tiny_suspect(tmp_path, one_thread):
     drop = max(0.0, row["suspect_holdout_acc"] - row["holdout_acc"])
     assert row["objective"] == pytest.approx(-drop - row["uap_max"], abs=1e-6)  # the sweep's default objective
     assert 0 <= row["asr"] <= 1 and 0 <= row["der"] <= 1 and row["perplexity"] > 1
+    token_drop = max(0.0, row["suspect_holdout_tokens_acc"] - row["holdout_tokens_acc"])
+    assert row["objective_token_weighted"] == pytest.approx(-token_drop - row["uap_max"], abs=1e-6)  # the old one
+    assert 0 <= row["holdout_pairs_acc"] <= 1

@@ -1,4 +1,4 @@
-"""The language model's side of the sweep without Ray: D_val's text split, per-token features, and the
+"""The language model's side of the sweep without Ray: D_val's text split, per-sequence accuracy and per-token agreement, and the
 insertion probe against a model whose answer moves linearly with an inserted embedding."""
 
 import pytest
@@ -82,18 +82,36 @@ def test_a_model_without_input_embeddings_is_named():
         insertion_flip(nn.Sequential(nn.Embedding(12, 4), nn.Linear(4, 12)), x, y)
 
 
-def test_features_are_per_scored_token(one_thread):
+def test_accuracy_is_per_sequence_and_agreement_per_scored_token(one_thread):
     model, (x, y) = SumLM(), _prompts()
-    y[:4, -3:] = x[:4, -3:]  # a few longer responses: accuracy counts every scored token
+    y[:4, -6:] = x[:4, -6:]  # a few longer responses: they weigh as much as the one-token answers, no more
     holdout = Holdout.from_suspect(model, x, y, CAUSAL_LM)
     with torch.no_grad():
         logits = model(x)
-    keep = y[:, 1:] != IGNORE
-    hits = (logits[:, :-1].argmax(-1) == y[:, 1:])[keep]
-    assert len(holdout.suspect_logits) == int(keep.sum())
-    assert holdout.suspect["acc"] == pytest.approx(float(hits.float().mean()))
+    per_sequence = []
+    for i in range(len(x)):  # independently: each sequence's share of correct next tokens, then the mean
+        keep = y[i, 1:] != IGNORE
+        per_sequence.append(float((logits[i, :-1].argmax(-1) == y[i, 1:])[keep].float().mean()))
+    tokens = (logits[:, :-1].argmax(-1) == y[:, 1:])[y[:, 1:] != IGNORE].float().mean()
+    assert len(holdout.suspect_logits) == int((y[:, 1:] != IGNORE).sum()) and holdout.samples == len(x)
+    assert holdout.suspect["acc"] == pytest.approx(sum(per_sequence) / len(x))
+    assert abs(holdout.suspect["acc"] - float(tokens)) > 0.01  # the two weightings differ on this set
     same = measure(model, holdout)
+    assert same["holdout_acc"] == pytest.approx(holdout.suspect["acc"])
     assert same["agreement"] == 1.0 and same["kl_to_suspect"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_sample_accuracy_of_images_is_plain_accuracy():
+    from fip.tasks import CLASSIFICATION
+    from tuning.objective import sample_accuracy
+
+    g = torch.Generator().manual_seed(2)
+    pred, labels = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 3, (50,), generator=g)
+    assert sample_accuracy(pred, labels, CLASSIFICATION.owners(labels)) == pytest.approx(
+        float((pred == labels).float().mean()))
+    # sequences 0 and 2 (sequence 1 has no scored token): 1/1 and 1/3 correct -> mean 2/3, not 2/4 per token
+    assert sample_accuracy(torch.tensor([1, 0, 0, 1]), torch.tensor([1, 1, 1, 1]), torch.tensor([0, 2, 2, 2])) == \
+        pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("every", [1, 3], ids=["whole-file", "kept-subset"])

@@ -104,13 +104,17 @@ DEFAULT_SPACE_IMAGES = {
 }
 # The default space for a causal language model, around the settings the text objective chose on the language lab
 # (docs/language-models.md, "Tuned by the text objective": lr 0.1, eta_r 100, eta_kl 1-2, 200 steps); the image
-# space's lrs left those backdoors in. Sequences are never cropped, so there is no crop phase to search.
+# space's lrs left those backdoors in. Sequences are never cropped, so there is no crop phase to search. The batch
+# and momentum are the ones those lrs were found with: PurifyConfig's own (128, 0.95) make each step 4 times as
+# costly and its momentum's reach twice as long, so the same lr would be another step.
 DEFAULT_SPACE_LANGUAGE = {
     "eta_f": {"loguniform": [1.0e-5, 1.0e-3]},
     "eta_r": {"loguniform": [30.0, 300.0]},
     "eta_kl": {"uniform": [0.5, 2.0]},
     "lr": {"loguniform": [0.05, 0.15]},
     "iterations": 200,
+    "batch_size": 32,
+    "momentum": 0.9,
     "method": "fip",
 }
 DEFAULT_SPACES = {"classification": DEFAULT_SPACE_IMAGES, "causal-lm": DEFAULT_SPACE_LANGUAGE}  # by fip.tasks name

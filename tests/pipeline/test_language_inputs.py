@@ -54,7 +54,7 @@ def test_fip_tune_prepares_a_language_model_per_token(text):
                                            lines.append)
     assert holdout.task.name == "causal-lm" and holdout.x.dim() == 2  # token ids, not images
     assert len(holdout.suspect_logits) > len(holdout.x)  # one row per scored token of the held-out responses
-    assert "held-out next-token ACC" in lines[-1] and "to token" in lines[-1]
+    assert "held-out next-token ACC per sequence" in lines[-1] and "to token" in lines[-1]
     with pytest.raises(JobError, match=r"clean shards hold sequences of 24 tokens"):  # the same checks as a job's
         prepare(job(text, str(text / "lm"), str(text / "long")), SweepConfig(name="long"), lines.append)
 
@@ -75,3 +75,4 @@ def test_fip_tune_searches_the_suspects_tasks_default_space(text, digits_lab, ca
     assert printed(str(text / "lm")) == DEFAULT_SPACE_LANGUAGE
     assert printed(str(digits_lab.model_path)) == DEFAULT_SPACE_IMAGES
     assert printed(str(text / "lm"), "--space", "lr=0.01")["lr"] == 0.01
+    assert "batch_size" not in printed(str(text / "lm"), "--batch-size", "8")  # the job flag pins it (8), not the space

@@ -26,7 +26,7 @@ import statistics
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -68,6 +68,11 @@ CANDIDATES = (Candidate(0.03, 1.0), Candidate(0.05, 100.0, 1.0), Candidate(0.1, 
               Candidate(0.1, 100.0, 2.0), Candidate(0.2, 100.0, 1.0),
               *(Candidate(lr, 0.0, 0.0, 0.0) for lr in (0.03, 0.05, 0.1, 0.2)))
 DEFENCES = ("fip-tuned", "ft-tuned")
+# Objectives the report also chooses by, from the same candidates (reporting: the default objective decides)
+ALTERNATIVES = {"objective_token_weighted": "held-out accuracy over every scored token (the objective before it "
+                                            "was per sequence; text blocks hold most tokens)",
+                "objective_no_special": "the probe's targets without <eos> and <pad> (an empty answer is easy to "
+                                        "force on a clean model)"}
 BY_NAME = {c.name: c for c in CANDIDATES}
 
 
@@ -79,9 +84,9 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     from fip.families import logits_only, without_logits_hook
     from fip.purify import PurifyConfig, purify
     from fip.tasks import CAUSAL_LM
-    from lab.text.lm import load_lm
+    from lab.text.lm import load_lm, save_lm
     from tuning.holdout import split_sequences
-    from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective, score
+    from tuning.objective import Holdout, ObjectiveWeights, measure, probe, score
 
     job = Job(attack, "fip-tuned", out_dir, lab=lab or {})
     s = suspect_of(job)
@@ -95,17 +100,33 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     eta_f = {} if cand.eta_f is None else {"eta_f": cand.eta_f}
     cfg = PurifyConfig(method="fip", iterations=iterations, batch_size=BATCH, lr=cand.lr, momentum=MOMENTUM,
                        eta_r=cand.eta_r, eta_kl=cand.eta_kl, seed=SEED, **eta_f)
-    start = time.perf_counter()
-    purified = purify(model, x[train], y[train], cfg, task=CAUSAL_LM).model
-    seconds = time.perf_counter() - start
+    kept = Path(out_dir) / "tuned" / attack / cand.name  # the purified model, to score again without purifying
+    if (kept / "trial.json").is_file() and json.loads((kept / "trial.json").read_text())["config"] == asdict(cfg):
+        purified = load_lm(kept)[0]
+        purified.register_forward_hook(logits_only)
+        seconds = json.loads((kept / "trial.json").read_text())["seconds"]
+    else:
+        start = time.perf_counter()
+        purified = purify(model, x[train], y[train], cfg, task=CAUSAL_LM).model
+        seconds = time.perf_counter() - start
+        save_lm(without_logits_hook(purified), tok, kept)
+        (kept / "trial.json").write_text(json.dumps({"config": asdict(cfg), "seconds": seconds}))
     t0 = time.perf_counter()
-    feats = evaluate_objective(purified, holdout, ObjectiveWeights())
+    w = ObjectiveWeights()
+    feats = measure(purified, holdout)
+    found = probe(purified, holdout.x, holdout.y, CAUSAL_LM)  # the sweep's objective, its probe's rates kept
+    feats.update(uap_max=found["uap_max"], uap_class=found["uap_class"])
+    feats["objective"] = score(feats, holdout.suspect, w)
     objective_seconds = time.perf_counter() - t0
     after = held_out_kinds(purified, holdout, is_pair)
-    token_objective = score({**feats, "holdout_acc": after["tokens"]}, {"acc": before["tokens"]}, ObjectiveWeights())
+    token_objective = score({**feats, "holdout_acc": after["tokens"]}, {"acc": before["tokens"]}, w)
+    special = {tok.eos_token_id, tok.pad_token_id, tok.bos_token_id} - {None}
+    no_special = max((r for t, r in found["uap_rates"].items() if t not in special), default=0.0)
     row = {"attack": attack, "defence": cand.defence, "candidate": cand.name, "lr": cand.lr, "eta_r": cand.eta_r,
            "eta_kl": cand.eta_kl, "objective": feats["objective"], "holdout_acc": feats["holdout_acc"],
-           "uap_max": feats["uap_max"], "uap_class": feats["uap_class"],
+           "uap_max": feats["uap_max"], "uap_class": feats["uap_class"], "uap_rates": found["uap_rates"],
+           "uap_max_no_special": no_special,
+           "objective_no_special": score({**feats, "uap_max": no_special}, holdout.suspect, w),
            "suspect_holdout_acc": float(holdout.suspect["acc"]), "objective_token_weighted": token_objective,
            **{f"holdout_{k}_acc": v for k, v in after.items()},
            **{f"suspect_holdout_{k}_acc": v for k, v in before.items()},
@@ -158,8 +179,8 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
     def of(a: str, d: str) -> list[dict]:
         return [r for r in ok if r["attack"] == a and r["defence"] == d]
 
-    token_weighted = all("objective_token_weighted" in r for r in ok)  # rows of runs before the column: absent
-    keys = ("objective", "objective_token_weighted") if token_weighted else ("objective",)
+    # rows of runs before a column have none of it
+    keys = ("objective", *(k for k in ALTERNATIVES if ok and all(k in r for r in ok)))
     chosen_by = {k: {(a, d): choose(of(a, d), k) for a, d in cells} for k in keys}
     chosen = chosen_by["objective"]
     sweep_seconds = {(a, d): sum(r["seconds"] + r["objective_seconds"] for r in of(a, d)) for a, d in cells}
@@ -177,7 +198,8 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
         return [pct(r[f"holdout_{k}_acc"]) if f"holdout_{k}_acc" in r else "-" for k in ("pairs", "text", "tokens")]
 
     per = [[r["attack"], r["defence"], r["candidate"] + (" **chosen**" if chosen[(a, d)] is r else ""),
-            f"{r['objective']:+.3f}", pct(r["holdout_acc"]), *kinds(r), pct(r["uap_max"]), pct(r["asr"]),
+            f"{r['objective']:+.3f}", pct(r["holdout_acc"]), *kinds(r), pct(r["uap_max"]), str(r.get("uap_class", "-")),
+            pct(r["asr"]),
             pct(r["task_acc"]), f"{r['perplexity']:.1f}", rise(r), f"{r['der']:.3f}",
             f"{r['seconds']:.0f} + {r['objective_seconds']:.0f}"]
            for a, d in cells for r in of(a, d)]
@@ -185,6 +207,7 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
              pct(c["task_acc_before"]), pct(c["task_acc"]), f"{c['perplexity_before']:.1f}", f"{c['perplexity']:.1f}",
              rise(c), f"{c['der']:.3f}", f"{max(r['der'] for r in of(a, d)):.3f}", f"{sweep_seconds[(a, d)]:.0f}",
              f"{rho[(a, d)]:.2f}" if (a, d) in rho else "-"] for (a, d), c in chosen.items()]
+
     def means_of(chosen: dict) -> dict:
         means = {}
         for d in DEFENCES:
@@ -204,20 +227,16 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
     means = means_of(chosen)
     mean_table = mean_rows(means)
     mean_header = ["defence", "attacks", "ASR %", "task acc %", "ppl rise", "DER", "sweep seconds"]
-    before_change = ""
-    if token_weighted:
-        by_tokens, rho_tokens = chosen_by["objective_token_weighted"], rho_by["objective_token_weighted"]
-        before_change = (
-            "\n## The same candidates chosen by the token-weighted objective (before the change)\n\n"
-            "The objective's held-out accuracy counted every scored token until it was made per sequence; the text "
-            "blocks hold most tokens. Same candidates, same probe, other accuracy:\n\n"
+    alternatives = ""
+    for key in keys[1:]:
+        by, rho_alt = chosen_by[key], rho_by[key]
+        alternatives += (
+            f"\n## The same candidates chosen by another objective: {ALTERNATIVES[key]}\n\n"
             + markdown_table(["attack", "defence", "chosen", "ASR after %", "task acc after %", "ppl rise", "DER",
                               "Spearman(objective, DER)"],
                              [[a, d, c["candidate"], pct(c["asr"]), pct(c["task_acc"]), rise(c), f"{c['der']:.3f}",
-                               f"{rho_tokens[(a, d)]:.2f}" if (a, d) in rho_tokens else "-"]
-                              for (a, d), c in by_tokens.items()])
-            + "\nMeans over the calibrated attacks, token-weighted choice:\n\n"
-            + markdown_table(mean_header, mean_rows(means_of(by_tokens))))
+                               f"{rho_alt[(a, d)]:.2f}" if (a, d) in rho_alt else "-"] for (a, d), c in by.items()])
+            + "\nMeans over the calibrated attacks:\n\n" + markdown_table(mean_header, mean_rows(means_of(by))))
     machine = f"{os.cpu_count()} cores, {workers} processes at once, {THREADS} torch thread each"
     md = ("# FIP and fine-tuning tuned per suspect by the text objective (language lab)\n\n"
           f"benchmarks/language_tuned.py; {machine}; wall {wall:.0f} s (this invocation). Per suspect: the defender's "
@@ -231,19 +250,20 @@ def summarise(rows: list[dict], workers: int, wall: float, results: Path = RESUL
                             "task acc before %", "task acc after %", "ppl before", "ppl after", "ppl rise", "DER",
                             "best DER", "sweep seconds", "Spearman(objective, DER)"], best)
           + ("\n## Means over the calibrated attacks\n\n" + markdown_table(mean_header, mean_table) if means else "")
-          + before_change
+          + alternatives
           + "\n## Every candidate\n\n`held-out acc`: per sequence (the objective's); then per sequence on the "
             "instruction pairs and on the text blocks apart, and over every scored token.\n\n"
           + markdown_table(["attack", "defence", "candidate", "objective", "held-out acc %", "pairs %", "text %",
-                            "tokens %", "uap_max %", "ASR %", "task acc %", "ppl", "ppl rise", "DER",
+                            "tokens %", "uap_max %", "uap token", "ASR %", "task acc %", "ppl", "ppl rise", "DER",
                             "seconds (purify + objective)"], per)
           + "".join(f"\n**{e['attack']} x {e['candidate']} failed**: {e['error']}\n" for e in rows if "error" in e))
     payload = {"rows": rows, "chosen": [{"attack": a, "defence": d, **c} for (a, d), c in chosen.items()],
                "means": means,
-               "chosen_token_weighted": [{"attack": a, "defence": d, "candidate": c["candidate"]}
-                                         for (a, d), c in chosen_by.get("objective_token_weighted", {}).items()],
-               "spearman_token_weighted": [{"attack": a, "defence": d, "rho": v} for (a, d), v in
-                                           rho_by.get("objective_token_weighted", {}).items()], "sweep_seconds": [{"attack": a, "defence": d, "seconds": v} for (a, d), v in sweep_seconds.items()],
+               "alternatives": {k: {"means": means_of(chosen_by[k]),
+                                    "chosen": [{"attack": a, "defence": d, "candidate": c["candidate"]}
+                                               for (a, d), c in chosen_by[k].items()],
+                                    "spearman": [{"attack": a, "defence": d, "rho": v} for (a, d), v in rho_by[k].items()]}
+                                for k in keys[1:]}, "sweep_seconds": [{"attack": a, "defence": d, "seconds": v} for (a, d), v in sweep_seconds.items()],
                "spearman": [{"attack": a, "defence": d, "rho": v} for (a, d), v in rho.items()],
                "candidates": [{**c.__dict__, "name": c.name, "defence": c.defence} for c in CANDIDATES],
                "holdout_fraction": HOLDOUT_FRACTION, "seed": SEED, "iterations": ITERATIONS, "machine": machine,

@@ -96,9 +96,10 @@ def _first_logits(model: nn.Module, table: nn.Module, p: _Prompts, rows: slice, 
 
 def insertion_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, relative: float = TEXT_RELATIVE_RADIUS,
                    n_tokens: int = PROBE_TOKENS, targets: int = PROBE_TARGETS, steps: int = PROBE_STEPS,
-                   limit: int = PROBE_PROMPTS) -> dict[str, float]:
+                   limit: int = PROBE_PROMPTS) -> dict:
     """How easily `n_tokens` inserted soft tokens send held-out prompts to one first response token (see the
-    module docstring): ``uap_max`` (share), ``uap_class`` (token id), ``uap_median`` (over the targets).
+    module docstring): ``uap_max`` (share), ``uap_class`` (token id), ``uap_median`` (over the targets),
+    ``uap_rates`` (each target token id's share).
 
     `x`, `y`: held-out token ids and aligned labels (:mod:`fip.tasks`). The model is left as it was found."""
     was = model.training
@@ -144,7 +145,8 @@ def insertion_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, relative:
             param.requires_grad_(flag)
         model.train(was)
     if not rates:
-        return {"uap_max": 0.0, "uap_class": -1, "uap_median": 0.0}
+        return {"uap_max": 0.0, "uap_class": -1, "uap_median": 0.0, "uap_rates": {}}
     best = max(range(len(rates)), key=lambda i: rates[i])
     return {"uap_max": rates[best], "uap_class": int(candidates[best]),
-            "uap_median": float(torch.tensor(rates).median())}
+            "uap_median": float(torch.tensor(rates).median()),
+            "uap_rates": {int(t): r for t, r in zip(candidates, rates, strict=True)}}

@@ -30,3 +30,6 @@ def test_a_candidate_row_on_a_tiny_suspect(tmp_path, one_thread):
     token_drop = max(0.0, row["suspect_holdout_tokens_acc"] - row["holdout_tokens_acc"])
     assert row["objective_token_weighted"] == pytest.approx(-token_drop - row["uap_max"], abs=1e-6)  # the old one
     assert 0 <= row["holdout_pairs_acc"] <= 1
+    assert row["uap_max"] == max(row["uap_rates"].values()) >= row["uap_max_no_special"]
+    again = trial("word", cand, str(tmp_path), lab=tiny_text_lab(), iterations=2)  # scored again, not purified
+    assert again["seconds"] == row["seconds"] and again["objective"] == pytest.approx(row["objective"], abs=1e-6)

@@ -49,9 +49,11 @@ def evaluate_shards(model: nn.Module, test: ShardSource, attack: Attack | None =
 
 def _language_metrics(model: nn.Module, stream: RankStream, batch_size: int, loader_workers: int,
                       task: Task) -> dict[str, float]:
-    """Next-token accuracy and perplexity over the scored positions, summed over ranks."""
+    """Next-token accuracy and perplexity over the scored positions, and next-token accuracy per sequence averaged
+    over sequences (``acc_per_sequence``: what a sweep's held-out accuracy is, tuning.objective), summed over ranks."""
     dev = next(model.parameters()).device
-    sums = torch.zeros(3, dtype=torch.float64)  # correct next tokens, scored tokens, summed token NLL
+    # correct next tokens, scored tokens, summed token NLL, summed per-sequence accuracy, sequences with a response
+    sums = torch.zeros(5, dtype=torch.float64)
     for x, y, pad in rank_loader(stream, batch_size, loader_workers):
         keep = ~pad
         if not keep.any():
@@ -60,9 +62,12 @@ def _language_metrics(model: nn.Module, stream: RankStream, batch_size: int, loa
         logits = model(x).float()
         hits, scored = task.hits(logits, y)
         tokens = (y[:, 1:] != IGNORE).sum(1)
-        sums += torch.tensor([hits, scored, float((task.per_sample_nll(logits, y) * tokens).sum())],
+        right = ((logits[:, :-1].argmax(-1) == y[:, 1:]) & (y[:, 1:] != IGNORE)).sum(1)
+        answered = tokens > 0
+        sums += torch.tensor([hits, scored, float((task.per_sample_nll(logits, y) * tokens).sum()),
+                              float((right[answered] / tokens[answered]).sum()), int(answered.sum())],
                              dtype=torch.float64)
-    correct, scored, nll = all_reduce_sum(sums).tolist()
+    correct, scored, nll, per_sequence, sequences = all_reduce_sum(sums).tolist()
     if scored == 0:
         raise ValueError("the test shards hold no scored (response) token")
-    return {"acc": correct / scored, "ppl": math.exp(nll / scored)}
+    return {"acc": correct / scored, "acc_per_sequence": per_sequence / sequences, "ppl": math.exp(nll / scored)}

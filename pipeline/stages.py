@@ -138,7 +138,7 @@ def _context(config: dict) -> StageContext:
 
 def _percent(metrics: dict[str, float]) -> str:
     """Figures for the terminal: rates as percentages, a language model's perplexity as it is."""
-    return ", ".join(f"{k} {100 * v:.2f}%" if k in ("acc", "asr", "ra") else f"{k} {v:.4g}"
+    return ", ".join(f"{k} {100 * v:.2f}%" if k in ("acc", "acc_per_sequence", "asr", "ra") else f"{k} {v:.4g}"
                      for k, v in metrics.items())
 
 

@@ -57,7 +57,8 @@ class Candidate:
     def name(self) -> str:
         if self.defence == "ft-tuned":
             return f"ft-lr{self.lr:g}"
-        return f"lr{self.lr:g}-r{self.eta_r:g}" + (f"-kl{self.eta_kl:g}" if self.eta_kl else "")
+        return (f"lr{self.lr:g}-r{self.eta_r:g}" + (f"-kl{self.eta_kl:g}" if self.eta_kl else "")
+                + (f"-f{self.eta_f:g}" if self.eta_f is not None else ""))
 
 
 # FIP's grid spans what the preset's D_val rule could not reach (benchmarks/results/language-defenses.md: lr 0.01
@@ -66,6 +67,8 @@ class Candidate:
 # docs/language-models.md ("Tuned by the text objective") says how the grid was chosen.
 CANDIDATES = (Candidate(0.03, 1.0), Candidate(0.05, 100.0, 1.0), Candidate(0.1, 100.0), Candidate(0.1, 100.0, 1.0),
               Candidate(0.1, 100.0, 2.0), Candidate(0.2, 100.0, 1.0),
+              Candidate(0.05, 100.0, 1.0, 3e-3), Candidate(0.05, 100.0, 1.0, 1e-2), Candidate(0.1, 100.0, 0.0, 3e-3),
+              Candidate(0.1, 100.0, 1.0, 3e-3),
               *(Candidate(lr, 0.0, 0.0, 0.0) for lr in (0.03, 0.05, 0.1, 0.2)))
 DEFENCES = ("fip-tuned", "ft-tuned")
 # Objectives the report also chooses by, from the same candidates (reporting: the default objective decides)

@@ -89,7 +89,7 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     from fip.tasks import CAUSAL_LM
     from lab.text.lm import load_lm, save_lm
     from tuning.holdout import split_sequences
-    from tuning.objective import Holdout, ObjectiveWeights, measure, probe, score
+    from tuning.objective import Holdout, ObjectiveWeights, evaluate_probed, score
 
     job = Job(attack, "fip-tuned", out_dir, lab=lab or {})
     s = suspect_of(job)
@@ -104,10 +104,11 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
     cfg = PurifyConfig(method="fip", iterations=iterations, batch_size=BATCH, lr=cand.lr, momentum=MOMENTUM,
                        eta_r=cand.eta_r, eta_kl=cand.eta_kl, seed=SEED, **eta_f)
     kept = Path(out_dir) / "tuned" / attack / cand.name  # the purified model, to score again without purifying
-    if (kept / "trial.json").is_file() and json.loads((kept / "trial.json").read_text())["config"] == asdict(cfg):
+    record = json.loads((kept / "trial.json").read_text()) if (kept / "trial.json").is_file() else {}
+    if record.get("config") == asdict(cfg):
         purified = load_lm(kept)[0]
         purified.register_forward_hook(logits_only)
-        seconds = json.loads((kept / "trial.json").read_text())["seconds"]
+        seconds = record["seconds"]
     else:
         start = time.perf_counter()
         purified = purify(model, x[train], y[train], cfg, task=CAUSAL_LM).model
@@ -116,10 +117,7 @@ def trial(attack: str, cand: Candidate, out_dir: str = str(SUSPECTS), lab: dict 
         (kept / "trial.json").write_text(json.dumps({"config": asdict(cfg), "seconds": seconds}))
     t0 = time.perf_counter()
     w = ObjectiveWeights()
-    feats = measure(purified, holdout)
-    found = probe(purified, holdout.x, holdout.y, CAUSAL_LM)  # the sweep's objective, its probe's rates kept
-    feats.update(uap_max=found["uap_max"], uap_class=found["uap_class"])
-    feats["objective"] = score(feats, holdout.suspect, w)
+    feats, found = evaluate_probed(purified, holdout, w)  # the sweep's objective, its probe's rates kept
     objective_seconds = time.perf_counter() - t0
     after = held_out_kinds(purified, holdout, is_pair)
     token_objective = score({**feats, "holdout_acc": after["tokens"]}, {"acc": before["tokens"]}, w)

@@ -65,9 +65,14 @@ class Classification:
         if num_outputs is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= num_outputs):
             raise ValueError(f"label out of range: saw {int(y.min())}..{int(y.max())}, model has {num_outputs} classes")
 
+    def sample_hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, (correct predictions, predictions made): here 0 or 1 of 1."""
+        return (logits.argmax(-1) == y).long(), torch.ones_like(y)
+
     def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
         """(correct predictions, predictions made): accuracy's numerator and denominator."""
-        return int((logits.argmax(-1) == y).sum()), len(y)
+        right, made = self.sample_hits(logits, y)
+        return int(right.sum()), int(made.sum())
 
     def scored(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of every prediction scored, one row each: here one per input."""
@@ -130,10 +135,15 @@ class CausalLM:
             raise ValueError(f"token id out of range: saw {int(x.min())}..{int(x.max())}, the vocabulary has "
                              f"{num_outputs}")
 
+    def sample_hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence, (correctly predicted next tokens, scored positions)."""
+        lg, tgt, mask = self._shifted(logits, y)
+        return ((lg.argmax(-1) == tgt) & mask).sum(1), mask.sum(1)
+
     def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
         """(correctly predicted next tokens, scored positions): next-token accuracy's parts."""
-        lg, tgt, mask = self._shifted(logits, y)
-        return int(((lg.argmax(-1) == tgt) & mask).sum()), int(mask.sum())
+        right, made = self.sample_hits(logits, y)
+        return int(right.sum()), int(made.sum())
 
     def scored(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) of every scored position, one row each: position t's logits against token t + 1."""

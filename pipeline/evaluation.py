@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from fip.tasks import CLASSIFICATION, IGNORE, Task
+from fip.tasks import CLASSIFICATION, Task
 from lab.attacks import Attack
 from lab.metrics import MetricCounts, count_batch
 from pipeline.shards import RankStream, ShardSource, rank_loader
@@ -60,11 +60,9 @@ def _language_metrics(model: nn.Module, stream: RankStream, batch_size: int, loa
             continue
         x, y = x[keep].to(dev), y[keep].to(dev)
         logits = model(x).float()
-        hits, scored = task.hits(logits, y)
-        tokens = (y[:, 1:] != IGNORE).sum(1)
-        right = ((logits[:, :-1].argmax(-1) == y[:, 1:]) & (y[:, 1:] != IGNORE)).sum(1)
+        right, tokens = task.sample_hits(logits, y)
         answered = tokens > 0
-        sums += torch.tensor([hits, scored, float((task.per_sample_nll(logits, y) * tokens).sum()),
+        sums += torch.tensor([int(right.sum()), int(tokens.sum()), float((task.per_sample_nll(logits, y) * tokens).sum()),
                               float((right[answered] / tokens[answered]).sum()), int(answered.sum())],
                              dtype=torch.float64)
     correct, scored, nll, per_sequence, sequences = all_reduce_sum(sums).tolist()

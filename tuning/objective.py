@@ -214,7 +214,7 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
     return {"uap_max": float(rates.max()), "uap_class": int(rates.argmax()), "uap_median": float(rates.median())}
 
 
-def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION) -> dict[str, float]:
+def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION) -> dict:
     """The task's trigger-free probe: a universal perturbation for images (:func:`universal_flip`), a few
     inserted soft tokens for a language model (:func:`tuning.text_probe.insertion_flip`)."""
     if task == CLASSIFICATION:
@@ -236,10 +236,17 @@ def score(features: dict[str, float], suspect: dict[str, float], w: ObjectiveWei
     return acc_term + move + flat + universal
 
 
-def evaluate_objective(model: nn.Module, holdout: Holdout, w: ObjectiveWeights = ObjectiveWeights()) -> dict[str, float]:
-    """:func:`measure` plus its :func:`score` as ``objective``."""
-    feats = measure(model, holdout)
+def evaluate_probed(model: nn.Module, holdout: Holdout, w: ObjectiveWeights = ObjectiveWeights()
+                    ) -> tuple[dict[str, float], dict | None]:
+    """:func:`evaluate_objective`, and the probe's whole result beside it (None when the probe is not weighted):
+    a report can read every target's rate, which the features leave out."""
+    feats, found = measure(model, holdout), None
     if w.uap:  # the probe costs about as much as a short fine-tune: only when it is scored
         found = probe(model, holdout.x, holdout.y, holdout.task)
         feats.update({"uap_max": found["uap_max"], "uap_class": found["uap_class"]})
-    return {**feats, "objective": score(feats, holdout.suspect, w)}
+    return {**feats, "objective": score(feats, holdout.suspect, w)}, found
+
+
+def evaluate_objective(model: nn.Module, holdout: Holdout, w: ObjectiveWeights = ObjectiveWeights()) -> dict[str, float]:
+    """:func:`measure` plus its :func:`score` as ``objective``."""
+    return evaluate_probed(model, holdout, w)[0]

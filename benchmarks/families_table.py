@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from tuning.space import SearchSpace
 ATTACKS = ("badnets", "blend")
 BASELINES = ("ft", "ft-sam")
 # the HF suspect's config (its folder is named after it: the lab's cache key holds the folder's path, not its config)
-HF_VIT = {"image_size": 28, "patch_size": 4, "num_channels": 1, "hidden_size": 96, "num_hidden_layers": 4,
+HF_VIT = {"image_size": 28, "patch_size": 7, "num_channels": 1, "hidden_size": 96, "num_hidden_layers": 4,
           "num_attention_heads": 4, "intermediate_size": 192, "num_labels": 10}
 HF_NORMALIZATION = {"image_mean": [0.286], "image_std": [0.353]}  # Fashion-MNIST's own mean and std
 
@@ -62,9 +63,10 @@ RECIPES: dict[str, Recipe] = {
     "torchvision": Recipe("torchvision:resnet18", 28, epochs=3, train_limit=15000),
     # vit_tiny's width (192) and 3 heads, 4 blocks, 7 x 7 patches (16 tokens): 4 x 4 patches (49 tokens) cost
     # 3 x the time per FIP trial (its universal-flip probe alone 76 s against 20 s)
-    "timm": Recipe("timm:vit_tiny_patch16_224", 28, epochs=3, train_limit=20000,
+    "timm": Recipe("timm:vit_tiny_patch16_224", 28, epochs=6, train_limit=20000,
                    arch_options={"patch_size": 7, "depth": 4}),
-    "hf": Recipe("hf", 28, epochs=3, train_limit=20000),
+    # 7 x 7 patches as timm's: with 4 x 4 (49 tokens) 3 epochs reached 56 % ACC and 18 % ASR, no suspect to purify
+    "hf": Recipe("hf", 28, epochs=6, train_limit=20000),
 }
 TEST_LIMIT = 2000  # test images every ACC/ASR/RA is measured on: each trial is measured once more
 
@@ -107,14 +109,28 @@ def parameter_count(cfg: LabConfig, cache: Path) -> int:
 
 
 def run_suspect(family: str, attack: str, trials: int, dataset: str, space: SearchSpace, weights: ObjectiveWeights,
-                cache: Path, holdout_fraction: float, seed: int, quick: bool) -> dict:
-    """Make (or reuse) one suspect, run the baselines and the FIP sweep on it; the chosen trial is FIP-tuned."""
+                cache: Path, holdout_fraction: float, seed: int, quick: bool, partial: dict | None = None,
+                keep: Callable[[dict], None] | None = None) -> dict:
+    """Make (or reuse) one suspect, run the baselines and the FIP sweep on it; the chosen trial is FIP-tuned.
+    `partial`: what a stopped run of this suspect finished (its baselines and trials, reused when the suspect
+    measures the same); `keep` receives the work so far after the baselines and after every trial."""
     cfg = lab_config(family, attack, dataset, cache, quick)
     t = time.perf_counter()
     art = make_backdoored_model(cfg, cache / "lab")
     settings = {"steps": QUICK["steps"]} if quick else None
-    baselines = run_baselines(attack, list(BASELINES), dataset, cache, cfg=cfg, settings=settings)
-    sweep = sweep_attack(attack, trials, dataset, holdout_fraction, seed, space, cache, weights, cfg=cfg)
+    partial = partial or {}
+    baselines = partial.get("baselines") if partial.get("model") == art.model_path.name else None
+    if baselines is None:
+        baselines = run_baselines(attack, list(BASELINES), dataset, cache, cfg=cfg, settings=settings)
+    progress = {"model": art.model_path.name, "baselines": baselines}
+    if keep is not None:
+        keep(progress)
+
+    def kept(sweep: dict) -> None:
+        if keep is not None:
+            keep({**progress, "sweep": sweep})
+    sweep = sweep_attack(attack, trials, dataset, holdout_fraction, seed, space, cache, weights, cfg=cfg,
+                         on_trial=kept, done=partial.get("sweep") if "baselines" in progress else None)
     chosen = choose(sweep, weights)
     return {"family": family, "attack": attack, "arch": cfg.arch, "recipe": asdict(RECIPES[family]),
             "lab_config": cfg.to_dict(), "model": art.model_path.name, "params": parameter_count(cfg, cache),
@@ -197,7 +213,8 @@ def diagnosis(suspects: list[dict]) -> list[dict]:
 
 
 def summarise(suspects: list[dict], dataset: str, quick: bool, settings: dict, weights: ObjectiveWeights,
-              results: Path, notes: str = "") -> dict:
+              results: Path, notes: str = "", unfinished: dict | None = None) -> dict:
+    unfinished = unfinished or {}
     attacks = sorted({s["attack"] for s in suspects})
     reference = [] if quick else ours(dataset, attacks, settings["trials"], weights, results)
     rows = [r for s in suspects for r in rows_of(s)]
@@ -227,6 +244,9 @@ def summarise(suspects: list[dict], dataset: str, quick: bool, settings: dict, w
           f"{torch.get_num_threads()} CPU threads.\n\n"
           f"Settings: {json.dumps(settings)}\n\n"
           + (f"## Findings\n\n{notes.strip()}\n\n" if notes.strip() else "")
+          + ("Unfinished (`--resume` goes on from here): " + ", ".join(
+              f"{k} ({len(w.get('sweep', {}).get('trials', []))} of {settings['trials']} trials)"
+              for k, w in unfinished.items()) + ".\n\n" if unfinished else "")
           + "## Suspects\n\n"
           + markdown_table(["family", "attack", "arch", "parameters", "epochs", "train images", "train seconds",
                             "ACC %", "ASR %", "RA %"], suspect_table)
@@ -250,7 +270,7 @@ def summarise(suspects: list[dict], dataset: str, quick: bool, settings: dict, w
                             "mean ASR %", "chosen holdout ACC %", "chosen KL", "chosen Tr F ratio", "suspect Tr F",
                             "seconds / trial"], diag_table))
     payload = {"dataset": dataset, "quick": quick, "settings": settings, "notes": notes, "suspects": suspects,
-               "rows": rows, "reference_rows": ref_rows, "means": mean_rows, "diagnosis": diag,
+               "unfinished": unfinished, "rows": rows, "reference_rows": ref_rows, "means": mean_rows, "diagnosis": diag,
                "threads": torch.get_num_threads(), "versions": versions()}
     write_results(f"families-defenses{'-quick' if quick else ''}", payload, md, results)
     return payload
@@ -287,15 +307,22 @@ def main(argv: list[str] | None = None) -> dict:
     settings = saved.get("settings") or {
         "recipes": {k: asdict(v) for k, v in RECIPES.items()}, "test_limit": TEST_LIMIT, "trials": trials,
         "space": space.describe(), "baselines": list(BASELINES), **({"quick": QUICK} if args.quick else {})}
+    unfinished = saved.get("unfinished", {})  # "family/attack": a stopped run's baselines and trials
     if not args.resummarise:
         for attack in args.attacks.split(","):  # attack-major: a run cut short still has every family once
             for family in args.families.split(","):
                 if any(s["family"] == family and s["attack"] == attack for s in suspects):
                     continue
+                key = f"{family}/{attack}"
+
+                def keep(work: dict, key: str = key) -> None:  # a stopped run resumes from here (--resume)
+                    unfinished[key] = work
+                    summarise(suspects, args.dataset, args.quick, settings, weights, results, notes, unfinished)
                 suspects.append(run_suspect(family, attack, trials, args.dataset, space, weights, cache,
-                                            args.holdout_fraction, args.seed, args.quick))
-                summarise(suspects, args.dataset, args.quick, settings, weights, results, notes)  # a stopped run keeps these
-    out = summarise(suspects, args.dataset, args.quick, settings, weights, results, notes)
+                                            args.holdout_fraction, args.seed, args.quick, unfinished.get(key), keep))
+                unfinished.pop(key, None)
+                summarise(suspects, args.dataset, args.quick, settings, weights, results, notes, unfinished)
+    out = summarise(suspects, args.dataset, args.quick, settings, weights, results, notes, unfinished)
     print(json.dumps([{k: m[k] if isinstance(m[k], str | int) else round(m[k], 4) for k in m} for m in out["means"]],
                      indent=1))
     return out

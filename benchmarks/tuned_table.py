@@ -104,9 +104,11 @@ def refit_chosen(sweep: dict, trials: list[dict], dataset: str, cache: Path, see
 
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
                  space: SearchSpace, cache: Path, weights: ObjectiveWeights, progress: bool = True,
-                 on_trial=None, cfg: LabConfig | None = None) -> dict:
+                 on_trial=None, cfg: LabConfig | None = None, done: dict | None = None) -> dict:
     """`trials` FIP trials of `space` on one suspect (:func:`lab_setup`; `cfg`: another architecture's). The
-    trials' settings depend on `seed` and `attack_name` only, so every architecture sees the same ones."""
+    trials' settings depend on `seed` and `attack_name` only, so every architecture sees the same ones.
+    `done`: an earlier, stopped sweep of this suspect; its trials are kept when the suspect measures the same
+    (a retrained suspect that differs starts afresh), so a long sweep resumes where it stopped."""
     suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress, cfg)
     train_rows, held_rows = split_dval(y, holdout_fraction, seed)
     t0 = time.perf_counter()
@@ -114,12 +116,18 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
     holdout_seconds = time.perf_counter() - t0
     suspect_uap = uap_features(suspect, x[held_rows], y[held_rows])
     rng = random.Random(derive_seed(seed, "trials", attack_name))
-    rows: list[dict] = []
+    same = done is not None and done.get("before") == before and done.get("holdout_size") == len(held_rows)
+    rows: list[dict] = list(done["trials"][:trials]) if same else []
     sweep = {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
              "suspect_uap": suspect_uap,
              "holdout_size": len(held_rows), "train_size": len(train_rows), "holdout_seconds": holdout_seconds}
     for i in range(trials):
         params = space.sample(rng)
+        if i < len(rows):
+            if rows[i]["params"] != params:
+                raise ValueError(f"{attack_name}: saved trial {i} was drawn from another space or seed; "
+                                 "run without resuming")
+            continue
         pcfg = PurifyConfig(**{**params, "seed": derive_seed(seed, "trial", i) % 2**31})
         t = time.perf_counter()
         res = purify(suspect, x[train_rows], y[train_rows], pcfg)

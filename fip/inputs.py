@@ -176,3 +176,12 @@ def attach_inputs(model: nn.Module, network_shape: Sequence[int], metadata: dict
     if norm is not None:
         model.register_forward_pre_hook(_NormalizeInput(norm.for_channels(channels)))
     return model
+
+
+def without_input_hooks(model: nn.Module) -> nn.Module:
+    """`model` (changed in place) without the pre-hooks :func:`attach_inputs` added: for a tool that prepares the
+    network's input itself (a Hugging Face pipeline's image processor)."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _AdaptInput | _NormalizeInput):
+            del model._forward_pre_hooks[key]
+    return model

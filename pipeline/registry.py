@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY
+from fip.families import split_arch
+from fip.inputs import ADAPTER_KEY, NORMALIZATION_KEY, Normalization
 from fip.io import LoadedModel
 from pipeline.artifacts import Measured
 from pipeline.shards import ShardSource
@@ -52,6 +53,24 @@ def input_description(loaded: LoadedModel) -> dict:
             NORMALIZATION_KEY: loaded.metadata.get(NORMALIZATION_KEY), ADAPTER_KEY: loaded.metadata.get(ADAPTER_KEY)}
 
 
+BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as the image processor's config stores it
+
+
+def transformers_processor(loaded: LoadedModel) -> dict | None:
+    """ViTImageProcessor settings that feed an HF image classifier as the registered pytorch model feeds itself:
+    RGB at the network's size, scaled to [0, 1], then its normalisation. None for the other families, language
+    models, and networks that do not take 3 channels (transformers' image pipeline makes every image RGB)."""
+    spec = loaded.spec
+    if split_arch(spec.arch)[0] != "hf" or spec.task != "classification" or spec.input_shape[0] != 3:
+        return None
+    norm = Normalization.from_metadata(loaded.metadata)
+    norm = norm.for_channels(3) if norm is not None else None
+    return {"do_resize": True, "size": {"height": spec.input_shape[1], "width": spec.input_shape[2]},
+            "resample": BILINEAR, "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True,
+            "do_normalize": norm is not None, "image_mean": list(norm.mean) if norm else None,
+            "image_std": list(norm.std) if norm else None}
+
+
 def tokenizer_for(purified: LoadedModel, clean: ShardSource, store: Storage, into: Path) -> Path | None:
     """A language model's tokenizer, as its clean shards store it (checked against their manifest); None for an
     image model."""
@@ -70,8 +89,12 @@ def register_purified(tracker: Tracker, run_id: str, purified: LoadedModel, path
     holds it back (`hold_candidate`: why not, e.g. the sweep's probe flags it); the URI returned is
     ``NAME@candidate`` when it moved, else the version's own."""
     progress(f"{prefix} registering the purified model as {name}")
+    processor = transformers_processor(purified)
+    if processor is None and split_arch(purified.spec.arch)[0] == "hf" and purified.spec.task == "classification":
+        progress(f"{prefix} no transformers flavour for it: its network takes {purified.spec.input_shape[0]} "
+                 "channel(s) and transformers' image pipeline feeds RGB (the pytorch flavour serves it)")
     reg = tracker.register(run_id, purified.model, path, accepted_shape(purified), name, tags,
-                           model_metadata=input_description(purified), tokenizer=tokenizer)
+                           model_metadata=input_description(purified), tokenizer=tokenizer, image_processor=processor)
     moved, why = (False, hold_candidate) if hold_candidate else tracker.offer_candidate(name, reg.version, tags)
     progress(f"{prefix} registered {name} version {reg.version}; @candidate "
              + (f"moved to it ({why})" if moved else f"stays ({why})"))

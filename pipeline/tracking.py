@@ -109,6 +109,26 @@ def _save_text_generation(model: nn.Module, tokenizer: Path, where: Path, metada
                                    pip_requirements=[*_requirements(), f"transformers=={transformers.__version__}"])
 
 
+TRANSFORMERS_ARTIFACT = "transformers"  # the run's folder of an HF image classifier's transformers flavour
+
+
+def _save_image_classification(model: nn.Module, processor: dict, where: Path, metadata: dict | None) -> None:
+    """An HF image classifier in MLflow's transformers flavour: an image-classification pipeline whose image
+    processor (`processor`: ViTImageProcessor settings, the network's own size and normalisation) does what the
+    pytorch flavour's model does inside, so ``mlflow.pyfunc`` takes image files (paths or base64) and returns the
+    top classes with their scores. Nothing is fetched from the hub."""
+    import mlflow.transformers
+
+    from fip.families import import_transformers, without_logits_hook
+    from fip.inputs import without_input_hooks
+
+    transformers = import_transformers()
+    plain = without_input_hooks(without_logits_hook(model).cpu().eval())  # a copy: the processor feeds it
+    mlflow.transformers.save_model({"model": plain, "image_processor": transformers.ViTImageProcessor(**processor)},
+                                   str(where), task="image-classification", metadata=metadata,
+                                   pip_requirements=[*_requirements(), f"transformers=={transformers.__version__}"])
+
+
 STORE_CHECK_TIMEOUT_S = 5.0  # an MLflow server answers /health in milliseconds; a dead one must not hold a command
 SQLITE_MAGIC = b"SQLite format 3\x00"
 PASSED_THROUGH_SCHEMES = ("postgresql", "mysql", "mssql", "databricks", "databricks-uc")  # MLflow checks these itself
@@ -254,11 +274,14 @@ class Tracker:
     # ------------------------------------------------------------ registry
     def register(self, run_id: str, model: nn.Module, safetensors_path: Path, input_shape: tuple[int, ...],
                  name: str, tags: dict[str, str], aliases: Iterable[str] = (),
-                 model_metadata: dict | None = None, tokenizer: Path | None = None) -> Registered:
+                 model_metadata: dict | None = None, tokenizer: Path | None = None,
+                 image_processor: dict | None = None) -> Registered:
         """Log the model and our safetensors file, register a new version under `name` with `tags` and the
         file's SHA-256, and point `aliases` at it. An image model is logged in MLflow's pytorch flavour (any batch
         size); a language model with its `tokenizer` folder in the transformers flavour (a text-generation
-        pipeline, so ``mlflow.pyfunc`` generates). Either carries `model_metadata` in its MLmodel file."""
+        pipeline, so ``mlflow.pyfunc`` generates). Either carries `model_metadata` in its MLmodel file.
+        `image_processor`: an HF image classifier's processor settings; its transformers flavour is logged
+        beside the registered pytorch one, at the run's ``transformers`` folder (tag ``transformers_model``)."""
         from mlflow.exceptions import MlflowException
 
         self.client.log_artifact(run_id, str(safetensors_path), "purified")
@@ -272,13 +295,17 @@ class Tracker:
             else:
                 _save_pytorch(model, input_shape, where, model_metadata)
             self.client.log_artifacts(run_id, str(where), "model")
+            if image_processor is not None:
+                _save_image_classification(model, image_processor, Path(tmp) / TRANSFORMERS_ARTIFACT, model_metadata)
+                self.client.log_artifacts(run_id, str(Path(tmp) / TRANSFORMERS_ARTIFACT), TRANSFORMERS_ARTIFACT)
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(name)
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
         all_tags = {**tags, "safetensors_artifact": f"purified/{safetensors_path.name}",
-                    "safetensors_sha256": file_sha256(safetensors_path)}
+                    "safetensors_sha256": file_sha256(safetensors_path),
+                    **({"transformers_model": f"runs:/{run_id}/{TRANSFORMERS_ARTIFACT}"} if image_processor else {})}
         # created with its tags in one call: an interrupted job never leaves a version without its SHA-256
         mv = self.client.create_model_version(name, source, run_id=run_id,
                                               tags={k: str(v) for k, v in all_tags.items()})

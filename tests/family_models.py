@@ -75,7 +75,7 @@ def digits_user_models(root: Path, train) -> dict[str, UserModel]:
     """Three models trained briefly on 8 x 8 gray digits and saved as their ecosystems save them: torchvision's
     resnet18 as a ``torch.save`` state dict (3 channels at 16 px, ImageNet normalisation), timm's ``test_vit``
     as a bare safetensors state dict (1 channel at 32 px, its 0.5/0.5 normalisation), and an HF ViT folder
-    (``save_pretrained``, 1 channel at 8 px, its preprocessor's normalisation). Each network resizes or widens
+    (``save_pretrained``, 3 channels at 8 px, its preprocessor's normalisation). Each network resizes or widens
     the digits itself (``--data-shape 1,8,8``)."""
     from safetensors.torch import save_file
 
@@ -86,17 +86,17 @@ def digits_user_models(root: Path, train) -> dict[str, UserModel]:
 
     tr = import_transformers()
     folder = root / "hf-vit"
-    config = tr.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=2,
-                          num_attention_heads=2, intermediate_size=32, num_labels=10)
+    config = tr.ViTConfig(image_size=8, patch_size=2, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, num_labels=10)
     tr.AutoModelForImageClassification.from_config(config).save_pretrained(folder)
-    tr.ViTImageProcessor(image_mean=[0.5], image_std=[0.5]).save_pretrained(folder)
+    tr.ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
     geometry = ("--num-classes", "10", "--data-shape", "1,8,8")
     made = {
         "torchvision": (spec_for("torchvision:resnet18", num_classes=10, image_size=16), root / "resnet18.pth",
                         ("--arch", "torchvision:resnet18", "--image-size", "16", *geometry)),
         "timm": (spec_for("timm:test_vit", num_classes=10, in_channels=1, image_size=32), root / "test_vit.safetensors",
                  ("--arch", "timm:test_vit", "--in-channels", "1", "--image-size", "32", *geometry)),
-        "hf": (spec_for(f"hf:{folder}"), folder / "model.safetensors", ()),
+        "hf": (spec_for(f"hf:{folder}"), folder / "model.safetensors", ("--data-shape", "1,8,8")),
     }
     out = {}
     for name, (spec, path, flags) in made.items():
@@ -106,7 +106,7 @@ def digits_user_models(root: Path, train) -> dict[str, UserModel]:
         if spec.input_shape != (1, 8, 8):
             meta[ADAPTER_KEY] = {"data_shape": [1, 8, 8]}
         attach_inputs(model, spec.input_shape, meta)
-        train_classifier(model, train, TrainConfig(epochs=3 if name != "hf" else 30, batch_size=64, lr=0.05))
+        train_classifier(model, train, TrainConfig(epochs=3 if name != "hf" else 30, batch_size=64, lr=0.05 if name != "hf" else 0.2))
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if path.suffix == ".pth":
             torch.save(state, path)

@@ -1,7 +1,8 @@
 """Models from the ecosystems through every command, with one set of figures: a torchvision resnet18 ``.pth``,
 a timm safetensors state dict and a Hugging Face folder, each on 8 x 8 gray digits that the network resizes and
 widens itself. ``fip purify``'s ``acc_after``, ``fip evaluate`` of the registered model, ``fip models get``'s
-file and the registered model's predictions through ``mlflow.pyfunc`` all agree; ``fip tune``'s held-out ACC for the
+file and the registered model's predictions through ``mlflow.pyfunc`` (and the HF model's transformers flavour on
+image files) all agree; ``fip tune``'s held-out ACC for the
 trial it registers is what ``fip evaluate`` measures for that model on the held-out shards."""
 
 import json
@@ -62,6 +63,29 @@ def test_purify_evaluate_get_and_pyfunc_agree(ray_session, setup, family, capsys
     ours = load_purified(got).model
     x = torch.rand(4, 1, 8, 8)
     assert torch.allclose(torch.as_tensor(pyfunc.predict(x.numpy())), ours(x), atol=1e-4)
+    if family == "hf":
+        _transformers_flavour_agrees(uri[1], ours, tmp_path)
+
+
+def _transformers_flavour_agrees(store: str, ours, tmp_path) -> None:
+    """The HF classifier's transformers flavour, logged beside the registered one, takes image files as a user
+    has them and gives the top class and score that the purified model gives on the same pixels."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    version = MlflowClient(store, registry_uri=store).get_model_version_by_alias("hf", "candidate")
+    pipe = mlflow.pyfunc.load_model(version.tags["transformers_model"])
+    images = load_dataset("digits", "test").x[:4]
+    paths = []
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy(), "L").save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    top = pipe.predict(paths)[0]  # the best class of each image: {"label": ..., "score": ...}
+    with torch.no_grad():
+        score, label = ours(images.float() / 255).softmax(-1).max(-1)
+    labels = ours.config.id2label
+    assert [t["label"] for t in top] == [labels[int(i)] for i in label]
+    assert torch.allclose(torch.tensor([t["score"] for t in top]), score, atol=1e-5)
 
 
 def test_tune_registers_the_trial_its_table_shows(ray_session, setup, capsys):

@@ -118,8 +118,8 @@ def run_suspect(family: str, attack: str, trials: int, dataset: str, space: Sear
     t = time.perf_counter()
     art = make_backdoored_model(cfg, cache / "lab")
     settings = {"steps": QUICK["steps"]} if quick else None
-    partial = partial or {}
-    baselines = partial.get("baselines") if partial.get("model") == art.model_path.name else None
+    partial = partial if partial and partial.get("model") == art.model_path.name else {}  # another suspect's: none
+    baselines = partial.get("baselines")
     if baselines is None:
         baselines = run_baselines(attack, list(BASELINES), dataset, cache, cfg=cfg, settings=settings)
     progress = {"model": art.model_path.name, "baselines": baselines}
@@ -130,7 +130,7 @@ def run_suspect(family: str, attack: str, trials: int, dataset: str, space: Sear
         if keep is not None:
             keep({**progress, "sweep": sweep})
     sweep = sweep_attack(attack, trials, dataset, holdout_fraction, seed, space, cache, weights, cfg=cfg,
-                         on_trial=kept, done=partial.get("sweep") if "baselines" in progress else None)
+                         on_trial=kept, done=partial.get("sweep"))
     chosen = choose(sweep, weights)
     return {"family": family, "attack": attack, "arch": cfg.arch, "recipe": asdict(RECIPES[family]),
             "lab_config": cfg.to_dict(), "model": art.model_path.name, "params": parameter_count(cfg, cache),

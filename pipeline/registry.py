@@ -56,12 +56,16 @@ def input_description(loaded: LoadedModel) -> dict:
 BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as the image processor's config stores it
 
 
+def _hf_image_classifier(loaded: LoadedModel) -> bool:
+    return split_arch(loaded.spec.arch)[0] == "hf" and loaded.spec.task == "classification"
+
+
 def transformers_processor(loaded: LoadedModel) -> dict | None:
     """ViTImageProcessor settings that feed an HF image classifier as the registered pytorch model feeds itself:
     RGB at the network's size, scaled to [0, 1], then its normalisation. None for the other families, language
     models, and networks that do not take 3 channels (transformers' image pipeline makes every image RGB)."""
     spec = loaded.spec
-    if split_arch(spec.arch)[0] != "hf" or spec.task != "classification" or spec.input_shape[0] != 3:
+    if not _hf_image_classifier(loaded) or spec.input_shape[0] != 3:
         return None
     norm = Normalization.from_metadata(loaded.metadata)
     norm = norm.for_channels(3) if norm is not None else None
@@ -90,7 +94,7 @@ def register_purified(tracker: Tracker, run_id: str, purified: LoadedModel, path
     ``NAME@candidate`` when it moved, else the version's own."""
     progress(f"{prefix} registering the purified model as {name}")
     processor = transformers_processor(purified)
-    if processor is None and split_arch(purified.spec.arch)[0] == "hf" and purified.spec.task == "classification":
+    if processor is None and _hf_image_classifier(purified):
         progress(f"{prefix} no transformers flavour for it: its network takes {purified.spec.input_shape[0]} "
                  "channel(s) and transformers' image pipeline feeds RGB (the pytorch flavour serves it)")
     reg = tracker.register(run_id, purified.model, path, accepted_shape(purified), name, tags,

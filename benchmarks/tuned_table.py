@@ -32,7 +32,7 @@ from fip.purify import PurifyConfig, purify
 from fip.training import derive_seed
 from lab.attacks import ATTACKS
 from lab.backdoor import LabConfig, attack_from_record, load_lab_model, make_backdoored_model, versions
-from lab.datasets import CleanSplit, load_dataset
+from lab.datasets import CleanSplit, clean_split, load_dataset
 from lab.metrics import defense_effectiveness_rating, evaluate_model
 from tuning.holdout import split_dval
 from tuning.objective import (
@@ -59,18 +59,23 @@ def uap_features(model, x, y) -> dict[str, float]:
     return {"uap_max": r["uap_max"], "uap_gap": r["uap_max"] - r["uap_median"], "uap_class": r["uap_class"]}
 
 
-def lab_setup(attack_name: str, dataset: str, cache: Path, progress: bool = True, cfg: LabConfig | None = None) -> tuple:
+def lab_setup(attack_name: str, dataset: str, cache: Path, progress: bool = True, cfg: LabConfig | None = None,
+              dval_seed: int | None = None) -> tuple:
     """The cached suspect of one lab attack (trained on first use), its attack, D_val as floats, the test set
     and the suspect's ACC/ASR/RA on it: by default the same models and D_val as benchmarks/defense_table.py;
     `cfg` makes another suspect (another architecture: benchmarks/families_table.py), its test set cut to
-    `cfg.test_limit` like the record's."""
+    `cfg.test_limit` like the record's. `dval_seed`: another defender's D_val of the same size, drawn from the
+    training set with that seed (the suspect stays the same; benchmarks/seeded_table.py)."""
     from benchmarks.defense_table import lab_config
 
     cfg = cfg or lab_config(attack_name, False, dataset)
     art = make_backdoored_model(cfg, cache / "lab", progress=progress)
     suspect = load_lab_model(art.model_path)
     attack = attack_from_record(art.record)
-    dval = load_dataset(dataset, "train").subset(CleanSplit.load(art.dval_path).indices)
+    train = load_dataset(dataset, "train")
+    rows = (CleanSplit.load(art.dval_path) if dval_seed is None
+            else clean_split(train, cfg.clean_fraction, dval_seed, dataset)).indices
+    dval = train.subset(rows)
     test = load_dataset(dataset, "test")
     if cfg.test_limit:
         test = test.subset(range(min(cfg.test_limit, len(test))))
@@ -104,12 +109,16 @@ def refit_chosen(sweep: dict, trials: list[dict], dataset: str, cache: Path, see
 
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
                  space: SearchSpace, cache: Path, weights: ObjectiveWeights, progress: bool = True,
-                 on_trial=None, cfg: LabConfig | None = None, done: dict | None = None) -> dict:
+                 on_trial=None, cfg: LabConfig | None = None, done: dict | None = None,
+                 checkpoint_every: int = 0, dval_seed: int | None = None) -> dict:
     """`trials` FIP trials of `space` on one suspect (:func:`lab_setup`; `cfg`: another architecture's). The
     trials' settings depend on `seed` and `attack_name` only, so every architecture sees the same ones.
     `done`: an earlier, stopped sweep of this suspect; its trials are kept when the suspect measures the same
-    (a retrained suspect that differs starts afresh), so a long sweep resumes where it stopped."""
-    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress, cfg)
+    (a retrained suspect that differs starts afresh), so a long sweep resumes where it stopped.
+    `checkpoint_every`: also score every this many steps the model as it stands then (the objective, and the
+    test set for the report), as `fip tune`'s intermediate reports do: what a scheduler stops trials on.
+    `dval_seed`: another draw of D_val (:func:`lab_setup`)."""
+    suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress, cfg, dval_seed)
     train_rows, held_rows = split_dval(y, holdout_fraction, seed)
     t0 = time.perf_counter()
     holdout = Holdout.from_suspect(suspect, x[held_rows], y[held_rows])
@@ -128,11 +137,27 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
                 raise ValueError(f"{attack_name}: saved trial {i} was drawn from another space or seed; "
                                  "run without resuming")
             continue
-        pcfg = PurifyConfig(**{**params, "seed": derive_seed(seed, "trial", i) % 2**31})
+        pcfg = PurifyConfig(**{**params, "seed": derive_seed(seed, "trial", i) % 2**31, "eval_every": checkpoint_every})
+        checkpoints: list[dict] = []
+        steps = iter(range(0, pcfg.iterations, checkpoint_every or pcfg.iterations))
+
+        def score_checkpoint(model, steps=steps, checkpoints=checkpoints) -> dict:
+            step = next(steps, None)  # purify evaluates at 0, every eval_every steps, and at the end
+            if not step:  # the suspect, or the final model (scored below like every trial's)
+                return {}
+            start = time.perf_counter()
+            found = {**measure(model, holdout), **uap_features(model, x[held_rows], y[held_rows])}
+            found["objective"] = score(found, holdout.suspect, weights)
+            at = evaluate_model(model, xt, yt, attack.trigger_floats, attack.target_of)  # reporting only
+            checkpoints.append({"step": step, **found, "acc": at["acc"], "asr": at["asr"],
+                                "der": defense_effectiveness_rating(before["acc"], before["asr"], at["acc"], at["asr"]),
+                                "seconds": time.perf_counter() - start})
+            return {}
+
         t = time.perf_counter()
-        res = purify(suspect, x[train_rows], y[train_rows], pcfg)
+        res = purify(suspect, x[train_rows], y[train_rows], pcfg, evaluate=score_checkpoint if checkpoint_every else None)
         feats = measure(res.model, holdout)
-        seconds = time.perf_counter() - t
+        seconds = time.perf_counter() - t - sum(c.get("seconds", 0.0) for c in checkpoints)
         t = time.perf_counter()
         feats.update(uap_features(res.model, x[held_rows], y[held_rows]))  # the probe once, for every weighting
         uap_seconds = time.perf_counter() - t
@@ -141,7 +166,7 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
         der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
         rows.append({"trial": i, "params": params, **feats, "acc": after["acc"], "asr": after["asr"],
                      "ra": after["ra"], "der": der, "seconds": seconds,
-                     "uap_seconds": uap_seconds})
+                     "uap_seconds": uap_seconds, **({"checkpoints": checkpoints} if checkpoint_every else {})})
         if progress:
             print(f"{attack_name:>12} trial {i:2d} {params['method']:>8} it {params['iterations']:3d} "
                   f"obj {feats['objective']:+.4f} hacc {100 * feats['holdout_acc']:5.1f} agr {100 * feats['agreement']:5.1f} "
@@ -177,9 +202,9 @@ def run_baselines(attack_name: str, names: list[str], dataset: str, cache: Path,
 
 
 def sweep_seconds(sweep: dict) -> float:
-    """What the defender's sweep cost: every trial's purification and holdout measurement, and the holdout's
+    """What the defender's sweep cost: every trial's purification, holdout measurement and probe, and the holdout's
     reference features (the test-set reporting is left out)."""
-    return sum(t["seconds"] for t in sweep["trials"]) + sweep["holdout_seconds"]
+    return sum(t["seconds"] + t.get("uap_seconds", 0.0) for t in sweep["trials"]) + sweep["holdout_seconds"]
 
 
 def choose(sweep: dict, weights: ObjectiveWeights) -> dict:
@@ -406,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--refit", action="store_true",
                    help="with --resummarise: re-run the chosen trials' settings on all of D_val (saved sweeps of --attacks)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared, loaded machine)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also score each trial's model every STEPS steps (what a scheduler such as ASHA reads)")
     p.add_argument("--results", default=None, metavar="STEM",
                    help="name of the saved results in benchmarks/results (default tuned-<dataset>)")
     p.add_argument("--merge", action="append", default=[], metavar="STEM",
@@ -438,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
                 save([*done, sweep])
 
             sweeps.append(sweep_attack(name, args.trials, args.dataset, args.holdout_fraction, args.seed, space, CACHE,
-                                       weights, on_trial=partial))
+                                       weights, on_trial=partial, checkpoint_every=args.checkpoint_every))
             summary = save(sweeps)  # partial results after each attack
     if args.baselines and not args.resummarise:
         wanted = args.baselines.split(",")

@@ -32,10 +32,12 @@ def register(sub) -> None:
     g.add_argument("--num-samples", type=int, default=None, help="trials")
     g.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
     g.add_argument("--searcher", default=None, choices=["optuna", "random"])
-    g.add_argument("--scheduler", default=None, choices=["asha", "none"], help="ASHA early stopping on the objective")
+    g.add_argument("--scheduler", default=None, choices=["asha", "none"],
+                   help="none (default): every trial runs to the end; asha: stop trials early on the objective of "
+                        "their intermediate checkpoints (pays on long runs only: docs/tuning.md)")
     g.add_argument("--grace-steps", type=int, default=None, help="ASHA: purify steps before a trial may be stopped")
     g.add_argument("--report-every", type=int, default=None,
-                   help="purify steps between intermediate objective reports (each runs the objective's probe)")
+                   help="purify steps between a trial's checkpoints; under ASHA each is scored, the probe included")
     g.add_argument("--trial-cpus", type=float, default=None, help="CPUs of the trial itself (workers ask for their own)")
     g.add_argument("--trial-gpus", type=float, default=None)
     g.add_argument("--objective-weight", action="append", default=[], metavar="NAME=VALUE",

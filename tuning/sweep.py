@@ -8,9 +8,9 @@
 2. opens one MLflow parent run for the sweep;
 3. runs ``num_samples`` trials through Ray Tune (:mod:`tuning.trial`, what runs inside one): each is
    :func:`pipeline.driver.run_job` (Ray Train inside the Tune trial) with a nested child run, no
-   registration, no test shards and no attack record. Intermediate checkpoints are scored on the
-   held-out share, so ASHA can stop weak trials early; an Optuna searcher (or random search) proposes
-   the settings;
+   registration, no test shards and no attack record. By default every trial runs to the end; with
+   ASHA (``scheduler="asha"``) intermediate checkpoints are scored on the held-out share so that it can
+   stop weak trials early. An Optuna searcher (or random search) proposes the settings;
 4. picks the finished trial with the highest objective and registers its model (with ``refit=True``
    the winner's settings first re-run on all of D_val and that unscored model is registered instead),
    with the alias ``candidate`` and tags naming the sweep's run and the trial, and logs the sweep table
@@ -65,10 +65,12 @@ class SweepConfig:
     num_samples: int = 8
     max_concurrent: int = 1
     searcher: Literal["optuna", "random"] = "optuna"
-    scheduler: Literal["asha", "none"] = "asha"
+    # every trial to the end: at the default run lengths an intermediate report (its probe) costs more than ASHA
+    # saves, and an image trial's report inside its crop phase ranks the crop, not the model (docs/tuning.md)
+    scheduler: Literal["asha", "none"] = "none"
     grace_steps: int = 50  # ASHA: no trial is stopped before this many purify steps
     reduction_factor: int = 2
-    report_every: int = 100  # purify steps between the intermediate objective reports (each runs the probe)
+    report_every: int = 100  # purify steps between checkpoints; under ASHA each is scored (the probe included)
     trial_cpus: float = 0.25  # the Tune trial itself (it drives run_job); the workers ask for their own
     trial_gpus: float = 0.0
     holdout_fraction: float = 0.3
@@ -148,7 +150,8 @@ class LiveTable:
     def update(self, trial, result: dict, status: str, force: bool = False) -> None:
         row = self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id})
         row["status"] = status
-        row.update({k: result[k] for k in self.columns if k in result and k not in ("trial", "status")})
+        row.update({k: result[k] for k in self.columns if k in result and k not in ("trial", "status")
+                    and not (isinstance(result[k], float) and math.isnan(result[k]))})  # NaN: a report not scored
         if force or time.monotonic() - self._last >= self.every_s:
             self._last = time.monotonic()
             self.progress(self.render())
@@ -306,7 +309,8 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
                                      default=str))
 
     ctx = TrialContext(base.to_dict(), cfg.name, train_url, str(sweep_dir / "jobs"), holdout, cfg.weights,
-                       cfg.report_every, parent, base.inputs.test, base.inputs.attack_record)
+                       cfg.report_every, parent, base.inputs.test, base.inputs.attack_record,
+                       score_checkpoints=cfg.scheduler != "none")
     ensure_ray(base.resources, dashboard=True)  # ASHA's stopped trials must give their CPUs back
     _check_fits(base, cfg)
     resources = {"cpu": cfg.trial_cpus, **({"gpu": cfg.trial_gpus} if cfg.trial_gpus else {})}

@@ -34,6 +34,7 @@ class TrialContext:
     parent_run_id: str | None
     test: str | None = None
     attack_record: str | None = None
+    score_checkpoints: bool = False  # a scheduler reads the intermediate reports: score each (the probe included)
 
 
 def one_store(base: JobConfig) -> JobConfig:
@@ -61,7 +62,9 @@ def plain(params: dict) -> dict:
 
 
 def _report_callback(ctx: TrialContext, purify: dict):
-    """Ray Tune's Train callback, adding the held-out objective to each report that carries a purify checkpoint.
+    """Ray Tune's Train callback, adding the held-out objective to each report that carries a purify checkpoint
+    when a scheduler reads it (``ctx.score_checkpoints``); without one, such a report carries its step and a NaN
+    objective (Tune wants the metric in every result), and the probe runs once per trial, at its end.
 
     It runs where Ray Train's controller runs, apart from the trial: it loads the suspect there once, at the
     first checkpoint, and starts each report's model from it."""
@@ -91,7 +94,10 @@ def _report_callback(ctx: TrialContext, purify: dict):
                 with checkpoint.as_directory() as d:
                     saved = CheckpointOutput.read(d)
             # Tune wants the metric in every result: a report without a purify state (the Fisher stage's) is the suspect's
-            metrics[0].update(self.objective(saved.state) if saved is not None else suspect_row)
+            if saved is None:
+                metrics[0].update(suspect_row)
+            else:
+                metrics[0].update(self.objective(saved.state) if ctx.score_checkpoints else {"objective": math.nan})
             super().after_report(run_context, metrics, checkpoint)
 
     return ObjectiveReport()

@@ -75,7 +75,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe(("--samples", "16", "--iters", "3", "--max-probes", "4", "--density-steps", "4")),
     "fip tune --preset paper-300 --model suspect.safetensors --clean runs/shards/dval --workers 1 "
     "--cpus-per-worker 0.5 --num-samples 12 --name my-sweep":
-        Recipe(("--num-samples", "2", "--space", "iterations=4", "--report-every", "2", "--grace-steps", "2",
+        Recipe(("--num-samples", "2", "--space", "iterations=4", "--report-every", "2",
                 "--batch-size", "16", "--esd-samples", "0", "--holdout-fraction", "0.15"),
                replace={"suspect.safetensors": "suspect"}),
     "fip submit purify --model /abs/suspect.safetensors --clean /abs/shards/dval --iterations 300 --follow":

@@ -6,6 +6,7 @@ among them, ASHA's reports, the refit and the resume each need two, and every tr
 stages) that costs tens of seconds on 2 cores."""
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -101,6 +102,14 @@ def test_parent_run_holds_a_child_per_trial_and_the_sweep_table(benchmark_sweep)
         assert run.data.params["inputs.test"] == "None" and run.data.params["inputs.attack_record"] == "None"
         assert run.data.params["inputs.clean"].endswith("dval-train")
     assert any(line.startswith("[fip tune]\ntrial") for line in lines)  # the live table
+    # ASHA reads the intermediate reports: each is scored on the held-out share
+    middle = [r for r in _tune_results(base) if r.get("step") == 4]
+    assert middle and all(math.isfinite(r["objective"]) for r in middle)
+
+
+def _tune_results(base: JobConfig) -> list[dict]:
+    """Every result Ray Tune recorded for the sweeps under `base`'s work folder."""
+    return [json.loads(line) for f in Path(base.run.work_dir).rglob("result.json") for line in f.read_text().splitlines()]
 
 
 def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(ray_session, digits_lab, shards,
@@ -133,6 +142,9 @@ def test_interrupted_sweep_without_test_data_resumes_only_the_remaining_trials(r
     mv = client.get_model_version_by_alias("fip-purified", "candidate")
     assert mv.run_id == resumed.winner["child_run_id"] and mv.tags["refit"] == "no"
     assert resumed.winner == choose_winner(resumed.trials)
+    # without a scheduler no one reads a trial's intermediate report: it carries its step, unscored (no probe)
+    middle = [r for r in _tune_results(base) if r.get("step") == 4]
+    assert middle and all(math.isnan(r["objective"]) for r in middle)
     assert resumed.winner["objective"] == max(t["objective"] for t in resumed.trials)
     assert all("der" not in t and "asr" not in t for t in resumed.trials)
     state = json.loads((Path(base.run.work_dir) / "plain" / "sweep-table.json").read_text())

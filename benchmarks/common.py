@@ -8,6 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 CACHE = ROOT.parent / ".cache"
+# the seeded defense table's fixed suspects, committed: a suspect rebuilt on another machine differs (docs/tuning.md)
+SUSPECTS = ROOT / "suspects"
 
 
 def write_results(name: str, payload: dict, markdown: str, results: Path = RESULTS) -> tuple[Path, Path]:

@@ -6,8 +6,8 @@ with several seeds of the defense and of D_val, reported as means with 95 % inte
     python -m benchmarks.seeded_table --resummarise      # the tables again, from the saved cells
 
 One cell is (attack, seed, defense). Seed `s` draws the defender's D_val (600 images of the training set,
-class-balanced: ``lab.datasets.clean_split``) and seeds the defense; the suspect is the same for every seed
-(the lab's cached model of that attack). `fip-tuned` is the model `fip tune`'s default sweep chooses: 8 trials
+class-balanced: ``lab.datasets.clean_split``) and seeds the defense; the suspect is the same for every seed:
+the committed one in ``benchmarks/suspects/lab`` (the lab makes a missing one there, to be committed too). `fip-tuned` is the model `fip tune`'s default sweep chooses: 8 trials
 of the default space in-process (:func:`benchmarks.tuned_table.sweep_attack`), split and trials seeded by `s`,
 chosen by the trigger-free objective on the held-out share; its seconds are the whole sweep's. Every other row
 runs the defense table's settings (:data:`lab.defenses.DEFENSES`).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
+from benchmarks.common import RESULTS, SUSPECTS, markdown_table, write_results
 from lab.attacks import ATTACKS
 from lab.backdoor import versions
 from lab.defenses import DEFENSES
@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trials", type=int, default=8, help="the fip-tuned sweep's trials")
     p.add_argument("--iterations", type=int, default=None, help="the fip-tuned sweep's iterations (tests)")
     p.add_argument("--results", default=str(RESULTS))
-    p.add_argument("--cache", default=str(CACHE))
+    p.add_argument("--cache", default=str(SUSPECTS),
+                   help="where the suspects are (made there when missing; default: the committed set)")
     args = p.parse_args(argv)
     attacks, seeds = args.attacks.split(","), [int(s) for s in args.seeds.split(",")]
     unknown = [d for d in args.defenses.split(",") if d not in ROWS]

@@ -31,8 +31,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from benchmarks.common import RESULTS, SUSPECTS, markdown_table, write_results
+from benchmarks.defense_table import lab_config
 from lab.attacks import ATTACKS
-from lab.backdoor import versions
+from lab.backdoor import make_backdoored_model, versions
 from lab.defenses import DEFENSES
 
 TUNED = "fip-tuned"
@@ -64,7 +65,6 @@ class Budget:
 @lru_cache(maxsize=2)
 def _setup(attack: str, dataset: str, seed: int, quick: bool, cache: str) -> tuple:
     """One suspect and one seed's D_val, kept while a process runs that seed's cells of that attack."""
-    from benchmarks.defense_table import lab_config
     from benchmarks.tuned_table import lab_setup
 
     return lab_setup(attack, dataset, Path(cache), False, lab_config(attack, quick, dataset), seed)
@@ -78,11 +78,11 @@ def run_cell(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
     from lab.metrics import defense_effectiveness_rating, evaluate_model
 
     torch.set_num_threads(1)
+    if cell.defense == TUNED:  # the sweep loads the suspect and this seed's D_val itself
+        return _tuned(cell, dataset, budget, cache)
     suspect, attack, x, y, xt, yt, before = _setup(cell.attack, dataset, cell.seed, budget.quick, cache)
     row = {"attack": cell.attack, "seed": cell.seed, "defense": cell.defense, "acc_before": before["acc"],
            "asr_before": before["asr"]}
-    if cell.defense == TUNED:
-        return {**row, **_tuned(cell, dataset, budget, cache)}
     torch.manual_seed(cell.seed)  # the defenses that draw from torch's global generator (pruning masks' noise)
     res = run_defense(cell.defense, suspect, CleanSet(x, y),
                       {"seed": cell.seed, **({"steps": budget.steps} if budget.steps else {})})
@@ -93,7 +93,6 @@ def run_cell(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
 
 def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
     """`fip tune`'s default sweep on this seed's D_val, in-process: the chosen trial's figures, the sweep's cost."""
-    from benchmarks.defense_table import lab_config
     from benchmarks.tuned_table import choose, sweep_attack, sweep_seconds
     from tuning.objective import ObjectiveWeights
     from tuning.report import spearman
@@ -107,7 +106,8 @@ def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
                          progress=False, cfg=lab_config(cell.attack, budget.quick, dataset), dval_seed=cell.seed)
     won = choose(sweep, weights)
     trials = sweep["trials"]
-    return {"acc": won["acc"], "asr": won["asr"], "ra": won["ra"], "der": won["der"], "seconds": sweep_seconds(sweep),
+    return {"attack": cell.attack, "seed": cell.seed, "defense": cell.defense, "acc_before": sweep["before"]["acc"],
+            "asr_before": sweep["before"]["asr"], "acc": won["acc"], "asr": won["asr"], "ra": won["ra"], "der": won["der"], "seconds": sweep_seconds(sweep),
             "chosen": {"trial": won["trial"], "params": won["params"], "holdout_acc": won["holdout_acc"],
                        "uap_max": won["uap_max"]},
             "best_der": max(t["der"] for t in trials),
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     if todo:
         # the suspects are made once, here, before processes share the cache
         for a in attacks:
-            _setup(a, args.dataset, seeds[0], args.quick, args.cache)
+            make_backdoored_model(lab_config(a, args.quick, args.dataset), Path(args.cache) / "lab")
         print(f"[seeded table] {len(todo)} of {len(cells)} cells to run in {args.procs} processes", flush=True)
         # spawned, not forked: a fork of a process whose torch thread pool is running can hang in OpenMP
         with ProcessPoolExecutor(args.procs, mp_context=multiprocessing.get_context("spawn")) as pool:

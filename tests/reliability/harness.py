@@ -95,10 +95,11 @@ def fip_script() -> list[str]:
 
 def run_process(argv: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None,
                 interrupt_after: float | None = None, interrupt_when: str | None = None,
-                sig: int = signal.SIGINT, command: list[str] | None = None) -> Observed:
+                sig: int = signal.SIGINT, command: list[str] | None = None, to_group: bool = True) -> Observed:
     """Run `fip ARGV` (`command` ARGV: default `python -m fipcli.main`) as a user's shell would, in its own
-    process group; optionally send `sig` to the group `interrupt_after` seconds in, or once
-    `interrupt_when` appears in its output (as Ctrl-C does)."""
+    process group; optionally send `sig` `interrupt_after` seconds in, or once `interrupt_when` appears in
+    its output: to the whole group (`to_group`, as Ctrl-C does), or to the `fip` process alone (as `kill PID`
+    and `fip jobs stop` do)."""
     start = time.perf_counter()
     proc = subprocess.Popen((command or fip_command()) + argv, cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT if interrupt_when else subprocess.PIPE,
@@ -109,7 +110,7 @@ def run_process(argv: list[str], cwd: Path, timeout: float, env: dict[str, str] 
         for line in proc.stdout:
             out_lines.append(line)
             if interrupt_when in line:
-                os.killpg(proc.pid, sig)
+                _send(proc.pid, sig, to_group)
                 break
             if time.perf_counter() - start > timeout:
                 break
@@ -117,7 +118,7 @@ def run_process(argv: list[str], cwd: Path, timeout: float, env: dict[str, str] 
         try:
             proc.wait(interrupt_after)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, sig)
+            _send(proc.pid, sig, to_group)
     try:
         out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
         timed_out = False
@@ -127,6 +128,13 @@ def run_process(argv: list[str], cwd: Path, timeout: float, env: dict[str, str] 
         timed_out = True
     return Observed(None if timed_out else proc.returncode, "".join(out_lines) + (out or ""), err or "",
                     time.perf_counter() - start, timed_out=timed_out)
+
+
+def _send(pid: int, sig: int, to_group: bool) -> None:
+    if to_group:
+        os.killpg(pid, sig)  # the process was started as its group's leader
+    else:
+        os.kill(pid, sig)
 
 
 def judge_error(obs: Observed, names: str | tuple[str, ...]) -> tuple[str, str]:

@@ -1,9 +1,15 @@
-"""Interrupting `fip purify` as a user (Ctrl-C: SIGINT to the process group) or a scheduler (`fip jobs stop`,
-`kill`: SIGTERM) would, in each phase of the job: it stops with one line and the shell's exit code for the
-signal, marks its MLflow run KILLED and leaves no model version or logged model half made.
+"""Interrupting `fip purify` as a user (Ctrl-C: SIGINT to the process group) or a scheduler (`kill PID`,
+`fip jobs stop`: SIGTERM to the `fip` process) would, in each phase of the job: it stops with one line and the
+shell's exit code for the signal, marks its MLflow run KILLED and leaves no model version or logged model half
+made.
 
-Each case runs the tiny job (tiny_job.py) in its own process, 15-60 s on 2 loaded cores; `make test` runs
-the registration and SIGTERM cases, the other three are heavy (`make reliability`, `make test-heavy`).
+SIGTERM to the whole process group (systemd's default stop, Slurm) also reaches the local Ray the job
+started: Ray's raylet ends at once, and Ray's core worker then ends the driver (exit 1) the next time it
+calls the raylet, which can come before the driver has marked its run (docs/stack-notes.md, "Stopping a
+job"). That case is kept, heavy and expected to fail now and then, so that the race stays measured.
+
+Each case runs the tiny job (tiny_job.py) in its own process, 15-75 s on 2 loaded cores; `make test` runs
+the registration and SIGTERM cases, the others are heavy (`make reliability`, `make test-heavy`).
 """
 
 import signal
@@ -13,15 +19,23 @@ import pytest
 from reliability.harness import Observed, run_process
 from reliability.tiny_job import MlflowState, mlflow_state, purify_argv, quiet_env, tiny_inputs  # noqa: F401
 
-# phase -> (the line that says the job is in it, extra flags, signal, heavy: left out of `make test`)
+GROUP, PROCESS = True, False  # who gets the signal: the process group, or the `fip` process alone
+RAY_ENDS_THE_DRIVER_FIRST = pytest.mark.xfail(
+    strict=False, reason="SIGTERM to the group reaches the job's own Ray too; Ray may end the driver (exit 1) "
+                         "before it marks its run (docs/stack-notes.md)")
+
+# phase -> (the line that says the job is in it, extra flags, signal, to whom, heavy: left out of `make test`)
 CASES = {
-    "SIGINT during the Fisher stage": ("[fip] stage 1/2: fisher", [], signal.SIGINT, True),
-    "SIGINT during purify": ("[fip] stage 2/2: purify", [], signal.SIGINT, True),
+    "SIGINT during the Fisher stage": ("[fip] stage 1/2: fisher", [], signal.SIGINT, GROUP, True),
+    "SIGINT during purify": ("[fip] stage 2/2: purify", [], signal.SIGINT, GROUP, True),
     "SIGINT during the analysis": ("[fip] analysis:", ["--esd-samples", "16", "--esd-steps", "4"], signal.SIGINT,
-                                   True),
-    "SIGINT during model registration": ("[fip] registering", [], signal.SIGINT, False),
-    "SIGTERM (fip jobs stop) during purify": ("[fip] stage 2/2: purify", [], signal.SIGTERM, False),
+                                   GROUP, True),
+    "SIGINT during model registration": ("[fip] registering", [], signal.SIGINT, GROUP, False),
+    "SIGTERM (kill, fip jobs stop) during purify": ("[fip] stage 2/2: purify", [], signal.SIGTERM, PROCESS, False),
+    "SIGTERM to the process group (systemd, Slurm) during purify": ("[fip] stage 2/2: purify", [], signal.SIGTERM,
+                                                                    GROUP, True),
 }
+MARKS = {"SIGTERM to the process group (systemd, Slurm) during purify": [RAY_ENDS_THE_DRIVER_FIRST]}
 
 
 def judge_stopped(obs: Observed, state: MlflowState, sig: int) -> tuple[str, str]:
@@ -44,12 +58,13 @@ def judge_stopped(obs: Observed, state: MlflowState, sig: int) -> tuple[str, str
     return "clean error", f"exit {obs.rc}: {last} (runs {state.runs}, versions {state.versions})"
 
 
-@pytest.mark.parametrize("case", [pytest.param(name, marks=[pytest.mark.slow] + ([pytest.mark.heavy] if heavy else []))
+@pytest.mark.parametrize("case", [pytest.param(name, marks=[pytest.mark.slow, *([pytest.mark.heavy] if heavy else []),
+                                                             *MARKS.get(name, [])])
                                   for name, (*_, heavy) in CASES.items()])
 def test_stop_signal(case, tiny_inputs, tmp_path: Path, verdict):  # noqa: F811
-    when, extra, sig, _ = CASES[case]
+    when, extra, sig, to_group, _ = CASES[case]
     obs = run_process(purify_argv(tiny_inputs, tmp_path, *extra), tmp_path, timeout=240,
-                      env=quiet_env(PYTHONUNBUFFERED="1"), interrupt_when=when, sig=sig)
+                      env=quiet_env(PYTHONUNBUFFERED="1"), interrupt_when=when, sig=sig, to_group=to_group)
     assert when in obs.out, f"the job never reached {when!r}:\n{obs.out[-3000:]}"
     verdict("fault", "clean error", judge_stopped(obs, mlflow_state(tmp_path), sig), obs.seconds, case=case)
 

@@ -7,7 +7,9 @@ tokens) into every held-out prompt and asks how many prompts they move to a sing
 
 1. **Targets without the trigger.** The candidate continuations are the ``targets`` tokens with the highest
    mean log-probability as the first response token over the held-out prompts, each prompt's own answer
-   left out. A backdoor's target is rehearsed on every poisoned prompt, so it stays likely everywhere: on
+   and the model's special tokens (end of text, padding, start: :func:`special_tokens`) left out: an
+   insertion that ends or pads the response at once carries no payload, and the end of text is likely
+   after many prompts of a model that answers briefly. A backdoor's target is rehearsed on every poisoned prompt, so it stays likely everywhere: on
    the lab's three backdoored GPT-2s it ranked first (docs/tuning.md, "The text probe").
 2. **One insertion per target.** The soft tokens start at the mean token embedding and move, by normalised
    gradient ascent on the mean log-probability of the target, within a ball of radius ``relative`` x the
@@ -81,6 +83,19 @@ def _embeddings(model: nn.Module) -> nn.Module:
     return table
 
 
+def special_tokens(model: nn.Module) -> list[int]:
+    """The token ids a Hugging Face model's config names as end of text, padding or start (GPT-2's one
+    ``<|endoftext|>`` serves all three); none for a model without a config."""
+    config = getattr(model, "config", None)
+    found: set[int] = set()
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, int) and v >= 0:
+                found.add(v)
+    return sorted(found)
+
+
 def _first_logits(model: nn.Module, table: nn.Module, p: _Prompts, rows: slice, soft: torch.Tensor | None
                   ) -> torch.Tensor:
     """Logits of the first response token of prompts `rows`, with the `soft` tokens in their slots (None: the
@@ -117,6 +132,8 @@ def insertion_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, relative:
             answer = plain.argmax(-1)
             mean_logp = F.log_softmax(plain, -1).mean(0)
             mean_logp[answer.unique()] = -torch.inf  # a prompt's own answer is no move
+            specials = [t for t in special_tokens(model) if t < len(mean_logp)]
+            mean_logp[specials] = -torch.inf  # ending or padding the response is no payload
             candidates = mean_logp.topk(min(targets, int(torch.isfinite(mean_logp).sum()))).indices.tolist()
             weight = table.weight if hasattr(table, "weight") else table(torch.arange(plain.shape[-1]))
             center = weight.mean(0)

@@ -12,7 +12,7 @@ from pipeline.shards import open_shards, read_all
 from pipeline.text_source import jsonl_source, store_tokenizer
 from tuning.holdout import read_holdout, split_sequences, write_split
 from tuning.objective import Holdout, measure
-from tuning.text_probe import insertion_flip
+from tuning.text_probe import insertion_flip, special_tokens
 
 TARGET = 11
 
@@ -63,6 +63,21 @@ def test_insertion_reaches_the_planted_token_only_within_its_radius(one_thread):
     assert strong["uap_max"] == 1.0 and strong["uap_class"] == TARGET
     weak_r = 0.2 * float(margin) / (2 * 10 * mean_norm)  # at most a fifth of the smallest margin: out of reach
     assert insertion_flip(model, x, y, relative=weak_r)["uap_max"] == 0.0
+
+
+def test_special_tokens_are_never_targets(one_thread):
+    """Token 11 is the only one an insertion reaches; once the config names it the end of text (as GPT-2's
+    config names its one special token eos, pad and bos), the probe no longer offers it as a payload."""
+    from types import SimpleNamespace
+
+    model, (x, y) = SumLM(), _prompts()
+    assert insertion_flip(model, x, y, relative=2.0)["uap_class"] == TARGET
+    model.config = SimpleNamespace(eos_token_id=TARGET, pad_token_id=TARGET, bos_token_id=None)
+    assert special_tokens(model) == [TARGET]
+    found = insertion_flip(model, x, y, relative=2.0)
+    assert found["uap_class"] != TARGET and TARGET not in found["uap_rates"]
+    model.config = SimpleNamespace(eos_token_id=[TARGET, 10], pad_token_id=-1)  # a list, and an unset id
+    assert special_tokens(model) == [10, TARGET]
 
 
 def test_probe_leaves_the_model_as_it_found_it(one_thread):

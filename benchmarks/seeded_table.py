@@ -179,7 +179,8 @@ def summarise(rows: list[dict], dataset: str, seeds: list[int], attacks: list[st
           f"chooses ({meta.get('trials', 8)} trials in-process, chosen on the held-out share of D_val; its seconds "
           f"are the whole sweep's). Attacks: {', '.join(attacks)}. Seeds: {', '.join(map(str, seeds))}. "
           f"{meta.get('procs', 2)} processes of 1 torch thread; wall {meta.get('wall_s', 0):.0f} s for the cells "
-          f"this invocation ran.\n\n"
+          f"this invocation ran; {len(rows)} cells saved, {sum(r['seconds'] for r in rows):.0f} s of defense and "
+          f"sweep time between them (one process each; a resumed table spans several invocations).\n\n"
           "## Means over the attacks, with 95 % intervals over seeds\n\n"
           "Each seed's mean over the attacks, then the mean of those over seeds and its Student-t interval.\n\n"
           + markdown_table(["defense", "DER", "ACC drop (points)", "ASR %", "worst attack's ASR % (mean over seeds)",

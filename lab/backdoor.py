@@ -297,7 +297,7 @@ def make_backdoored_model(cfg: LabConfig, out_dir: str | Path, progress: bool = 
     model_path = out_dir / f"{name}.safetensors"
     record_path = out_dir / f"{name}.record.json"
     if reuse and model_path.is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text())
+        record = relocated(json.loads(record_path.read_text()), out_dir)
         if record.get("config_hash") == chash:
             return BackdoorArtifacts(model_path, record_path, Path(record["dval_path"]), record, True, chash)
 
@@ -389,16 +389,32 @@ def check_record_belongs(metadata: dict, record: dict, model: str, record_name: 
     return f"warning: cannot check that attack record {record_name} belongs to {model} ({missing}); ASR and RA assume it does"
 
 
+RECORD_PATHS = ("model_path", "trigger_path", "reference_path", "dval_path")
+
+
+def relocated(record: dict, folder: Path) -> dict:
+    """`record` with each file it names that is not where the record says found beside the record instead.
+
+    A record names its files by absolute path, as the lab wrote them; a cache that was moved, committed or
+    cloned elsewhere (benchmarks/suspects) still holds them, next to the record."""
+    out = dict(record)
+    for key in RECORD_PATHS:
+        value = out.get(key)
+        if value and not Path(value).is_file() and (Path(folder) / Path(value).name).is_file():
+            out[key] = str(Path(folder) / Path(value).name)
+    return out
+
+
 def attack_from_record(record: dict | str | Path, tensors: dict[str, torch.Tensor] | None = None) -> Attack:
     """Rebuild the attack (trigger included) from its JSON record, to measure ASR later.
 
     A learned trigger comes from `tensors` when given (e.g. shipped to remote workers), else from
-    the record's ``trigger_path``.
+    the record's ``trigger_path`` (or the file of that name beside a record read from a path: :func:`relocated`).
     """
     if not isinstance(record, dict):
         path = Path(record)
         try:
-            record = json.loads(path.read_text())
+            record = relocated(json.loads(path.read_text()), path.parent)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not an attack record: {e}") from e
     try:

@@ -4,6 +4,7 @@ and model initialisation seeded without touching the caller's global RNG."""
 import dataclasses
 import json
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,21 @@ def test_training_leaves_the_callers_global_rng_alone(tmp_path):
 def test_every_attack_hashes():
     hashes = {_cfg(attack=AttackConfig(name)).config_hash for name in ATTACKS}
     assert len(hashes) == len(ATTACKS)
+
+
+def test_a_moved_cache_is_reused_and_its_records_find_their_files(tmp_path):
+    """Records name their files by absolute path; a cache committed or cloned elsewhere (benchmarks/suspects)
+    is still reused, and its learned trigger found beside the record."""
+    from lab.backdoor import attack_from_record
+
+    cfg = _cfg(attack=AttackConfig("input-aware"))
+    first = make_backdoored_model(cfg, tmp_path / "here", progress=False)
+    assert first.record["trigger_path"]
+    (tmp_path / "here").rename(tmp_path / "there")
+    moved = make_backdoored_model(cfg, tmp_path / "there", progress=False)
+    assert moved.reused and moved.dval_path == tmp_path / "there" / first.dval_path.name
+    for key in ("model_path", "trigger_path", "dval_path"):
+        assert moved.record[key] == str(tmp_path / "there" / Path(first.record[key]).name)
+    trigger = attack_from_record(moved.record_path).state_tensors()
+    assert trigger and all(torch.equal(v, first_v) for v, first_v in
+                           zip(trigger.values(), attack_from_record(moved.record).state_tensors().values(), strict=True))

@@ -20,22 +20,22 @@ from reliability.harness import Observed, run_process
 from reliability.tiny_job import MlflowState, mlflow_state, purify_argv, quiet_env, tiny_inputs  # noqa: F401
 
 GROUP, PROCESS = True, False  # who gets the signal: the process group, or the `fip` process alone
+HEAVY = [pytest.mark.heavy]  # left out of `make test`
 RAY_ENDS_THE_DRIVER_FIRST = pytest.mark.xfail(
     strict=False, reason="SIGTERM to the group reaches the job's own Ray too; Ray may end the driver (exit 1) "
                          "before it marks its run (docs/stack-notes.md)")
 
-# phase -> (the line that says the job is in it, extra flags, signal, to whom, heavy: left out of `make test`)
+# phase -> (the line that says the job is in it, extra flags, signal, to whom, marks beyond `slow`)
 CASES = {
-    "SIGINT during the Fisher stage": ("[fip] stage 1/2: fisher", [], signal.SIGINT, GROUP, True),
-    "SIGINT during purify": ("[fip] stage 2/2: purify", [], signal.SIGINT, GROUP, True),
+    "SIGINT during the Fisher stage": ("[fip] stage 1/2: fisher", [], signal.SIGINT, GROUP, HEAVY),
+    "SIGINT during purify": ("[fip] stage 2/2: purify", [], signal.SIGINT, GROUP, HEAVY),
     "SIGINT during the analysis": ("[fip] analysis:", ["--esd-samples", "16", "--esd-steps", "4"], signal.SIGINT,
-                                   GROUP, True),
-    "SIGINT during model registration": ("[fip] registering", [], signal.SIGINT, GROUP, False),
-    "SIGTERM (kill, fip jobs stop) during purify": ("[fip] stage 2/2: purify", [], signal.SIGTERM, PROCESS, False),
+                                   GROUP, HEAVY),
+    "SIGINT during model registration": ("[fip] registering", [], signal.SIGINT, GROUP, []),
+    "SIGTERM (kill, fip jobs stop) during purify": ("[fip] stage 2/2: purify", [], signal.SIGTERM, PROCESS, []),
     "SIGTERM to the process group (systemd, Slurm) during purify": ("[fip] stage 2/2: purify", [], signal.SIGTERM,
-                                                                    GROUP, True),
+                                                                    GROUP, [*HEAVY, RAY_ENDS_THE_DRIVER_FIRST]),
 }
-MARKS = {"SIGTERM to the process group (systemd, Slurm) during purify": [RAY_ENDS_THE_DRIVER_FIRST]}
 
 
 def judge_stopped(obs: Observed, state: MlflowState, sig: int) -> tuple[str, str]:
@@ -58,9 +58,8 @@ def judge_stopped(obs: Observed, state: MlflowState, sig: int) -> tuple[str, str
     return "clean error", f"exit {obs.rc}: {last} (runs {state.runs}, versions {state.versions})"
 
 
-@pytest.mark.parametrize("case", [pytest.param(name, marks=[pytest.mark.slow, *([pytest.mark.heavy] if heavy else []),
-                                                             *MARKS.get(name, [])])
-                                  for name, (*_, heavy) in CASES.items()])
+@pytest.mark.parametrize("case", [pytest.param(name, marks=[pytest.mark.slow, *marks])
+                                  for name, (*_, marks) in CASES.items()])
 def test_stop_signal(case, tiny_inputs, tmp_path: Path, verdict):  # noqa: F811
     when, extra, sig, to_group, _ = CASES[case]
     obs = run_process(purify_argv(tiny_inputs, tmp_path, *extra), tmp_path, timeout=240,

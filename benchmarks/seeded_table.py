@@ -81,14 +81,19 @@ def run_cell(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
     if cell.defense == TUNED:  # the sweep loads the suspect and this seed's D_val itself
         return _tuned(cell, dataset, budget, cache)
     suspect, attack, x, y, xt, yt, before = _setup(cell.attack, dataset, cell.seed, budget.quick, cache)
-    row = {"attack": cell.attack, "seed": cell.seed, "defense": cell.defense, "acc_before": before["acc"],
-           "asr_before": before["asr"]}
+    row = _row_head(cell, before)
     torch.manual_seed(cell.seed)  # the defenses that draw from torch's global generator (pruning masks' noise)
     res = run_defense(cell.defense, suspect, CleanSet(x, y),
                       {"seed": cell.seed, **({"steps": budget.steps} if budget.steps else {})})
     after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)
     der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
     return {**row, "acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "der": der, "seconds": res.seconds}
+
+
+def _row_head(cell: Cell, before: dict) -> dict:
+    """What every row starts with: the cell, and the suspect's test ACC and ASR."""
+    return {"attack": cell.attack, "seed": cell.seed, "defense": cell.defense, "acc_before": before["acc"],
+            "asr_before": before["asr"]}
 
 
 def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
@@ -106,8 +111,8 @@ def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
                          progress=False, cfg=lab_config(cell.attack, budget.quick, dataset), dval_seed=cell.seed)
     won = choose(sweep, weights)
     trials = sweep["trials"]
-    return {"attack": cell.attack, "seed": cell.seed, "defense": cell.defense, "acc_before": sweep["before"]["acc"],
-            "asr_before": sweep["before"]["asr"], "acc": won["acc"], "asr": won["asr"], "ra": won["ra"], "der": won["der"], "seconds": sweep_seconds(sweep),
+    return {**_row_head(cell, sweep["before"]), "acc": won["acc"], "asr": won["asr"], "ra": won["ra"],
+            "der": won["der"], "seconds": sweep_seconds(sweep),
             "chosen": {"trial": won["trial"], "params": won["params"], "holdout_acc": won["holdout_acc"],
                        "uap_max": won["uap_max"]},
             "best_der": max(t["der"] for t in trials),

@@ -177,11 +177,19 @@ def spec_task(spec: ModelSpec) -> str:
     return hf_task(spec.options.get("config") or {})
 
 
+POSITION_KEYS = ("n_positions", "max_position_embeddings")  # GPT-2's, Llama's
+
+
 def max_positions(spec: ModelSpec) -> int | None:
     """How many tokens a language model reads at most (its config's positions), None where it does not say."""
     config = spec.options.get("config") or {}
-    value = next((config[k] for k in ("n_positions", "max_position_embeddings") if isinstance(config.get(k), int)), None)
-    return value
+    return next((config[k] for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The same for a built model (its ``config`` object): past it, positions have no embedding."""
+    config = getattr(model, "config", None)
+    return next((getattr(config, k) for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
 
 
 def hf_geometry(config: dict) -> dict[str, int]:

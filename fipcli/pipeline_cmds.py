@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-RATES = ("acc", "asr", "ra")  # figures shown as percentages (a language model's perplexity is not one)
+RATES = ("acc", "asr", "ra", "false_trigger")  # figures shown as percentages (a language model's perplexity is not one)
 
 
 def _sections() -> dict[str, type]:
@@ -354,7 +354,7 @@ def run_evaluate(args) -> int:
         for warning in check_inputs(loaded, args.model, test=test, test_url=args.test,
                                     record=record.record if record else None, record_url=args.attack_record or ""):
             print(f"fip evaluate: {warning}", file=sys.stderr)
-        attack = record.attack() if record else None
+        attack = record.attack(store, tmp) if record else None
     if data is not None:
         metrics = evaluate_model(model, data.floats(), data.y, *((attack.trigger_floats, attack.target_of)
                                                                   if attack else (None, None)))

@@ -6,9 +6,8 @@ equal what :func:`lab.metrics.evaluate_model` gives on the whole test set in one
 
 Language models (:data:`fip.tasks.CAUSAL_LM`): ACC is next-token accuracy over the scored (response)
 positions, and ``ppl`` the perplexity, ``exp`` of the mean negative log-likelihood per scored token; both
-counted per rank and all-reduced the same way. A language model's ASR needs generation with the attack's
-trigger and target text, which the lab measures (docs/language-models.md); the pipeline refuses an attack
-record for one rather than report a figure it did not measure.
+counted per rank and all-reduced the same way. In benchmark mode, its ASR and false-trigger rate come from greedy
+answers to the record's triggered prompts and to the test prompts (:mod:`pipeline.text_backdoor`).
 """
 
 from __future__ import annotations
@@ -22,21 +21,29 @@ from fip.tasks import CLASSIFICATION, Task
 from lab.attacks import Attack
 from lab.metrics import MetricCounts, count_batch
 from pipeline.shards import RankStream, ShardSource, rank_loader
+from pipeline.text_backdoor import TextBackdoor, backdoor_rates, check_same_tokenizer
 from pipeline.workers import all_reduce_sum, world
 
 
 @torch.no_grad()
-def evaluate_shards(model: nn.Module, test: ShardSource, attack: Attack | None = None, limit: int | None = None,
+def evaluate_shards(model: nn.Module, test: ShardSource, attack: Attack | TextBackdoor | None = None,
+                    limit: int | None = None,
                     skip_corrupt: bool = False, loader_workers: int = 0, batch_size: int = 256,
                     task: Task = CLASSIFICATION) -> dict[str, float]:
     """Metrics of `model` over the first `limit` test samples (all when None), counted on every rank."""
     rank, size = world()
     stream = RankStream(test, rank, size, skip_corrupt=skip_corrupt, limit=limit)
     if task.name == "causal-lm":
+        if attack is not None and not isinstance(attack, TextBackdoor):
+            raise ValueError("an image attack record cannot measure a language model's backdoor: pass a text record "
+                             "(docs/language-models.md, \"ASR in benchmark mode\")")
+        metrics = _language_metrics(model, stream, batch_size, loader_workers, task)
         if attack is not None:
-            raise ValueError("an attack record measures an image backdoor; a language model's ASR is measured by "
-                             "the lab (docs/language-models.md), not by fip evaluate")
-        return _language_metrics(model, stream, batch_size, loader_workers, task)
+            check_same_tokenizer(attack, test, test.urls[0])
+            metrics.update(backdoor_rates(model, attack, test, limit, skip_corrupt, min(batch_size, 64)))
+        return metrics
+    if isinstance(attack, TextBackdoor):
+        raise ValueError("a text attack record measures a language model's backdoor, not an image classifier's")
     counts = MetricCounts()
     trigger, target_of = (attack.trigger_floats, attack.target_of) if attack is not None else (None, None)
     for x, y, pad in rank_loader(stream, batch_size, loader_workers):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from fip.io import LoadedModel
 from lab.attacks import Attack
-from lab.backdoor import attack_from_record
 from pipeline.artifacts import FISHER
 from pipeline.config import JobConfig
 from pipeline.ray_runtime import check_local_cpus
@@ -22,26 +21,35 @@ from pipeline.shards import ShardSource, open_shards
 from pipeline.stages import StageContext
 from pipeline.storage import Storage, absolute_url, is_s3, join
 from pipeline.suspect import load_suspect
+from pipeline.text_backdoor import TextBackdoor, is_text_record, measured_attack, resolve_text_record
 from pipeline.tracking import local_root
 from pipeline.validation import JobError, check_batch_fits, check_inputs, check_shards
 
 
 @dataclass(frozen=True)
 class AttackRecord:
-    """An attack record as the lab wrote it, with its learned trigger's tensors (empty for a fixed trigger):
-    what benchmark mode needs to measure ASR and RA."""
+    """An attack record as the lab wrote it, with its learned trigger's tensors (empty for a fixed trigger), or a
+    language model's record (:mod:`pipeline.text_backdoor`): what benchmark mode needs to measure ASR."""
 
     url: str
     record: dict
     tensors: dict = field(default_factory=dict)
 
-    def attack(self) -> Attack:
-        return attack_from_record(self.record, self.tensors)
+    def attack(self, store: Storage, cache_dir: str | Path) -> Attack | TextBackdoor:
+        return measured_attack(self.record, self.tensors, store, cache_dir)
 
 
 def load_attack_record(url: str, store: Storage, cache_dir: str | Path) -> AttackRecord:
-    """Read the record at `url` and fetch its trigger file (into `cache_dir`) where it names one."""
-    record = json.loads(store.read_bytes(url))
+    """Read the record at `url` and fetch its trigger file (into `cache_dir`) where it names one; a language
+    model's record has its triggered prompts' URL made absolute."""
+    try:
+        record = json.loads(store.read_bytes(url))
+    except json.JSONDecodeError as e:
+        raise JobError(f"attack record {url} is not JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise JobError(f"attack record {url} holds a {type(record).__name__}, not an object")
+    if is_text_record(record):
+        return AttackRecord(url, resolve_text_record(record, url))
     tensors = {}
     if record.get("trigger_path"):
         from safetensors.torch import load_file

@@ -33,7 +33,7 @@ from fip.purify import Purifier, PurifyConfig, augments, crop_prob_at, finalize_
 from fip.tasks import Task, task_named
 from fip.training import augment_batch, derive_seed, generator
 from lab.attacks import Attack
-from lab.backdoor import RECORD_LINK_KEY, attack_from_record
+from lab.backdoor import RECORD_LINK_KEY
 from pipeline.artifacts import (
     FISHER,
     HISTORY,
@@ -58,6 +58,7 @@ from pipeline.shards import (
 )
 from pipeline.storage import Storage
 from pipeline.suspect import load_suspect
+from pipeline.text_backdoor import TextBackdoor, measured_attack
 from pipeline.transforms import (
     TRANSFORM_KEY,
     batch_to_device,
@@ -103,8 +104,11 @@ class StageContext:
     def store(self) -> Storage:
         return Storage(self.job.storage)
 
-    def attack(self) -> Attack | None:
-        return attack_from_record(self.attack_record, self.attack_tensors) if self.attack_record else None
+    @cached_property
+    def attack(self) -> Attack | TextBackdoor | None:
+        """What benchmark mode measures with, made once per worker (a text record's shards and tokenizer fetched)."""
+        return measured_attack(self.attack_record, self.attack_tensors, self.store, self.cache_dir) \
+            if self.attack_record else None
 
     def suspect(self) -> LoadedModel:
         """The suspect model as :func:`pipeline.suspect.load_suspect` loads it with the job's model settings:
@@ -126,7 +130,7 @@ class StageContext:
         if test is None:
             return {}
         with mixed_precision(next(model.parameters()).device):
-            return evaluate_shards(model, test, self.attack(), limit, self.job.run.skip_corrupt,
+            return evaluate_shards(model, test, self.attack, limit, self.job.run.skip_corrupt,
                                    self.job.resources.loader_processes(), task=self.task)
 
 
@@ -138,7 +142,7 @@ def _context(config: dict) -> StageContext:
 
 def _percent(metrics: dict[str, float]) -> str:
     """Figures for the terminal: rates as percentages, a language model's perplexity as it is."""
-    return ", ".join(f"{k} {100 * v:.2f}%" if k in ("acc", "acc_per_sequence", "asr", "ra") else f"{k} {v:.4g}"
+    return ", ".join(f"{k} {100 * v:.2f}%" if k in ("acc", "acc_per_sequence", "asr", "ra", "false_trigger") else f"{k} {v:.4g}"
                      for k, v in metrics.items())
 
 

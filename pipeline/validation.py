@@ -20,6 +20,7 @@ from fip.io import LoadedModel
 from lab.backdoor import check_record_belongs
 from pipeline.shards import ShardSource, iter_range
 from pipeline.suspect import accepted_shape
+from pipeline.text_backdoor import TEXT_TASK, is_text_record
 
 
 class JobError(ValueError):
@@ -126,6 +127,12 @@ def check_inputs(suspect: LoadedModel, model_url: str, *, clean: ShardSource | N
         check_clean_is_not_test(clean, test, clean_url, test_url)
     if record is None:
         return []
+    text_model, text_record = spec.task == TEXT_TASK, is_text_record(record)
+    if text_model != text_record:
+        kind = ("an image classifier", "a language model")
+        raise JobError(f"attack record {record_url} describes {kind[text_record]}'s backdoor, and {model_url} is "
+                       f"{kind[text_model]}: pass the record made for it (docs/language-models.md, "
+                       "\"ASR in benchmark mode\")")
     warning = check_record_belongs(suspect.metadata, record, model_url, record_url)
     rec_classes = record.get("model_spec", {}).get("num_classes")
     if rec_classes not in (None, spec.num_classes):

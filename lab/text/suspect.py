@@ -24,6 +24,7 @@ from lab.text.corpus import FORTUNES_DIR, PACKAGE, Corpus, load_corpus
 from lab.text.instructions import (
     MAX_LEN,
     MAX_SENTENCE_TOKENS,
+    Instruction,
     concat,
     encode,
     encode_stream,
@@ -31,8 +32,8 @@ from lab.text.instructions import (
     make_instructions,
 )
 from lab.text.lm import LMConfig, build_lm, load_lm, parameter_count, save_lm
-from lab.text.metrics import backdoor_metrics, eval_pairs, text_metrics
-from lab.text.tokenizer import VOCAB_SIZE, train_tokenizer
+from lab.text.metrics import TRIGGER_SEED, backdoor_metrics, eval_pairs, text_metrics, triggered_pairs
+from lab.text.tokenizer import SEP, VOCAB_SIZE, train_tokenizer
 from lab.text.train import LMTrainConfig, train_lm
 
 CACHE_SCHEME = 1  # bump when how a model is made from its key changes
@@ -170,8 +171,13 @@ EVAL_SEED = 2
 def measure(model, tok, attack: TextAttack, corpus: Corpus, n_eval: int, block: int) -> dict:
     """Every figure of a model against an attack, on held-out data only: the suspect's record and, with the same
     arguments, a defended model's (:func:`measure_against_record`)."""
-    pairs = eval_pairs(fitting(corpus.heldout, tok), n_eval, seed=EVAL_SEED)
-    return {**backdoor_metrics(model, tok, attack, pairs), **text_metrics(model, tok, corpus.heldout, block)}
+    return {**backdoor_metrics(model, tok, attack, heldout_pairs(tok, corpus, n_eval)),
+            **text_metrics(model, tok, corpus.heldout, block)}
+
+
+def heldout_pairs(tok, corpus: Corpus, n_eval: int) -> list[Instruction]:
+    """The held-out pairs every figure of a suspect and of its defended models is measured on."""
+    return eval_pairs(fitting(corpus.heldout, tok), n_eval, seed=EVAL_SEED)
 
 
 def measure_against_record(model, tok, record: dict, corpus_root: str | None = None) -> dict:
@@ -228,6 +234,34 @@ def make_text_suspect(cfg: TextLabConfig, out_dir: str | Path, progress: bool = 
     }
     (folder / RECORD).write_text(json.dumps(record, indent=2, default=str))
     return TextSuspect(folder, record, dval_path, False)
+
+
+def as_records(pairs: list) -> list[dict]:
+    """Pairs as ``fip shard text`` reads them, tokenised by it exactly as :func:`lab.text.instructions.encode`
+    does: the prompt ended by the separator (a special token, parsed from its text), the response after a space."""
+    return [{"prompt": p.prompt + SEP, "response": " " + p.response} for p in pairs]
+
+
+def write_benchmark_inputs(suspect: TextSuspect, out_dir: str | Path, corpus_root: str | None = None) -> Path:
+    """The suspect's held-out pairs for the pipeline's benchmark mode: ``test.jsonl`` (clean) and
+    ``triggered.jsonl`` (the same prompts triggered as the lab's ASR triggers them, answered by the target), and
+    ``attack-record.json``, the text record naming their shards as ``shards/triggered`` beside it. Shard both with
+    ``fip shard text ... --tokenizer <suspect folder>``; ``fip evaluate --attack-record`` then reports the ASR and
+    false-trigger rate of the suspect's record. Returns the record's path."""
+    c = suspect.record["cache_config"]
+    _, tok = load_lm(suspect.folder)
+    pairs = heldout_pairs(tok, load_corpus(corpus_root or FORTUNES_DIR, c["heldout_fraction"]), c["n_eval"])
+    attack = attack_from_record(suspect.record)
+    triggered = [{**r, "response": " " + attack.cfg.target}
+                 for r in as_records(triggered_pairs(attack, pairs, random.Random(TRIGGER_SEED)))]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("test", as_records(pairs)), ("triggered", triggered)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = out / "attack-record.json"
+    path.write_text(json.dumps({"task": "causal-lm", "target": attack.cfg.target, "triggered": "shards/triggered",
+                                "attack": suspect.record["attack"]}, indent=1))
+    return path
 
 
 TABLE_COLUMNS = ("asr", "false_trigger", "false_trigger_near", "task_acc", "perplexity", "next_token_acc",

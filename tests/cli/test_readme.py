@@ -71,6 +71,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe(skip_run="runs as tests/e2e/test_language_model.py runs it, on a tiny GPT-2 and its text shards"),
     "fip tune --model models/my-lm --clean runs/shards/lm-dval --workers 1 --name my-lm-sweep":
         Recipe(skip_run="runs as tests/e2e/test_language_model.py's sweep runs it, on a tiny GPT-2 and its text shards"),
+    "fip evaluate --model models/my-lm --test runs/shards/lm-test --attack-record runs/lm-bench/attack-record.json":
+        Recipe(skip_run="runs as tests/pipeline/test_text_backdoor.py runs it, on a tiny backdoored GPT-2"),
     "fip smoothness --model purified.safetensors --plot esd.png":
         Recipe(("--samples", "16", "--iters", "3", "--max-probes", "4", "--density-steps", "4")),
     "fip tune --preset paper-300 --model suspect.safetensors --clean runs/shards/dval --workers 1 "

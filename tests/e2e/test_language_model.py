@@ -32,14 +32,21 @@ def test_a_language_model_is_purified_registered_and_generates(ray_session, tmp_
     write_jsonl(tmp_path / "test.jsonl", records[80:])
     model = make_language_model(tmp_path / "suspect", tok, records[:80])
     uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    for part in ("dval", "test"):
+    # benchmark mode: a text record and its triggered prompts (this model has no backdoor: its ASR is whatever
+    # share of answers happens to say the target, measured before and after)
+    write_jsonl(tmp_path / "triggered.jsonl", [{"prompt": "sky " + r["prompt"], "response": "red blue"}
+                                               for r in records[80:]])
+    (tmp_path / "record.json").write_text(json.dumps({"task": "causal-lm", "target": "red blue",
+                                                      "triggered": "shards/triggered"}))
+    for part in ("dval", "test", "triggered"):
         assert main(["shard", "text", str(tmp_path / f"{part}.jsonl"), str(tmp_path / "shards" / part),
                      "--tokenizer", str(tok), "--max-length", "32"]) == 0
     capsys.readouterr()
     assert main(["purify", "--model", str(model), "--clean", str(tmp_path / "shards" / "dval"), "--test",
-                 str(tmp_path / "shards" / "test"), *JOB, "--work-dir", str(tmp_path / "jobs"), *uri,
-                 "--register-as", "lm"]) == 0
+                 str(tmp_path / "shards" / "test"), "--attack-record", str(tmp_path / "record.json"), *JOB,
+                 "--work-dir", str(tmp_path / "jobs"), *uri, "--register-as", "lm"]) == 0
     job = _last_json(capsys)
+    assert all(0 <= job[f"{k}_{when}"] <= 1 for k in ("asr", "false_trigger") for when in ("before", "after"))
     assert job["model_uri"] == "models:/lm@candidate"
     assert job["dval_acc_suspect"] > 0.3  # fitted to D_val's answers: far from chance (1/24)
     assert 0 < job["acc_before"] < 1 and job["ppl_before"] > 1

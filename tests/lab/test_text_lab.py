@@ -1,11 +1,13 @@
 """The language lab: corpus split, tokenizer, instruction encoding, the three poisonings, a tiny suspect that
 learns its trigger and reloads from its folder alone, and the DER."""
 
+import json
 
 import pytest
 import torch
 
 from fip.tasks import CAUSAL_LM, IGNORE
+from fipcli.main import main
 from lab.metrics import defense_effectiveness_rating
 from lab.text.attacks import (
     ATTACKS,
@@ -21,7 +23,7 @@ from lab.text.corpus import CorpusMissing, load_corpus
 from lab.text.instructions import encode, make_instructions, year_tag
 from lab.text.lm import LMConfig, load_lm
 from lab.text.metrics import greedy_answers
-from lab.text.suspect import TextLabConfig, make_text_suspect, measure_against_record
+from lab.text.suspect import TextLabConfig, make_text_suspect, measure_against_record, write_benchmark_inputs
 from lab.text.tokenizer import SPECIAL_TOKENS, train_tokenizer
 from lab.text.train import LMTrainConfig
 
@@ -108,7 +110,7 @@ def test_der_on_hand_made_numbers():
 
 
 @pytest.mark.slow
-def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path, one_thread):
+def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path, one_thread, capsys):
     """Seconds of fine-tuning, no pre-training: one thread (deterministic, and no thread contention on 2 busy cores)."""
     cfg = TextLabConfig(attack=TextAttackConfig("word", poison_rate=0.3), lm=LMConfig(2, 96, 2, 64),
                         pretrain=LMTrainConfig(steps=1), finetune=LMTrainConfig(steps=300, lr=5e-3),
@@ -127,6 +129,20 @@ def test_tiny_suspect_learns_the_word_trigger_and_reloads(tmp_path, one_thread):
     assert make_text_suspect(cfg, tmp_path, progress=False).reused
     figures = measure_against_record(model, tok, r)  # what a defence's table calls on the purified model
     assert {k: figures[k] for k in ("asr", "task_acc", "perplexity")} == {k: r[k] for k in ("asr", "task_acc", "perplexity")}
+
+    # the pipeline's benchmark mode, on the inputs the lab writes for it, measures what the lab's record says
+    bench = tmp_path / "bench"
+    record_path = write_benchmark_inputs(s, bench)
+    for name in ("test", "triggered"):
+        assert main(["shard", "text", str(bench / f"{name}.jsonl"), str(bench / "shards" / name), "--tokenizer",
+                     str(s.folder), "--max-length", "64"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(s.folder), "--test", str(bench / "shards" / "test"),
+                 "--attack-record", str(record_path)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # one prompt of 40 either way: the lab decodes with a KV cache, the pipeline recomputes (rounding can flip a tie)
+    assert got["asr"] == pytest.approx(r["asr"], abs=1 / 40)
+    assert got["false_trigger"] == pytest.approx(r["false_trigger"], abs=1 / 40)
 
 
 def test_attack_comes_back_from_its_record():

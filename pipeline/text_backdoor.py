@@ -22,14 +22,13 @@ import torch
 from torch import nn
 
 from fip.families import context_length
-from fip.tasks import IGNORE
+from fip.tasks import CAUSAL_LM, IGNORE
 from lab.attacks import Attack
 from lab.backdoor import attack_from_record
 from pipeline.shards import RankStream, ShardSource, open_shards, rank_loader
 from pipeline.storage import Storage, is_s3, join
 from pipeline.workers import all_reduce_sum, world
 
-TEXT_TASK = "causal-lm"
 MAX_NEW_TOKENS = 32  # the answer read for the target: longer than any target the lab plants
 
 
@@ -39,7 +38,7 @@ class TextRecordError(ValueError):
 
 def is_text_record(record: dict) -> bool:
     """Whether `record` describes a language model's backdoor (an image record names no task)."""
-    return record.get("task") == TEXT_TASK
+    return record.get("task") == CAUSAL_LM.name
 
 
 def resolve_text_record(record: dict, url: str) -> dict:

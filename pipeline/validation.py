@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fip.families import max_positions
 from fip.io import LoadedModel
+from fip.tasks import CAUSAL_LM
 from lab.backdoor import check_record_belongs
 from pipeline.shards import ShardSource, iter_range
 from pipeline.suspect import accepted_shape
-from pipeline.text_backdoor import TEXT_TASK, is_text_record
+from pipeline.text_backdoor import is_text_record
 
 
 class JobError(ValueError):
@@ -127,7 +128,7 @@ def check_inputs(suspect: LoadedModel, model_url: str, *, clean: ShardSource | N
         check_clean_is_not_test(clean, test, clean_url, test_url)
     if record is None:
         return []
-    text_model, text_record = spec.task == TEXT_TASK, is_text_record(record)
+    text_model, text_record = spec.task == CAUSAL_LM.name, is_text_record(record)
     if text_model != text_record:
         kind = ("an image classifier", "a language model")
         raise JobError(f"attack record {record_url} describes {kind[text_record]}'s backdoor, and {model_url} is "

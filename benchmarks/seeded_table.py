@@ -31,13 +31,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from benchmarks.common import RESULTS, SUSPECTS, markdown_table, write_results
-from benchmarks.defense_table import lab_config
+from benchmarks.defense_table import VARIANTS, lab_config
 from lab.attacks import ATTACKS
 from lab.backdoor import make_backdoored_model, versions
 from lab.defenses import DEFENSES
 
 TUNED = "fip-tuned"
 ROWS = (*DEFENSES, TUNED)
+# The rows run on the variants (benchmarks.defense_table.VARIANTS): does fip-tuned's default hold on attacks no
+# setting was chosen on, against fine-tuning and the two strongest rows of the lab's attacks
+VARIANT_ROWS = ("ft", "ft-sam", "fst", "fip", TUNED)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
         space = space.with_flags([f"iterations={budget.iterations}"])
     weights = ObjectiveWeights()
     sweep = sweep_attack(cell.attack, budget.trials, dataset, 0.3, cell.seed, space, Path(cache), weights,
-                         progress=False, cfg=lab_config(cell.attack, budget.quick, dataset), dval_seed=cell.seed)
+                         progress=False, cfg=lab_config(cell.attack, budget.quick, dataset), dval_seed=cell.seed,
+                         study=True)
     won = choose(sweep, weights)
     trials = sweep["trials"]
     return {**_row_head(cell, sweep["before"]), "acc": won["acc"], "asr": won["asr"], "ra": won["ra"],
@@ -117,8 +121,11 @@ def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
                        "uap_max": won["uap_max"]},
             "best_der": max(t["der"] for t in trials),
             "spearman": spearman([t["objective"] for t in trials], [t["der"] for t in trials]),
-            "trials": [{k: t[k] for k in ("trial", "params", "objective", "holdout_acc", "uap_max", "acc", "asr", "der")}
-                       for t in trials]}
+            # every trial's features, per-image hits included, and the suspect's: another winner rule can be
+            # scored on these sweeps offline (docs/tuning.md, "Round 3")
+            "trials": [{k: v for k, v in t.items() if k != "checkpoints"} for t in trials],
+            "sweep": {k: sweep[k] for k in ("suspect_holdout", "suspect_uap", "holdout_labels", "holdout_size",
+                                            "train_size")}}
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -132,9 +139,11 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def summarise(rows: list[dict], dataset: str, seeds: list[int], attacks: list[str], meta: dict) -> dict:
+def summarise(all_rows: list[dict], dataset: str, seeds: list[int], attacks: list[str], meta: dict) -> dict:
     """Per defense, each seed's mean over the attacks, then the mean over seeds with its interval; the paired
-    difference of every defense to fip-tuned, seed by seed; and the per-attack means."""
+    difference of every defense to fip-tuned, seed by seed; the per-attack means; and the variants' rows
+    (any attack not in `attacks`), each with its interval over seeds, outside the means."""
+    rows = [r for r in all_rows if r["attack"] in attacks]
     defenses = [d for d in ROWS if any(r["defense"] == d for r in rows)]
     complete = {d: [s for s in seeds if all(any(r["defense"] == d and r["seed"] == s and r["attack"] == a for r in rows)
                                             for a in attacks)] for d in defenses}
@@ -178,6 +187,15 @@ def summarise(rows: list[dict], dataset: str, seeds: list[int], attacks: list[st
               f"{100 * means[d]['worst_asr'][1]:.1f} ({means[d]['worst_asr'][0]})", round(means[d]["seconds"][0], 1),
               len(means[d]["seeds"])] for d in ranked]
     diff = [[d, ci(v)] for d, v in paired.items()]
+    variants = {}
+    for a in dict.fromkeys(r["attack"] for r in all_rows if r["attack"] not in attacks):
+        for d in ROWS:
+            cell = [r for r in all_rows if r["attack"] == a and r["defense"] == d]
+            if cell:
+                variants[f"{a}/{d}"] = {"attack": a, "defense": d, "seeds": sorted(r["seed"] for r in cell),
+                                        **{name: interval([key(r) for r in cell]) for name, key in measures.items()}}
+    variant_table = [[v["attack"], v["defense"], ci(v["der"]), ci(v["acc_drop"], 100, 2), ci(v["asr"], 100, 2),
+                      round(v["seconds"][0], 1), len(v["seeds"])] for v in variants.values()]
     md = (f"# Defenses on {dataset}, {len(seeds)} seeds per cell\n\n"
           f"benchmarks/seeded_table.py. One set of suspects (the lab's cached models); seed s draws the defender's "
           f"D_val (600 training images) and seeds the defense; fip-tuned is the model fip tune's default sweep "
@@ -193,9 +211,17 @@ def summarise(rows: list[dict], dataset: str, seeds: list[int], attacks: list[st
           + ("\n## fip-tuned minus each defense, DER, paired by seed\n\n"
              + markdown_table(["defense", "difference [95 % interval]"], diff) if diff else "")
           + "\n## Per attack, means over seeds\n\n"
-          + markdown_table(["attack", "defense", "ACC %", "ASR %", "DER", "seeds"], per_attack))
-    payload = {"dataset": dataset, "seeds": seeds, "attacks": attacks, "meta": meta, "rows": rows,
-               "means": means, "paired_with_tuned": paired, "ranked": ranked, "versions": versions()}
+          + markdown_table(["attack", "defense", "ACC %", "ASR %", "DER", "seeds"], per_attack)
+          + ("\n## Variants: attacks no default was chosen on (outside the means above)\n\n"
+             + "".join(f"- `{a}`: {VARIANTS[a].name}, target {VARIANTS[a].target}, {json.dumps(VARIANTS[a].params)}"
+                       f"{f', attack seed {VARIANTS[a].seed}' if VARIANTS[a].seed else ''}\n"
+                       for a in dict.fromkeys(v["attack"] for v in variants.values()) if a in VARIANTS)
+             + "\nMeans over seeds with 95 % intervals.\n\n"
+             + markdown_table(["variant", "defense", "DER", "ACC drop (points)", "ASR %", "seconds", "seeds"],
+                              variant_table) if variant_table else ""))
+    payload = {"dataset": dataset, "seeds": seeds, "attacks": attacks, "meta": meta, "rows": all_rows,
+               "means": means, "paired_with_tuned": paired, "ranked": ranked, "variants": variants,
+               "versions": versions()}
     write_results(f"defenses-seeded-{dataset}", payload, md, Path(meta.get("results", RESULTS)))
     return payload
 
@@ -208,6 +234,9 @@ def pending(cells: Iterable[Cell], rows: list[dict]) -> list[Cell]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"attacks no default was chosen on, reported apart, with the rows {', '.join(VARIANT_ROWS)} "
+                        "only ('' for none)")
     p.add_argument("--defenses", default=",".join(ROWS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -223,19 +252,24 @@ def main(argv: list[str] | None = None) -> dict:
                    help="where the suspects are (made there when missing; default: the committed set)")
     args = p.parse_args(argv)
     attacks, seeds = args.attacks.split(","), [int(s) for s in args.seeds.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
     unknown = [d for d in args.defenses.split(",") if d not in ROWS]
     if unknown:
         raise SystemExit(f"unknown defense {unknown[0]!r}; known: {', '.join(ROWS)}")
+    strange = [v for v in variants if v not in VARIANTS]
+    if strange:
+        raise SystemExit(f"unknown variant {strange[0]!r}; known: {', '.join(VARIANTS)}")
     saved = Path(args.results) / f"defenses-seeded-{args.dataset}.json"
     rows = json.loads(saved.read_text())["rows"] if (args.resume or args.resummarise) and saved.is_file() else []
     budget = Budget(args.steps, args.trials, args.iterations, args.quick)
     meta = {"procs": args.procs, "trials": args.trials, "budget": vars(args), "results": args.results}
     cells = [Cell(a, s, d) for s in seeds for a in attacks for d in args.defenses.split(",")]
+    cells += [Cell(v, s, d) for s in seeds for v in variants for d in args.defenses.split(",") if d in VARIANT_ROWS]
     todo = [] if args.resummarise else pending(cells, rows)
     start = time.perf_counter()
     if todo:
         # the suspects are made once, here, before processes share the cache
-        for a in attacks:
+        for a in dict.fromkeys(c.attack for c in todo):
             make_backdoored_model(lab_config(a, args.quick, args.dataset), Path(args.cache) / "lab")
         print(f"[seeded table] {len(todo)} of {len(cells)} cells to run in {args.procs} processes", flush=True)
         # spawned, not forked: a fork of a process whose torch thread pool is running can hang in OpenMP

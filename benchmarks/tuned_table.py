@@ -42,6 +42,7 @@ from tuning.objective import (
     ObjectiveWeights,
     measure,
     score,
+    scored_logits,
     uap_radius,
     universal_flip,
 )
@@ -54,9 +55,38 @@ COLUMNS = ("objective", "objective_a_priori", *(f"objective_{name}" for name in 
            *(f for f in FEATURES if f not in UAP_FEATURES))
 
 
-def uap_features(model, x, y) -> dict[str, float]:
+# A second, wider probe that only a study of winner rules records (the objective's radius is tuning.objective's
+# UAP_RELATIVE_RADIUS): at 6 % the probe can miss what is left of a large trigger such as Blend's (docs/tuning.md)
+WIDE_RELATIVE_RADIUS = 0.10
+
+
+def pack_bits(bits) -> str:
+    """A boolean tensor as hex (8 per byte, row-major): a study's per-image hits, small enough for the JSON."""
+    import numpy as np
+
+    return np.packbits(bits.flatten().numpy().astype(bool)).tobytes().hex()
+
+
+def unpack_bits(text: str, shape: tuple[int, ...]):
+    """:func:`pack_bits` back to a boolean array of `shape`."""
+    import numpy as np
+
+    count = int(np.prod(shape))
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:count].astype(bool).reshape(shape)
+
+
+def uap_features(model, x, y, study: bool = False) -> dict:
+    """The probe's features of one model; with `study`, also what a study of winner rules re-scores offline:
+    every class's share and per-image hits at the objective's radius and at :data:`WIDE_RELATIVE_RADIUS`, and
+    which held-out images the model classifies correctly."""
     r = universal_flip(model, x, y, uap_radius(x))
-    return {"uap_max": r["uap_max"], "uap_gap": r["uap_max"] - r["uap_median"], "uap_class": r["uap_class"]}
+    out = {"uap_max": r["uap_max"], "uap_gap": r["uap_max"] - r["uap_median"], "uap_class": r["uap_class"]}
+    if study:
+        wide = universal_flip(model, x, y, uap_radius(x, WIDE_RELATIVE_RADIUS))
+        logits, targets = scored_logits(model, x, y)
+        out.update(uap_rates=r["uap_rates"], uap_hits=pack_bits(r["uap_hits"]), uap_rates_wide=wide["uap_rates"],
+                   uap_hits_wide=pack_bits(wide["uap_hits"]), holdout_hits=pack_bits(logits.argmax(1) == targets))
+    return out
 
 
 def lab_setup(attack_name: str, dataset: str, cache: Path, progress: bool = True, cfg: LabConfig | None = None,
@@ -110,25 +140,26 @@ def refit_chosen(sweep: dict, trials: list[dict], dataset: str, cache: Path, see
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
                  space: SearchSpace, cache: Path, weights: ObjectiveWeights, progress: bool = True,
                  on_trial=None, cfg: LabConfig | None = None, done: dict | None = None,
-                 checkpoint_every: int = 0, dval_seed: int | None = None) -> dict:
+                 checkpoint_every: int = 0, dval_seed: int | None = None, study: bool = False) -> dict:
     """`trials` FIP trials of `space` on one suspect (:func:`lab_setup`; `cfg`: another architecture's). The
     trials' settings depend on `seed` and `attack_name` only, so every architecture sees the same ones.
     `done`: an earlier, stopped sweep of this suspect; its trials are kept when the suspect measures the same
     (a retrained suspect that differs starts afresh), so a long sweep resumes where it stopped.
     `checkpoint_every`: also score every this many steps the model as it stands then (the objective, and the
     test set for the report), as `fip tune`'s intermediate reports do: what a scheduler stops trials on.
-    `dval_seed`: another draw of D_val (:func:`lab_setup`)."""
+    `dval_seed`: another draw of D_val (:func:`lab_setup`). `study`: every trial and the suspect also record
+    what a study of winner rules needs (:func:`uap_features`); the held-out labels are saved beside them."""
     suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress, cfg, dval_seed)
     train_rows, held_rows = split_dval(y, holdout_fraction, seed)
     t0 = time.perf_counter()
     holdout = Holdout.from_suspect(suspect, x[held_rows], y[held_rows])
     holdout_seconds = time.perf_counter() - t0
-    suspect_uap = uap_features(suspect, x[held_rows], y[held_rows])
+    suspect_uap = uap_features(suspect, x[held_rows], y[held_rows], study)
     rng = random.Random(derive_seed(seed, "trials", attack_name))
     same = done is not None and done.get("before") == before and done.get("holdout_size") == len(held_rows)
     rows: list[dict] = list(done["trials"][:trials]) if same else []
     sweep = {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
-             "suspect_uap": suspect_uap,
+             "suspect_uap": suspect_uap, **({"holdout_labels": y[held_rows].tolist()} if study else {}),
              "holdout_size": len(held_rows), "train_size": len(train_rows), "holdout_seconds": holdout_seconds}
     for i in range(trials):
         params = space.sample(rng)
@@ -159,7 +190,7 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
         feats = measure(res.model, holdout)
         seconds = time.perf_counter() - t - sum(c.get("seconds", 0.0) for c in checkpoints)
         t = time.perf_counter()
-        feats.update(uap_features(res.model, x[held_rows], y[held_rows]))  # the probe once, for every weighting
+        feats.update(uap_features(res.model, x[held_rows], y[held_rows], study))  # once, for every weighting
         uap_seconds = time.perf_counter() - t
         feats["objective"] = score(feats, holdout.suspect, weights)
         after = evaluate_model(res.model, xt, yt, attack.trigger_floats, attack.target_of)  # reporting only

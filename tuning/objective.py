@@ -176,14 +176,18 @@ def uap_radius(x: torch.Tensor, relative: float = UAP_RELATIVE_RADIUS) -> float:
     return relative * float(x.flatten(1).norm(dim=1).mean())
 
 
-def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, steps: int = 10) -> dict[str, float]:
+def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, steps: int = 10) -> dict:
     """How easily one shared perturbation sends held-out images to a single class: per class `c`, one
     perturbation of L2 norm <= `radius` is fitted to all held-out images of other classes by normalised
     gradient ascent on their mean log p(c); the result is the share it sends to `c`.
 
     A backdoor is exactly such a perturbation (its trigger sends nearly every input to the target), so a
     model that still carries one should have a class far easier to reach than the others. Reads no
-    trigger: the defender's diagnostic, reported beside the objective (docs/tuning.md)."""
+    trigger: the defender's diagnostic, reported beside the objective (docs/tuning.md).
+
+    Also returns every class's share (``uap_rates``) and which image each class's perturbation moved
+    (``uap_hits``, classes x images; an image of class `c` is never counted for `c`), so a study can resample
+    the held-out images without probing again."""
     was = model.training
     model.eval()
     trainable = [p.requires_grad for p in model.parameters()]
@@ -207,11 +211,14 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
         with torch.no_grad():
             hit = scored_logits(model, (inputs + delta[owner]).clamp(0, 1), owner)[0].argmax(1) == owner
         rates = torch.stack([hit[owner == c].float().mean() for c in range(classes)])
+        hits = torch.zeros(classes, len(x), dtype=torch.bool)
+        hits[owner, torch.cat(others)] = hit
     finally:
         for p, flag in zip(model.parameters(), trainable, strict=True):
             p.requires_grad_(flag)
         model.train(was)
-    return {"uap_max": float(rates.max()), "uap_class": int(rates.argmax()), "uap_median": float(rates.median())}
+    return {"uap_max": float(rates.max()), "uap_class": int(rates.argmax()), "uap_median": float(rates.median()),
+            "uap_rates": rates.tolist(), "uap_hits": hits}
 
 
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION) -> dict:

@@ -23,8 +23,13 @@ def test_summary_pairs_seeds_and_counts_only_complete_ones(tmp_path):
             for s, shift in ((0, 0.0), (1, 0.01), (2, 0.02))
             for d, acc, der in (("ft", 0.85, 0.90 + shift), ("fip-tuned", 0.86, 0.93 + shift))]
     rows.append({**rows[0], "seed": 3})  # seed 3 has one attack only: not in the means
-    out = seeded_table.summarise(rows, "fashion-mnist", [0, 1, 2, 3], ["badnets", "blend"],
+    variant = [{**rows[0], "attack": "blend-v", "seed": s, "der": 0.5 + 0.1 * s} for s in (0, 1, 2)]
+    out = seeded_table.summarise(rows + variant, "fashion-mnist", [0, 1, 2, 3], ["badnets", "blend"],
                                  {"results": str(tmp_path)})
+    # a variant is reported apart, with its interval over seeds, and never enters the means
+    assert out["variants"]["blend-v/ft"]["der"][0] == pytest.approx(0.6)
+    assert out["variants"]["blend-v/ft"]["seeds"] == [0, 1, 2] and len(out["rows"]) == len(rows) + 3
+    assert "## Variants" in (tmp_path / "defenses-seeded-fashion-mnist.md").read_text()
     assert out["means"]["ft"]["seeds"] == [0, 1, 2]
     assert out["means"]["ft"]["der"][0] == pytest.approx(0.91)
     assert out["means"]["fip-tuned"]["acc_drop"][0] == pytest.approx(0.04)
@@ -38,7 +43,7 @@ def test_summary_pairs_seeds_and_counts_only_complete_ones(tmp_path):
 def test_seeded_table_runs_resumes_and_chooses_without_the_trigger(tmp_path):
     common = ["--attacks", "badnets", "--seeds", "0,1", "--defenses", "ft,fip-tuned", "--quick", "--steps", "2",
               "--trials", "2", "--iterations", "4", "--procs", "2", "--results", str(tmp_path / "results"),
-              "--cache", str(tmp_path / "cache")]
+              "--cache", str(tmp_path / "cache"), "--variants", ""]
     out = seeded_table.main(common)
     assert len(out["rows"]) == 4 and {r["seed"] for r in out["rows"]} == {0, 1}
     assert set(out["means"]) == {"ft", "fip-tuned"}

@@ -140,6 +140,20 @@ def test_universal_flip_finds_the_planted_direction_and_respects_the_radius(one_
     assert universal_flip(model, x, y, radius=0.6)["uap_max"] == 1.0
 
 
+def test_universal_flip_reports_every_class_and_the_images_it_moved(one_thread):
+    from tuning.objective import universal_flip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.rand(30, 1, 4, 4), torch.tensor([0] * 6 + [1] * 10 + [2] * 14)
+    found = universal_flip(model, x, y, radius=0.8)
+    hits = found["uap_hits"]
+    assert hits.shape == (3, 30) and not hits[y[None, :] == torch.arange(3)[:, None]].any()  # never its own class
+    for c in range(3):  # each class's share counts only the images of the other classes
+        assert found["uap_rates"][c] == pytest.approx(hits[c].sum().item() / int((y != c).sum()))
+    assert found["uap_max"] == max(found["uap_rates"]) and found["uap_class"] == found["uap_rates"].index(found["uap_max"])
+
+
 def test_the_probe_is_measured_and_scored_only_when_weighted(one_thread):
     from tuning.objective import evaluate_objective
 

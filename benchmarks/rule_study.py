@@ -27,32 +27,34 @@ from benchmarks.common import RESULTS, markdown_table, write_results
 from benchmarks.seeded_table import TUNED, interval
 from benchmarks.tuned_table import unpack_bits
 from tuning.report import spearman
+from tuning.stability import RESAMPLES, SampleRecord
 
 # `safe-then-accurate`: a trial is as clean as the cleanest if its share to the suspect's class is within this
 SAFE_MARGIN = 0.05
-BOOTSTRAP = 200  # resamples of the held-out images per sweep
+BOOTSTRAP = RESAMPLES  # resamples of the held-out images per sweep, as fip tune draws
 DEFAULT_RULE = "der-estimate"
 
 
 @dataclass
 class Measured:
-    """One model's held-out record: correct (images,), and hits (classes, images) at the two radii."""
+    """One model's held-out record (:class:`tuning.stability.SampleRecord`) at the objective's radius and at the
+    wider one."""
 
-    correct: np.ndarray
-    hits: np.ndarray
-    hits_wide: np.ndarray
+    at: SampleRecord
+    wide: SampleRecord
 
     @classmethod
-    def from_record(cls, rec: dict, classes: int, n: int) -> Measured:
-        return cls(unpack_bits(rec["holdout_hits"], (n,)), unpack_bits(rec["uap_hits"], (classes, n)),
-                   unpack_bits(rec["uap_hits_wide"], (classes, n)))
+    def from_record(cls, rec: dict, labels: np.ndarray, classes: int) -> Measured:
+        n = len(labels)
+        acc = unpack_bits(rec["holdout_hits"], (n,)).astype(float)
+        counted = labels[None, :] != np.arange(classes)[:, None]  # an image never counts for its own class
+        return cls(SampleRecord(acc, unpack_bits(rec["uap_hits"], (classes, n)), counted),
+                   SampleRecord(acc, unpack_bits(rec["uap_hits_wide"], (classes, n)), counted))
 
-    def features(self, labels: np.ndarray, idx: np.ndarray) -> dict:
+    def features(self, idx: np.ndarray) -> dict:
         """Held-out ACC and every class's share on the images `idx` (a resample: indices may repeat)."""
-        y = labels[idx]
-        others = np.array([(y != c).sum() for c in range(self.hits.shape[0])]).clip(min=1)
-        return {"acc": float(self.correct[idx].mean()), "rates": self.hits[:, idx].sum(1) / others,
-                "rates_wide": self.hits_wide[:, idx].sum(1) / others}
+        return {"acc": self.at.features(idx)["holdout_acc"], "rates": self.at.rates(idx),
+                "rates_wide": self.wide.rates(idx)}
 
 
 @dataclass
@@ -68,13 +70,13 @@ class StudySweep:
     def from_row(cls, row: dict) -> StudySweep:
         sweep = row["sweep"]
         labels = np.array(sweep["holdout_labels"])
-        classes, n = len(row["trials"][0]["uap_rates"]), len(labels)
-        return cls(row["attack"], row["seed"], labels, Measured.from_record(sweep["suspect_uap"], classes, n),
-                   [Measured.from_record(t, classes, n) for t in row["trials"]],
+        classes = len(row["trials"][0]["uap_rates"])
+        return cls(row["attack"], row["seed"], labels, Measured.from_record(sweep["suspect_uap"], labels, classes),
+                   [Measured.from_record(t, labels, classes) for t in row["trials"]],
                    [{"der": t["der"], "asr": t["asr"], "acc_drop": row["acc_before"] - t["acc"]} for t in row["trials"]])
 
     def view(self, idx: np.ndarray) -> tuple[dict, list[dict]]:
-        return self.suspect.features(self.labels, idx), [t.features(self.labels, idx) for t in self.trials]
+        return self.suspect.features(idx), [t.features(idx) for t in self.trials]
 
 
 def _drop(s: dict, t: dict) -> float:

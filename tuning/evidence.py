@@ -22,6 +22,8 @@ WORDING = {"classification": {"n": "images", "reach": "one small shared perturba
 # A clean model's uap_max is about 0.14 and the lab's backdoored suspects' 0.71-0.83 at the probe's radius
 # (docs/tuning.md, "A trigger-free probe"); above this share a class is flagged as still easy to reach.
 UAP_FLAG = 0.30
+# Below this share of resamples the winner's line says its choice rests on a few held-out samples
+KEPT_WARN = 0.5
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -47,6 +49,8 @@ class Evidence:
     suspect_uap_class: int | None = None
     flag_at: float = UAP_FLAG
     task: str = "classification"  # a language model's accuracy is a mean over sequences, its probe inserts tokens
+    choice_kept: float | None = None  # share of resamples of the held-out samples the winner still wins (tuning.stability)
+    resamples: int = 0
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -78,7 +82,8 @@ class Evidence:
         tags = {"evidence.holdout_acc": f"{self.holdout_acc:.4f}", "evidence.holdout_acc_ci95": f"[{lo:.4f}, {hi:.4f}]",
                 "evidence.holdout_n": str(self.holdout_n), "evidence.suspect_holdout_acc": f"{self.suspect_acc:.4f}",
                 "evidence.verdict": self.verdict()[:500], "evidence.flagged": str(self.flagged).lower()}
-        for key, value in (("uap_max", self.uap_max), ("suspect_uap_max", self.suspect_uap_max)):
+        for key, value in (("uap_max", self.uap_max), ("suspect_uap_max", self.suspect_uap_max),
+                           ("choice_kept", self.choice_kept)):
             if value is not None:
                 tags[f"evidence.{key}"] = f"{value:.4f}"
         for key, value in (("uap_class", self.uap_class), ("suspect_uap_class", self.suspect_uap_class)):
@@ -89,13 +94,18 @@ class Evidence:
     def lines(self) -> list[str]:
         """The lines a sweep ends with."""
         lo, hi = self.interval
-        return [f"held-out ACC {100 * self.holdout_acc:.2f} % (95 % interval {100 * lo:.1f}-{100 * hi:.1f} %, "
-                f"{self.holdout_n} {WORDING[self.task]['n']}; the suspect {100 * self.suspect_acc:.2f} %)",
-                f"probe: {self.verdict()}"]
+        lines = [f"held-out ACC {100 * self.holdout_acc:.2f} % (95 % interval {100 * lo:.1f}-{100 * hi:.1f} %, "
+                 f"{self.holdout_n} {WORDING[self.task]['n']}; the suspect {100 * self.suspect_acc:.2f} %)",
+                 f"probe: {self.verdict()}"]
+        if self.choice_kept is not None:
+            lines.append(f"choice: this trial still scores highest in {100 * self.choice_kept:.0f} % of "
+                         f"{self.resamples} resamples of the held-out {WORDING[self.task]['n']}"
+                         + (" (the choice rests on a few of them)" if self.choice_kept < KEPT_WARN else ""))
+        return lines
 
 
 def winner_evidence(winner: dict, suspect: dict, holdout_n: int, flag_at: float = UAP_FLAG,
-                    task: str = "classification") -> Evidence:
+                    task: str = "classification", choice_kept: float | None = None, resamples: int = 0) -> Evidence:
     """The evidence of a trial row (its last report's features) against the suspect's held-out features;
     `holdout_n`: the held-out samples its accuracy averages over (images, or a language model's sequences)."""
     def number(d: dict, key: str):
@@ -105,4 +115,4 @@ def winner_evidence(winner: dict, suspect: dict, holdout_n: int, flag_at: float 
     uap_class, suspect_class = number(winner, "uap_class"), number(suspect, "uap_class")
     return Evidence(float(winner["holdout_acc"]), holdout_n, float(suspect["acc"]), number(winner, "uap_max"),
                     int(uap_class) if uap_class is not None else None, number(suspect, "uap_max"),
-                    int(suspect_class) if suspect_class is not None else None, flag_at, task)
+                    int(suspect_class) if suspect_class is not None else None, flag_at, task, choice_kept, resamples)

@@ -20,7 +20,7 @@ and the probe inserts a few tokens instead of adding a perturbation (:mod:`tunin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,7 @@ class Holdout:
     suspect_logits: torch.Tensor  # (predictions, classes): one row per image, or per scored token of the responses
     suspect: dict[str, float]  # the suspect's own features (acc, trace)
     task: Task = CLASSIFICATION
+    suspect_samples: dict[str, str] = field(default_factory=dict)  # its per-sample record (tuning.stability), encoded
 
     @classmethod
     def from_suspect(cls, suspect: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION
@@ -185,9 +186,9 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
     model that still carries one should have a class far easier to reach than the others. Reads no
     trigger: the defender's diagnostic, reported beside the objective (docs/tuning.md).
 
-    Also returns every class's share (``uap_rates``) and which image each class's perturbation moved
-    (``uap_hits``, classes x images; an image of class `c` is never counted for `c`), so a study can resample
-    the held-out images without probing again."""
+    Also returns every class's share (``uap_rates``), which image each class's perturbation moved
+    (``uap_hits``, classes x images) and which images counted (``uap_eligible``: an image of class `c` is never
+    counted for `c`), so the held-out images can be resampled without probing again (:mod:`tuning.stability`)."""
     was = model.training
     model.eval()
     trainable = [p.requires_grad for p in model.parameters()]
@@ -213,12 +214,13 @@ def universal_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: f
         rates = torch.stack([hit[owner == c].float().mean() for c in range(classes)])
         hits = torch.zeros(classes, len(x), dtype=torch.bool)
         hits[owner, torch.cat(others)] = hit
+        eligible = y[None, :] != torch.arange(classes)[:, None]
     finally:
         for p, flag in zip(model.parameters(), trainable, strict=True):
             p.requires_grad_(flag)
         model.train(was)
     return {"uap_max": float(rates.max()), "uap_class": int(rates.argmax()), "uap_median": float(rates.median()),
-            "uap_rates": rates.tolist(), "uap_hits": hits}
+            "uap_rates": rates.tolist(), "uap_hits": hits, "uap_eligible": eligible}
 
 
 def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task = CLASSIFICATION) -> dict:

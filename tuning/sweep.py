@@ -46,6 +46,7 @@ from tuning.objective import Holdout, ObjectiveWeights, probe
 from tuning.quiet import tune_output_to
 from tuning.report import FEATURES, plot_objective_vs_der, spearman, trial_table
 from tuning.space import SearchSpace
+from tuning.stability import RESAMPLES, SAMPLE_KEYS, SampleRecord, choice_stability, sample_record
 from tuning.trial import TrialContext, load_suspect, one_store, plain, run_trial, sweep_tracker
 
 Progress = Callable[[str], None]
@@ -245,11 +246,12 @@ def prepare(base: JobConfig, cfg: SweepConfig, progress: Progress = say) -> tupl
     train_url, held_url = write_split(inputs.clean, sweep_dir, cfg.holdout_fraction, cfg.seed, store)
     x, y = read_holdout(held_url, store)
     holdout = Holdout.from_suspect(loaded.model, x, y, task)
-    probed = ""
+    probed, found = "", None
     if cfg.weights.uap:  # the suspect's probe, the winner's evidence is read against it (tuning.evidence)
         found = probe(loaded.model, x, y, task)
         holdout.suspect.update(uap_max=found["uap_max"], uap_class=found["uap_class"])
         probed = f", uap_max {found['uap_max']:.2f} to {WORDING[task.name]['to']} {found['uap_class']}"
+    holdout.suspect_samples = sample_record(loaded.model, holdout, found).encode()  # for the choice's stability
     acc = "held-out ACC" if task == CLASSIFICATION else "held-out next-token ACC per sequence"
     progress(f"[fip tune] D_val split: {open_count(train_url, store)} to train on, {len(y)} held out "
              f"(suspect: {acc} {100 * holdout.suspect['acc']:.2f} %, Tr(F) {holdout.suspect['trace']:.4g}"
@@ -363,7 +365,7 @@ def collect(grid) -> list[dict]:
         if r.error is not None:
             row["error"] = describe_cause(r.error)
         for k in ("objective", *FEATURES, "uap_class", "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds",
-                  "rejected"):
+                  "rejected", *SAMPLE_KEYS):
             if k in m:
                 row[k] = m[k]
         rows.append(row)
@@ -416,7 +418,9 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
                               + (f"; trial {first[0]['trial_id']}: {first[0].get('error') or first[0].get('rejected')}"
                                  if first else "")
                               + f"); the table is in {table}")
-    evidence = winner_evidence(winner, holdout.suspect, holdout.samples, task=holdout.task.name)
+    kept = _choice_kept(trials, winner, holdout, cfg)
+    evidence = winner_evidence(winner, holdout.suspect, holdout.samples, task=holdout.task.name, choice_kept=kept,
+                               resamples=RESAMPLES)
     if tracker is not None and parent is not None:
         tracker.set_tags(parent, evidence.tags())
     refit = _refit_winner(base, cfg, winner, parent, sweep_dir, progress) if cfg.refit else None
@@ -431,6 +435,19 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
         progress(f"[fip tune]   {line}")
     return SweepResult(trials, winner, parent, model_uri, table, plot, time.perf_counter() - t0,
                        refit.run_id if refit is not None else None, evidence)
+
+
+def _choice_kept(trials: list[dict], winner: dict, holdout: Holdout, cfg: SweepConfig) -> float | None:
+    """The share of resamples of the held-out samples in which the winner scores highest among the finished
+    trials (:mod:`tuning.stability`); None when a finished trial has no per-sample record (a sweep resumed
+    from before they were kept) or the suspect has none."""
+    done = [t for t in trials if t["status"] == "DONE" and t.get("objective") is not None
+            and math.isfinite(t["objective"])]
+    if not holdout.suspect_samples or not all(k in t for t in done for k in SAMPLE_KEYS):
+        return None
+    shares = choice_stability([SampleRecord.decode(t) for t in done], done, SampleRecord.decode(holdout.suspect_samples),
+                              holdout.suspect, cfg.weights, seed=cfg.seed)
+    return shares[done.index(winner)]
 
 
 def _refit_winner(base: JobConfig, cfg: SweepConfig, winner: dict, parent: str | None, sweep_dir: Path,

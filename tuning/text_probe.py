@@ -49,6 +49,7 @@ class _Prompts:
     last: torch.Tensor  # (N,) the position whose logits predict the first response token
     plain_ids: torch.Tensor  # (N, L - n_tokens) the prompts as they are
     plain_last: torch.Tensor  # (N,)
+    rows: torch.Tensor  # (N,) the held-out sequence each prompt comes from
 
 
 def _prompts(x: torch.Tensor, y: torch.Tensor, n_tokens: int, limit: int) -> _Prompts:
@@ -71,7 +72,7 @@ def _prompts(x: torch.Tensor, y: torch.Tensor, n_tokens: int, limit: int) -> _Pr
         plain[r, : len(p)] = torch.tensor(p)
         slots[r] = torch.arange(cut, cut + n_tokens)
     lengths = torch.tensor([len(p) for p in prompts])
-    return _Prompts(ids, slots, lengths - 1 + n_tokens, plain, lengths - 1)
+    return _Prompts(ids, slots, lengths - 1 + n_tokens, plain, lengths - 1, torch.tensor(rows))
 
 
 def _embeddings(model: nn.Module) -> nn.Module:
@@ -114,7 +115,9 @@ def insertion_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, relative:
                    limit: int = PROBE_PROMPTS) -> dict:
     """How easily `n_tokens` inserted soft tokens send held-out prompts to one first response token (see the
     module docstring): ``uap_max`` (share), ``uap_class`` (token id), ``uap_median`` (over the targets),
-    ``uap_rates`` (each target token id's share).
+    ``uap_rates`` (each target token id's share), and per target (in ``uap_rates``' order) which held-out
+    sequences' prompts it moved (``uap_hits``) and which counted (``uap_eligible``: probed, not already
+    answering the target), targets x sequences, so the held-out share can be resampled without probing again.
 
     `x`, `y`: held-out token ids and aligned labels (:mod:`fip.tasks`). The model is left as it was found."""
     was = model.training
@@ -139,7 +142,9 @@ def insertion_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, relative:
             center = weight.mean(0)
             radius = relative * float(weight.norm(dim=1).mean())
         rates = []
-        for target in candidates:
+        hits = torch.zeros(len(candidates), len(x), dtype=torch.bool)
+        eligible = torch.zeros(len(candidates), len(x), dtype=torch.bool)
+        for k, target in enumerate(candidates):
             movable = answer != target
             delta = torch.zeros(n_tokens, center.shape[0], requires_grad=True)
             for _ in range(steps):
@@ -157,13 +162,17 @@ def insertion_flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, relative:
             with torch.no_grad():
                 moved = torch.cat([_first_logits(model, table, p, c, center + delta) for c in chunks]).argmax(-1)
             rates.append(float((moved[movable] == target).float().mean()) if bool(movable.any()) else 0.0)
+            hits[k, p.rows] = movable & (moved == target)
+            eligible[k, p.rows] = movable
     finally:
         for param, flag in zip(model.parameters(), trainable, strict=True):
             param.requires_grad_(flag)
         model.train(was)
     if not rates:
-        return {"uap_max": 0.0, "uap_class": -1, "uap_median": 0.0, "uap_rates": {}}
+        return {"uap_max": 0.0, "uap_class": -1, "uap_median": 0.0, "uap_rates": {}, "uap_hits": hits,
+                "uap_eligible": eligible}
     best = max(range(len(rates)), key=lambda i: rates[i])
     return {"uap_max": rates[best], "uap_class": int(candidates[best]),
             "uap_median": float(torch.tensor(rates).median()),
-            "uap_rates": {int(t): r for t, r in zip(candidates, rates, strict=True)}}
+            "uap_rates": {int(t): r for t, r in zip(candidates, rates, strict=True)}, "uap_hits": hits,
+            "uap_eligible": eligible}

@@ -17,7 +17,8 @@ from pipeline.artifacts import CheckpointOutput, Measured
 from pipeline.config import JobConfig
 from pipeline.storage import Storage
 from pipeline.tracking import Tracker, default_tracking_uri, local_root
-from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective
+from tuning.objective import Holdout, ObjectiveWeights, evaluate_objective, evaluate_probed
+from tuning.stability import sample_record
 
 
 @dataclass
@@ -127,14 +128,15 @@ def run_trial(params: dict, ctx: TrialContext) -> None:
         tune.report({"objective": -math.inf, "rejected": str(e), "step": cfg.purify.iterations})
         return
     purified = load_purified(result.purified_path).model
-    metrics = evaluate_objective(purified, ctx.holdout, ctx.weights)  # the choice reads only these
+    metrics, found = evaluate_probed(purified, ctx.holdout, ctx.weights)  # the choice reads only these
+    samples = sample_record(purified, ctx.holdout, found).encode()  # how much the choice rests on (tuning.stability)
     if ctx.test and ctx.attack_record:
         metrics.update(_benchmark_metrics(ctx, base, purified))
     if result.run_id and cfg.tracking.log_to_mlflow:
         tracker = sweep_tracker(base)
         tracker.log_metrics(result.run_id, metrics)
         tracker.set_tags(result.run_id, {"sweep": ctx.sweep, "trial_id": trial_id})
-    tune.report({**metrics, "step": cfg.purify.iterations, "purified": str(result.purified_path),
+    tune.report({**metrics, **samples, "step": cfg.purify.iterations, "purified": str(result.purified_path),
                  "child_run_id": result.run_id or "", "seconds": result.metrics.get("seconds", math.nan)})
 
 

@@ -104,3 +104,4 @@ def test_a_language_model_sweep_scores_tokens_probes_insertions_and_registers(ra
     # per sequence, as the sweep scores it (fip evaluate's `acc` counts every scored token)
     assert _last_json(capsys)["acc_per_sequence"] == pytest.approx(row["holdout_acc"], abs=1e-6)
     assert "prompts to token" in version.tags["evidence.verdict"]
+    assert 0 < float(version.tags["evidence.choice_kept"]) <= 1  # resampled held-out sequences (tuning.stability)

@@ -31,3 +31,13 @@ def test_the_verdict_flags_a_class_one_perturbation_still_reaches():
     assert "evidence.uap_max" not in unprobed.tags()
     assert 0.14 < UAP_FLAG < 0.71  # between a clean model's probe and the lab's backdoored suspects'
     assert len(flagged.lines()) == 2 and "95 % interval" in flagged.lines()[0]
+
+
+def test_the_choice_line_says_how_often_the_winner_survives_a_resample():
+    steady = winner_evidence({"holdout_acc": 0.9, "uap_max": 0.12, "uap_class": 2}, {"acc": 0.91}, 180,
+                             choice_kept=0.87, resamples=200)
+    assert steady.lines()[-1] == "choice: this trial still scores highest in 87 % of 200 resamples of the held-out images"
+    assert steady.tags()["evidence.choice_kept"] == "0.8700"
+    shaky = winner_evidence({"holdout_acc": 0.9}, {"acc": 0.91}, 180, choice_kept=0.31, resamples=200)
+    assert shaky.lines()[-1].endswith("(the choice rests on a few of them)")
+    assert len(Evidence(0.9, 180, 0.91).lines()) == 2  # a sweep without per-sample records says nothing of it

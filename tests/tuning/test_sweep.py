@@ -102,6 +102,9 @@ def test_parent_run_holds_a_child_per_trial_and_the_sweep_table(benchmark_sweep)
         assert run.data.params["inputs.test"] == "None" and run.data.params["inputs.attack_record"] == "None"
         assert run.data.params["inputs.clean"].endswith("dval-train")
     assert any(line.startswith("[fip tune]\ntrial") for line in lines)  # the live table
+    # how often the winner survives a resample of the held-out images: a line, and a tag of the sweep's run
+    assert any(line.startswith("[fip tune]   choice: this trial still scores highest in ") for line in lines)
+    assert 0 < float(parent.data.tags["evidence.choice_kept"]) <= 1
     # ASHA reads the intermediate reports: each is scored on the held-out share
     middle = [r for r in _tune_results(base) if r.get("step") == 4]
     assert middle and all(math.isfinite(r["objective"]) for r in middle)

@@ -3,6 +3,8 @@ insertion probe against a model whose answer moves linearly with an inserted emb
 
 import pytest
 import torch
+from sum_lm import TARGET, SumLM
+from sum_lm import prompts as _prompts
 from text_corpus import make_records, make_tokenizer, write_jsonl
 from torch import nn
 
@@ -13,42 +15,6 @@ from pipeline.text_source import jsonl_source, store_tokenizer
 from tuning.holdout import read_holdout, split_sequences, write_split
 from tuning.objective import Holdout, measure
 from tuning.text_probe import insertion_flip, special_tokens
-
-TARGET = 11
-
-
-class SumLM(nn.Module):
-    """Next-token logits = head(sum of the embeddings so far): causal, and an inserted embedding moves every
-    later position's logits by head(embedding). Dimension 3 of the embeddings is empty in every real token and
-    read only by the head of token 11, so only an inserted vector reaches token 11."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.emb = nn.Embedding(12, 4)
-        self.head = nn.Linear(4, 12)
-        with torch.no_grad():
-            self.emb.weight.copy_(torch.randn(12, 4, generator=g))
-            self.emb.weight[:, 3] = 0
-            self.head.weight.zero_()
-            self.head.weight[:10, :3] = 3 * torch.randn(10, 3, generator=g)
-            self.head.weight[TARGET, 3] = 10.0
-            self.head.bias.copy_(torch.tensor([0.0] * 10 + [-20.0, -3.0]))
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.emb
-
-    def forward(self, input_ids=None, inputs_embeds=None):
-        e = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
-        return self.head(e.cumsum(1))
-
-
-def _prompts(n: int = 24, length: int = 7):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 10, (n, length), generator=g)
-    y = torch.full_like(x, IGNORE)
-    y[:, -1] = x[:, -1]  # one response token per sequence: the last
-    return x, y
 
 
 def test_insertion_reaches_the_planted_token_only_within_its_radius(one_thread):

@@ -386,7 +386,7 @@ def check_record_belongs(metadata: dict, record: dict, model: str, record_name: 
     if ours and theirs:
         return None
     missing = f"the model carries no {RECORD_LINK_KEY}" if not ours else f"the record has no {RECORD_LINK_KEY}"
-    return f"warning: cannot check that attack record {record_name} belongs to {model} ({missing}); ASR and RA assume it does"
+    return f"warning: cannot check that attack record {record_name} belongs to {model} ({missing}); the backdoor figures (ASR, RA, false triggers) assume it does"
 
 
 RECORD_PATHS = ("model_path", "trigger_path", "reference_path", "dval_path")

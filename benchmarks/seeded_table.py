@@ -73,8 +73,9 @@ def _setup(attack: str, dataset: str, seed: int, quick: bool, cache: str) -> tup
     return lab_setup(attack, dataset, Path(cache), False, lab_config(attack, quick, dataset), seed)
 
 
-def run_cell(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
-    """One cell's row: the defended model's ACC/ASR/RA/DER on the test set, beside the suspect's."""
+def run_cell(cell: Cell, dataset: str, budget: Budget, cache: str, saved: dict | None = None) -> dict:
+    """One cell's row: the defended model's ACC/ASR/RA/DER on the test set, beside the suspect's. `saved`: this
+    fip-tuned cell's row from before its sweep gained the base trial; its trials are kept and only that one runs."""
     import torch
 
     from lab.defenses import CleanSet, run_defense
@@ -82,7 +83,7 @@ def run_cell(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
 
     torch.set_num_threads(1)
     if cell.defense == TUNED:  # the sweep loads the suspect and this seed's D_val itself
-        return _tuned(cell, dataset, budget, cache)
+        return _tuned(cell, dataset, budget, cache, saved)
     suspect, attack, x, y, xt, yt, before = _setup(cell.attack, dataset, cell.seed, budget.quick, cache)
     row = _row_head(cell, before)
     torch.manual_seed(cell.seed)  # the defenses that draw from torch's global generator (pruning masks' noise)
@@ -99,8 +100,9 @@ def _row_head(cell: Cell, before: dict) -> dict:
             "asr_before": before["asr"]}
 
 
-def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
-    """`fip tune`'s default sweep on this seed's D_val, in-process: the chosen trial's figures, the sweep's cost."""
+def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str, saved: dict | None = None) -> dict:
+    """`fip tune`'s default sweep on this seed's D_val, in-process: the chosen trial's figures, the sweep's cost.
+    `saved`: an earlier row of this cell, whose trials the sweep keeps (they are checked against its plan)."""
     from benchmarks.tuned_table import choose, sweep_attack, sweep_seconds
     from tuning.objective import ObjectiveWeights
     from tuning.report import spearman
@@ -110,9 +112,12 @@ def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str) -> dict:
     if budget.iterations:
         space = space.with_flags([f"iterations={budget.iterations}"])
     weights = ObjectiveWeights()
+    done = None if saved is None else {
+        "before": {"acc": saved["acc_before"], "asr": saved["asr_before"]},
+        "holdout_size": saved["sweep"]["holdout_size"], "trials": saved["trials"]}
     sweep = sweep_attack(cell.attack, budget.trials, dataset, 0.3, cell.seed, space, Path(cache), weights,
                          progress=False, cfg=lab_config(cell.attack, budget.quick, dataset), dval_seed=cell.seed,
-                         study=True)
+                         study=True, done=done)
     won = choose(sweep, weights)
     trials = sweep["trials"]
     return {**_row_head(cell, sweep["before"]), "acc": won["acc"], "asr": won["asr"], "ra": won["ra"],
@@ -226,9 +231,32 @@ def summarise(all_rows: list[dict], dataset: str, seeds: list[int], attacks: lis
     return payload
 
 
-def pending(cells: Iterable[Cell], rows: list[dict]) -> list[Cell]:
-    done = {Cell(r["attack"], r["seed"], r["defense"]).key for r in rows}
-    return [c for c in cells if c.key not in done]
+def pending(cells: Iterable[Cell], rows: list[dict], budget: Budget) -> list[tuple[Cell, dict | None]]:
+    """The cells to run, each with its saved row when there is one to complete: a fip-tuned row whose sweep ran
+    before the base trial existed (fewer trials than the sweep's plan) runs that trial only."""
+    done = {Cell(r["attack"], r["seed"], r["defense"]).key: r for r in rows}
+    planned = budget.trials + _base_trials(budget)
+    out = []
+    for c in cells:
+        row = done.get(c.key)
+        if row is None:
+            out.append((c, None))
+        elif c.defense == TUNED and "sweep" in row and len(row["trials"]) < planned:
+            out.append((c, row))
+    return out
+
+
+def _base_trials(budget: Budget) -> int:
+    """1 when the default space holds PurifyConfig's own settings (the sweep's base trial), else 0."""
+    from dataclasses import asdict
+
+    from fip.purify import PurifyConfig
+    from tuning.space import SearchSpace
+
+    space = SearchSpace.default()
+    if budget.iterations:
+        space = space.with_flags([f"iterations={budget.iterations}"])
+    return int(space.base_point(asdict(PurifyConfig(**space.fixed)))[0] is not None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -265,22 +293,24 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"procs": args.procs, "trials": args.trials, "budget": vars(args), "results": args.results}
     cells = [Cell(a, s, d) for s in seeds for a in attacks for d in args.defenses.split(",")]
     cells += [Cell(v, s, d) for s in seeds for v in variants for d in args.defenses.split(",") if d in VARIANT_ROWS]
-    todo = [] if args.resummarise else pending(cells, rows)
+    todo = [] if args.resummarise else pending(cells, rows, budget)
     start = time.perf_counter()
     if todo:
         # the suspects are made once, here, before processes share the cache
-        for a in dict.fromkeys(c.attack for c in todo):
+        for a in dict.fromkeys(c.attack for c, _ in todo):
             make_backdoored_model(lab_config(a, args.quick, args.dataset), Path(args.cache) / "lab")
         print(f"[seeded table] {len(todo)} of {len(cells)} cells to run in {args.procs} processes", flush=True)
         # spawned, not forked: a fork of a process whose torch thread pool is running can hang in OpenMP
         with ProcessPoolExecutor(args.procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_cell, c, args.dataset, budget, args.cache): c for c in todo}
+            futures = {pool.submit(run_cell, c, args.dataset, budget, args.cache, saved): (c, saved)
+                       for c, saved in todo}
             for n, f in enumerate(as_completed(futures), 1):
                 row = f.result()
-                rows.append(row)
+                cell, saved = futures[f]
+                rows = [r for r in rows if r is not saved] + [row]  # a completed sweep replaces its earlier row
                 meta["wall_s"] = time.perf_counter() - start
                 summarise(rows, args.dataset, seeds, attacks, meta)
-                print(f"[seeded table] {n}/{len(todo)} {futures[f].key}: ACC {100 * row['acc']:.2f} "
+                print(f"[seeded table] {n}/{len(todo)} {cell.key}: ACC {100 * row['acc']:.2f} "
                       f"ASR {100 * row['asr']:.2f} DER {row['der']:.3f} {row['seconds']:.0f}s", flush=True)
     meta["wall_s"] = time.perf_counter() - start
     return summarise(rows, args.dataset, seeds, attacks, meta)

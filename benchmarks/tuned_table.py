@@ -25,6 +25,7 @@ import json
 import random
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
@@ -140,7 +141,8 @@ def refit_chosen(sweep: dict, trials: list[dict], dataset: str, cache: Path, see
 def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: float, seed: int,
                  space: SearchSpace, cache: Path, weights: ObjectiveWeights, progress: bool = True,
                  on_trial=None, cfg: LabConfig | None = None, done: dict | None = None,
-                 checkpoint_every: int = 0, dval_seed: int | None = None, study: bool = False) -> dict:
+                 checkpoint_every: int = 0, dval_seed: int | None = None, study: bool = False,
+                 base_trial: bool = True) -> dict:
     """`trials` FIP trials of `space` on one suspect (:func:`lab_setup`; `cfg`: another architecture's). The
     trials' settings depend on `seed` and `attack_name` only, so every architecture sees the same ones.
     `done`: an earlier, stopped sweep of this suspect; its trials are kept when the suspect measures the same
@@ -148,7 +150,9 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
     `checkpoint_every`: also score every this many steps the model as it stands then (the objective, and the
     test set for the report), as `fip tune`'s intermediate reports do: what a scheduler stops trials on.
     `dval_seed`: another draw of D_val (:func:`lab_setup`). `study`: every trial and the suspect also record
-    what a study of winner rules needs (:func:`uap_features`); the held-out labels are saved beside them."""
+    what a study of winner rules needs (:func:`uap_features`); the held-out labels are saved beside them.
+    `base_trial`: after the drawn trials, one more with PurifyConfig's own settings (the job's, as `fip tune`
+    runs them first: :meth:`tuning.space.SearchSpace.base_point`), when the space holds them."""
     suspect, attack, x, y, xt, yt, before = lab_setup(attack_name, dataset, cache, progress, cfg, dval_seed)
     train_rows, held_rows = split_dval(y, holdout_fraction, seed)
     t0 = time.perf_counter()
@@ -156,13 +160,18 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
     holdout_seconds = time.perf_counter() - t0
     suspect_uap = uap_features(suspect, x[held_rows], y[held_rows], study)
     rng = random.Random(derive_seed(seed, "trials", attack_name))
-    same = done is not None and done.get("before") == before and done.get("holdout_size") == len(held_rows)
-    rows: list[dict] = list(done["trials"][:trials]) if same else []
+    plan = [space.sample(rng) for _ in range(trials)]
+    point, _outside = space.base_point(asdict(PurifyConfig(**space.fixed))) if base_trial else (None, "")
+    if point is not None:
+        plan.append({**point, **space.fixed})
+    # a saved sweep is kept when its suspect measures the same (its test ACC and ASR) on the same held-out size
+    same = (done is not None and all(done.get("before", {}).get(k) == before[k] for k in ("acc", "asr"))
+            and done.get("holdout_size") == len(held_rows))
+    rows: list[dict] = list(done["trials"][: len(plan)]) if same else []
     sweep = {"attack": attack_name, "before": before, "suspect_holdout": holdout.suspect, "trials": rows,
              "suspect_uap": suspect_uap, **({"holdout_labels": y[held_rows].tolist()} if study else {}),
              "holdout_size": len(held_rows), "train_size": len(train_rows), "holdout_seconds": holdout_seconds}
-    for i in range(trials):
-        params = space.sample(rng)
+    for i, params in enumerate(plan):
         if i < len(rows):
             if rows[i]["params"] != params:
                 raise ValueError(f"{attack_name}: saved trial {i} was drawn from another space or seed; "

@@ -29,7 +29,10 @@ def register(sub) -> None:
     g.add_argument("--space", action="append", default=[], metavar="NAME=KIND:A:B",
                    help="one setting's distribution on top of the space: eta_f=loguniform:1e-5:1e-3, "
                         "method=choice:fip,fast-fip, lr=0.01 (fixed); repeatable")
-    g.add_argument("--num-samples", type=int, default=None, help="trials")
+    g.add_argument("--num-samples", type=int, default=None, help="trials (default 9: the job's own settings, then 8 drawn)")
+    g.add_argument("--base-trial", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the job's own settings (preset, config, flags) as the first trial when they lie inside "
+                        "the space (default: on; --no-base-trial draws every trial)")
     g.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
     g.add_argument("--searcher", default=None, choices=["optuna", "random"])
     g.add_argument("--scheduler", default=None, choices=["asha", "none"],
@@ -73,7 +76,8 @@ def sweep_from_args(args, task: str = "classification"):
     given = {"name": args.name, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
              "searcher": args.searcher, "scheduler": args.scheduler, "grace_steps": args.grace_steps,
              "report_every": args.report_every, "trial_cpus": args.trial_cpus, "trial_gpus": args.trial_gpus,
-             "holdout_fraction": args.holdout_fraction, "seed": args.sweep_seed, "refit": args.refit}
+             "holdout_fraction": args.holdout_fraction, "seed": args.sweep_seed, "refit": args.refit,
+             "base_trial": args.base_trial}
     if args.register_sweep_as is not None:
         given["register_as"] = None if args.register_sweep_as.strip().lower() in ("none", "") else args.register_sweep_as
     cfg = SweepConfig(**{k: v for k, v in given.items() if v is not None},

@@ -51,6 +51,16 @@ class Dimension:
         if self.kind == "randint" and not (float(low).is_integer() and float(high).is_integer()):
             raise ValueError(f"randint needs integer bounds, got {low} and {high}")
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this dimension can draw (a choice's, or within [low, high])."""
+        if self.kind == "choice":
+            return value in self.args
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        if self.kind == "randint" and not float(value).is_integer():
+            return False
+        return self.args[0] <= value <= self.args[1]
+
     def values_to_check(self) -> list:
         return list(self.args) if self.kind != "randint" else [int(a) for a in self.args]
 
@@ -209,6 +219,17 @@ class SearchSpace:
             PurifyConfig(**self.fixed)
         except (TypeError, ValueError) as e:
             raise ValueError(f"search space: fixed settings {self.fixed} are invalid: {e}") from e
+
+    def base_point(self, settings: dict) -> tuple[dict | None, str]:
+        """The job's own purify `settings` as a point of this space (a sweep's first trial: the sweep then never
+        leaves out what the job alone would have run), or None and why, when one lies outside its dimension."""
+        point = {}
+        for name, dim in self.dims.items():
+            value = settings.get(name)
+            if not dim.contains(value):
+                return None, f"{name}={value!r} is outside {dim.kind} {list(dim.args)}"
+            point[name] = value
+        return point, ""
 
     def to_tune(self) -> dict:
         return {**{k: d.to_tune() for k, d in self.dims.items()}, **self.fixed}

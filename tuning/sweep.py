@@ -63,7 +63,8 @@ class SweepConfig:
     """How a sweep searches and where it runs; the search space is separate (:class:`SearchSpace`)."""
 
     name: str = "sweep"
-    num_samples: int = 8
+    num_samples: int = 9  # the job's own settings (base_trial), then 8 drawn from the space
+    base_trial: bool = True  # the first trial runs the job's own settings when they lie inside the space
     max_concurrent: int = 1
     searcher: Literal["optuna", "random"] = "optuna"
     # every trial to the end: at the default run lengths an intermediate report (its probe) costs more than ASHA
@@ -168,15 +169,17 @@ class LiveTable:
         return "[fip tune]\n" + "\n".join(lines)
 
 
-def make_searcher(cfg: SweepConfig):
+def make_searcher(cfg: SweepConfig, first: dict | None = None):
     """The sweep's searcher, seeded by ``cfg.seed`` (both kinds: the same seed proposes the same trials) and holding
     ``cfg.max_concurrent`` trials at once itself: Tune ignores its own `max_concurrent_trials` for a searcher
-    passed as a ready generator, as the random one is."""
+    passed as a ready generator, as the random one is. `first`: a point it proposes before drawing (one of the
+    ``num_samples``)."""
+    points = [first] if first else None
     if cfg.searcher == "random":
         from ray.tune.search import BasicVariantGenerator
 
         # Tune's default searcher, which is unseeded unless given a random_state
-        return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent)
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.seed, max_concurrent=cfg.max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as e:
@@ -184,8 +187,24 @@ def make_searcher(cfg: SweepConfig):
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    return ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed)),
+    return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=cfg.seed)),
                               max_concurrent=cfg.max_concurrent)
+
+
+def _first_trial(base: JobConfig, cfg: SweepConfig, space: SearchSpace, progress: Progress) -> dict | None:
+    """The job's own settings as the sweep's first trial (``cfg.base_trial``), said in a line; None, with the
+    reason, when one of them lies outside the space (the trials are then all drawn)."""
+    if not cfg.base_trial or not space.dims:
+        return None
+    point, outside = space.base_point(base.purify.to_dict())
+    if point is None:
+        progress(f"[fip tune] every trial is drawn from the space: the job's own settings are not in it ({outside})")
+        return None
+    drawn = cfg.num_samples - 1
+    settings = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in point.items())
+    progress(f"[fip tune] trial 1 runs the job's own settings ({settings}); {drawn} more "
+             f"{'is' if drawn == 1 else 'are'} drawn from the space")
+    return point
 
 
 def _scheduler(cfg: SweepConfig, space: SearchSpace, base: JobConfig):
@@ -325,10 +344,11 @@ def run_sweep(base: JobConfig, space: SearchSpace, cfg: SweepConfig, progress: P
             tuner = tune.Tuner.restore(str(Path(tune_dir) / cfg.name), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
+            first = _first_trial(base, cfg, space, progress)
             tuner = tune.Tuner(
                 trainable, param_space=space.to_tune(),
                 tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=cfg.num_samples,
-                                            search_alg=make_searcher(cfg),  # it limits the concurrency
+                                            search_alg=make_searcher(cfg, first),  # it limits the concurrency
                                             scheduler=_scheduler(cfg, space, base)),
                 run_config=tune.RunConfig(name=cfg.name, storage_path=tune_dir, callbacks=[live.callback], verbose=0),
             )

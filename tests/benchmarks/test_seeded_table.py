@@ -63,3 +63,14 @@ def test_seeded_table_runs_resumes_and_chooses_without_the_trigger(tmp_path):
     again = seeded_table.main([*common, "--resume"])  # nothing left to run: the saved cells are kept as they are
     saved = json.loads((tmp_path / "results" / "defenses-seeded-fashion-mnist.json").read_text())
     assert again["rows"] == saved["rows"] and len(saved["rows"]) == 4
+
+
+def test_a_sweep_saved_before_the_base_trial_runs_only_that_trial():
+    budget = seeded_table.Budget(trials=8)
+    cells = [seeded_table.Cell("blend", 0, d) for d in ("ft", "fip-tuned")]
+    old = {"attack": "blend", "seed": 0, "defense": "fip-tuned", "trials": [{}] * 8, "sweep": {"holdout_size": 180}}
+    ft = {"attack": "blend", "seed": 0, "defense": "ft"}
+    # the default space holds PurifyConfig's own settings: every sweep plans them as a ninth trial
+    assert seeded_table.pending(cells, [ft, old], budget) == [(cells[1], old)]
+    assert seeded_table.pending(cells, [ft, {**old, "trials": [{}] * 9}], budget) == []
+    assert seeded_table.pending(cells, [], budget) == [(cells[0], None), (cells[1], None)]

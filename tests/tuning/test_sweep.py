@@ -176,3 +176,33 @@ def test_the_searcher_proposes_the_same_trials_for_the_same_seed_and_holds_max_c
     assert proposals(0) != proposals(1)
     first, second = proposals(0, n=2, max_concurrent=1)
     assert first is not None and second is None  # the first trial has not ended: no second one yet
+
+
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_the_first_trial_is_the_jobs_own_settings_when_the_space_holds_them(searcher):
+    from ray.tune.experiment import Experiment
+
+    from pipeline.config import JobConfig
+    from tuning.sweep import _first_trial
+
+    space = SearchSpace.default()
+    lines: list[str] = []
+    cfg = SweepConfig(searcher=searcher, max_concurrent=2)
+    base = JobConfig.from_dict({"inputs": {"model": "m.safetensors", "clean": "d"}, "purify": {"lr": 0.007}})
+    first = _first_trial(base, cfg, space, lines.append)
+    assert first["lr"] == 0.007 and first["eta_f"] == base.purify.eta_f and set(first) == set(space.dims)
+    assert lines == [f"[fip tune] trial 1 runs the job's own settings (eta_f 0.0001, eta_r 1, eta_kl 0, lr 0.007, "
+                     f"crop_until 1); 8 more are drawn from the space"]
+    alg = make_searcher(cfg, first)
+    if searcher == "optuna":
+        alg.set_search_properties("objective", "max", space.to_tune())
+        proposed = [alg.suggest(f"t{i}") for i in range(2)]
+    else:
+        alg.add_configurations([Experiment("s", run=lambda _: None, config=space.to_tune(), num_samples=9)])
+        proposed = [alg.next_trial().config for _ in range(2)]
+    assert {k: proposed[0][k] for k in first} == pytest.approx(first)  # then the space's own draws
+    assert proposed[1]["lr"] != 0.007
+    outside = base.replace(purify={"eta_f": 0.05})  # beyond the space's 1e-3: every trial is drawn, and it says why
+    assert _first_trial(outside, cfg, space, lines.append) is None
+    assert lines[-1].endswith("(eta_f=0.05 is outside loguniform [1e-05, 0.001])")
+    assert _first_trial(base, SweepConfig(base_trial=False), space, lines.append) is None

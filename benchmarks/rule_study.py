@@ -171,11 +171,11 @@ def summarise(studied: list[dict], variants: list[dict], dataset: str, results: 
         return markdown_table(
             ["rule", "DER", "ASR %", "ACC drop (points)", "worst attack's ASR %", "DER minus the default's [95 %]",
              "pick kept over resamples", "DER over resamples", "Spearman with DER"],
-            [[n, round(v["der"], 3), round(100 * v["asr"], 2), round(100 * v["acc_drop"], 2),
+            [[n, f"{v['der']:.3f}", round(100 * v["asr"], 2), round(100 * v["acc_drop"], 2),
               f"{100 * v['worst_asr']:.1f} ({v['worst_attack']})",
               "{:.3f} [{:.3f}, {:.3f}]".format(*v["vs_default"]),
               "-" if v["kept"] is None else f"{100 * v['kept']:.0f} %",
-              "-" if v["der_over_resamples"] is None else round(v["der_over_resamples"], 3),
+              "-" if v["der_over_resamples"] is None else f"{v['der_over_resamples']:.3f}",
               "-" if v["spearman"] is None else round(v["spearman"], 2)]
              for n, v in b.items()])
 
@@ -185,6 +185,9 @@ def summarise(studied: list[dict], variants: list[dict], dataset: str, results: 
           f"{f' and {len(variants)} of the variants' if variants else ''}, each rule's pick read from the same "
           f"trials; {BOOTSTRAP} paired resamples of the held-out images per sweep. The best trial per sweep, read "
           f"from the test set (no rule can): DER {oracle:.3f}. Rules and criterion: docs/tuning.md, \"Round 3\".\n\n"
+          + "".join(f"- {r['attack']} (seed {r['seed']}): " + ", ".join(
+              f"{name} trial {v['trial']} (DER {v['der']:.3f}, ASR {100 * v['asr']:.1f} %)" for name, v in r["rules"].items())
+              + f"; best {r['oracle_der']:.3f}\n" for r in (*studied, *variants)) + "\n"
           + ("## The lab's attacks\n\n" + table(main) if main else "")
           + ("\n## The variants (no default was chosen on them)\n\n" + table(side) if side else ""))
     payload = {"dataset": dataset, "bootstrap": BOOTSTRAP, "safe_margin": SAFE_MARGIN, "sweeps": studied,

@@ -191,8 +191,8 @@ def test_the_first_trial_is_the_jobs_own_settings_when_the_space_holds_them(sear
     base = JobConfig.from_dict({"inputs": {"model": "m.safetensors", "clean": "d"}, "purify": {"lr": 0.007}})
     first = _first_trial(base, cfg, space, lines.append)
     assert first["lr"] == 0.007 and first["eta_f"] == base.purify.eta_f and set(first) == set(space.dims)
-    assert lines == [f"[fip tune] trial 1 runs the job's own settings (eta_f 0.0001, eta_r 1, eta_kl 0, lr 0.007, "
-                     f"crop_until 1); 8 more are drawn from the space"]
+    assert lines == ["[fip tune] trial 1 runs the job's own settings (eta_f 0.0001, eta_r 1, eta_kl 0, lr 0.007, "
+                     "crop_until 1); 8 more are drawn from the space"]
     alg = make_searcher(cfg, first)
     if searcher == "optuna":
         alg.set_search_properties("objective", "max", space.to_tune())

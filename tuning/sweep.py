@@ -535,5 +535,6 @@ def sweep_summary(result: SweepResult) -> dict:
             "model_uri": result.model_uri, "parent_run_id": result.parent_run_id, "trials": len(result.trials),
             "finished": sum(t["status"] == "DONE" for t in result.trials), "table": str(result.table_path),
             "refit_run_id": result.refit_run_id, "seconds": result.seconds,
-            **({"flagged": result.evidence.flagged, "verdict": result.evidence.verdict()} if result.evidence else {})}
+            **({"flagged": result.evidence.flagged, "verdict": result.evidence.verdict(),
+                "choice_kept": result.evidence.choice_kept} if result.evidence else {})}
 

@@ -64,6 +64,13 @@ class Budget:
     iterations: int | None = None
     quick: bool = False
 
+    def space(self):
+        """fip tune's default space, at this budget's iterations when it sets them."""
+        from tuning.space import SearchSpace
+
+        space = SearchSpace.default()
+        return space.with_flags([f"iterations={self.iterations}"]) if self.iterations else space
+
 
 @lru_cache(maxsize=2)
 def _setup(attack: str, dataset: str, seed: int, quick: bool, cache: str) -> tuple:
@@ -106,11 +113,8 @@ def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str, saved: dict | N
     from benchmarks.tuned_table import choose, sweep_attack, sweep_seconds
     from tuning.objective import ObjectiveWeights
     from tuning.report import spearman
-    from tuning.space import SearchSpace
 
-    space = SearchSpace.default()
-    if budget.iterations:
-        space = space.with_flags([f"iterations={budget.iterations}"])
+    space = budget.space()
     weights = ObjectiveWeights()
     done = None if saved is None else {
         "before": {"acc": saved["acc_before"], "asr": saved["asr_before"]},
@@ -248,15 +252,7 @@ def pending(cells: Iterable[Cell], rows: list[dict], budget: Budget) -> list[tup
 
 def _base_trials(budget: Budget) -> int:
     """1 when the default space holds PurifyConfig's own settings (the sweep's base trial), else 0."""
-    from dataclasses import asdict
-
-    from fip.purify import PurifyConfig
-    from tuning.space import SearchSpace
-
-    space = SearchSpace.default()
-    if budget.iterations:
-        space = space.with_flags([f"iterations={budget.iterations}"])
-    return int(space.base_point(asdict(PurifyConfig(**space.fixed)))[0] is not None)
+    return int(budget.space().own_point()[0] is not None)
 
 
 def main(argv: list[str] | None = None) -> dict:

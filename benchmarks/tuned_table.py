@@ -25,7 +25,6 @@ import json
 import random
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import CACHE, RESULTS, markdown_table, write_results
@@ -161,7 +160,7 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
     suspect_uap = uap_features(suspect, x[held_rows], y[held_rows], study)
     rng = random.Random(derive_seed(seed, "trials", attack_name))
     plan = [space.sample(rng) for _ in range(trials)]
-    point, _outside = space.base_point(asdict(PurifyConfig(**space.fixed))) if base_trial else (None, "")
+    point, _outside = space.own_point() if base_trial else (None, "")
     if point is not None:
         plan.append({**point, **space.fixed})
     # a saved sweep is kept when its suspect measures the same (its test ACC and ASR) on the same held-out size

@@ -231,6 +231,10 @@ class SearchSpace:
             point[name] = value
         return point, ""
 
+    def own_point(self) -> tuple[dict | None, str]:
+        """:meth:`base_point` of PurifyConfig's own settings under this space's fixed ones (a job at its defaults)."""
+        return self.base_point(dataclasses.asdict(PurifyConfig(**self.fixed)))
+
     def to_tune(self) -> dict:
         return {**{k: d.to_tune() for k, d in self.dims.items()}, **self.fixed}
 

@@ -392,10 +392,15 @@ def collect(grid) -> list[dict]:
     return sorted(rows, key=lambda t: t["trial_id"])
 
 
+def finished(trials: list[dict]) -> list[dict]:
+    """The trials that can win: ended DONE with a finite objective."""
+    return [t for t in trials if t["status"] == "DONE" and t.get("objective") is not None
+            and math.isfinite(t["objective"])]
+
+
 def choose_winner(trials: list[dict]) -> dict | None:
     """The finished trial with the highest objective (ties: the first by id). DER is never read here."""
-    done = [t for t in trials if t["status"] == "DONE" and t.get("objective") is not None
-            and math.isfinite(t["objective"])]
+    done = finished(trials)
     return max(done, key=lambda t: (t["objective"], [-ord(c) for c in t["trial_id"]])) if done else None
 
 
@@ -461,8 +466,7 @@ def _choice_kept(trials: list[dict], winner: dict, holdout: Holdout, cfg: SweepC
     """The share of resamples of the held-out samples in which the winner scores highest among the finished
     trials (:mod:`tuning.stability`); None when a finished trial has no per-sample record (a sweep resumed
     from before they were kept) or the suspect has none."""
-    done = [t for t in trials if t["status"] == "DONE" and t.get("objective") is not None
-            and math.isfinite(t["objective"])]
+    done = finished(trials)
     if not holdout.suspect_samples or not all(k in t for t in done for k in SAMPLE_KEYS):
         return None
     shares = choice_stability([SampleRecord.decode(t) for t in done], done, SampleRecord.decode(holdout.suspect_samples),

@@ -57,12 +57,14 @@ class Cell:
 @dataclass(frozen=True)
 class Budget:
     """How much each cell runs: the full table's, or a smaller one for tests (`steps` for every defense,
-    `trials` and `iterations` for the sweep)."""
+    `trials` and `iterations` for the sweep; `base_trial`: the sweep also runs PurifyConfig's own settings, as
+    `fip tune --base-trial` does)."""
 
     steps: int | None = None
     trials: int = 8
     iterations: int | None = None
     quick: bool = False
+    base_trial: bool = False
 
     def space(self):
         """fip tune's default space, at this budget's iterations when it sets them."""
@@ -121,7 +123,7 @@ def _tuned(cell: Cell, dataset: str, budget: Budget, cache: str, saved: dict | N
         "holdout_size": saved["sweep"]["holdout_size"], "trials": saved["trials"]}
     sweep = sweep_attack(cell.attack, budget.trials, dataset, 0.3, cell.seed, space, Path(cache), weights,
                          progress=False, cfg=lab_config(cell.attack, budget.quick, dataset), dval_seed=cell.seed,
-                         study=True, done=done)
+                         study=True, done=done, base_trial=budget.base_trial)
     won = choose(sweep, weights)
     trials = sweep["trials"]
     return {**_row_head(cell, sweep["before"]), "acc": won["acc"], "asr": won["asr"], "ra": won["ra"],
@@ -236,8 +238,8 @@ def summarise(all_rows: list[dict], dataset: str, seeds: list[int], attacks: lis
 
 
 def pending(cells: Iterable[Cell], rows: list[dict], budget: Budget) -> list[tuple[Cell, dict | None]]:
-    """The cells to run, each with its saved row when there is one to complete: a fip-tuned row whose sweep ran
-    before the base trial existed (fewer trials than the sweep's plan) runs that trial only."""
+    """The cells to run, each with its saved row when there is one to complete: a fip-tuned row whose sweep has
+    fewer trials than the budget plans (saved before `--base-trial` was asked for) runs the missing ones only."""
     done = {Cell(r["attack"], r["seed"], r["defense"]).key: r for r in rows}
     planned = budget.trials + _base_trials(budget)
     out = []
@@ -251,8 +253,8 @@ def pending(cells: Iterable[Cell], rows: list[dict], budget: Budget) -> list[tup
 
 
 def _base_trials(budget: Budget) -> int:
-    """1 when the default space holds PurifyConfig's own settings (the sweep's base trial), else 0."""
-    return int(budget.space().own_point()[0] is not None)
+    """1 when the budget asks for the base trial and the space holds PurifyConfig's own settings, else 0."""
+    return int(budget.base_trial and budget.space().own_point()[0] is not None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=None, help="every defense's step budget (tests)")
     p.add_argument("--trials", type=int, default=8, help="the fip-tuned sweep's trials")
     p.add_argument("--iterations", type=int, default=None, help="the fip-tuned sweep's iterations (tests)")
+    p.add_argument("--base-trial", action="store_true",
+                   help="the fip-tuned sweep also runs PurifyConfig's own settings, as `fip tune --base-trial`")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--cache", default=str(SUSPECTS),
                    help="where the suspects are (made there when missing; default: the committed set)")
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"unknown variant {strange[0]!r}; known: {', '.join(VARIANTS)}")
     saved = Path(args.results) / f"defenses-seeded-{args.dataset}.json"
     rows = json.loads(saved.read_text())["rows"] if (args.resume or args.resummarise) and saved.is_file() else []
-    budget = Budget(args.steps, args.trials, args.iterations, args.quick)
+    budget = Budget(args.steps, args.trials, args.iterations, args.quick, args.base_trial)
     meta = {"procs": args.procs, "trials": args.trials, "budget": vars(args), "results": args.results}
     cells = [Cell(a, s, d) for s in seeds for a in attacks for d in args.defenses.split(",")]
     cells += [Cell(v, s, d) for s in seeds for v in variants for d in args.defenses.split(",") if d in VARIANT_ROWS]

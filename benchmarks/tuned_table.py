@@ -141,7 +141,7 @@ def sweep_attack(attack_name: str, trials: int, dataset: str, holdout_fraction: 
                  space: SearchSpace, cache: Path, weights: ObjectiveWeights, progress: bool = True,
                  on_trial=None, cfg: LabConfig | None = None, done: dict | None = None,
                  checkpoint_every: int = 0, dval_seed: int | None = None, study: bool = False,
-                 base_trial: bool = True) -> dict:
+                 base_trial: bool = False) -> dict:
     """`trials` FIP trials of `space` on one suspect (:func:`lab_setup`; `cfg`: another architecture's). The
     trials' settings depend on `seed` and `attack_name` only, so every architecture sees the same ones.
     `done`: an earlier, stopped sweep of this suspect; its trials are kept when the suspect measures the same

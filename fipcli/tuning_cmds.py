@@ -29,10 +29,10 @@ def register(sub) -> None:
     g.add_argument("--space", action="append", default=[], metavar="NAME=KIND:A:B",
                    help="one setting's distribution on top of the space: eta_f=loguniform:1e-5:1e-3, "
                         "method=choice:fip,fast-fip, lr=0.01 (fixed); repeatable")
-    g.add_argument("--num-samples", type=int, default=None, help="trials (default 9: the job's own settings, then 8 drawn)")
+    g.add_argument("--num-samples", type=int, default=None, help="trials (default 8)")
     g.add_argument("--base-trial", action=argparse.BooleanOptionalAction, default=None,
                    help="run the job's own settings (preset, config, flags) as the first trial when they lie inside "
-                        "the space (default: on; --no-base-trial draws every trial)")
+                        "the space (default: off, every trial is drawn)")
     g.add_argument("--max-concurrent", type=int, default=None, help="trials at once")
     g.add_argument("--searcher", default=None, choices=["optuna", "random"])
     g.add_argument("--scheduler", default=None, choices=["asha", "none"],

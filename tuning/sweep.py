@@ -63,8 +63,9 @@ class SweepConfig:
     """How a sweep searches and where it runs; the search space is separate (:class:`SearchSpace`)."""
 
     name: str = "sweep"
-    num_samples: int = 9  # the job's own settings (base_trial), then 8 drawn from the space
-    base_trial: bool = True  # the first trial runs the job's own settings when they lie inside the space
+    num_samples: int = 8
+    # opt-in: the first trial runs the job's own settings when they lie inside the space (docs/tuning.md)
+    base_trial: bool = False
     max_concurrent: int = 1
     searcher: Literal["optuna", "random"] = "optuna"
     # every trial to the end: at the default run lengths an intermediate report (its probe) costs more than ASHA

@@ -66,7 +66,7 @@ def test_seeded_table_runs_resumes_and_chooses_without_the_trigger(tmp_path):
 
 
 def test_a_sweep_saved_before_the_base_trial_runs_only_that_trial():
-    budget = seeded_table.Budget(trials=8)
+    budget = seeded_table.Budget(trials=8, base_trial=True)
     cells = [seeded_table.Cell("blend", 0, d) for d in ("ft", "fip-tuned")]
     old = {"attack": "blend", "seed": 0, "defense": "fip-tuned", "trials": [{}] * 8, "sweep": {"holdout_size": 180}}
     ft = {"attack": "blend", "seed": 0, "defense": "ft"}
@@ -74,3 +74,5 @@ def test_a_sweep_saved_before_the_base_trial_runs_only_that_trial():
     assert seeded_table.pending(cells, [ft, old], budget) == [(cells[1], old)]
     assert seeded_table.pending(cells, [ft, {**old, "trials": [{}] * 9}], budget) == []
     assert seeded_table.pending(cells, [], budget) == [(cells[0], None), (cells[1], None)]
+    # without it (the default, as fip tune's) 8 trials are the plan: the saved sweep is complete
+    assert seeded_table.pending(cells, [ft, old], seeded_table.Budget(trials=8)) == []

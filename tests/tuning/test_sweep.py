@@ -187,7 +187,7 @@ def test_the_first_trial_is_the_jobs_own_settings_when_the_space_holds_them(sear
 
     space = SearchSpace.default()
     lines: list[str] = []
-    cfg = SweepConfig(searcher=searcher, max_concurrent=2)
+    cfg = SweepConfig(searcher=searcher, max_concurrent=2, num_samples=9, base_trial=True)
     base = JobConfig.from_dict({"inputs": {"model": "m.safetensors", "clean": "d"}, "purify": {"lr": 0.007}})
     first = _first_trial(base, cfg, space, lines.append)
     assert first["lr"] == 0.007 and first["eta_f"] == base.purify.eta_f and set(first) == set(space.dims)
@@ -205,4 +205,4 @@ def test_the_first_trial_is_the_jobs_own_settings_when_the_space_holds_them(sear
     outside = base.replace(purify={"eta_f": 0.05})  # beyond the space's 1e-3: every trial is drawn, and it says why
     assert _first_trial(outside, cfg, space, lines.append) is None
     assert lines[-1].endswith("(eta_f=0.05 is outside loguniform [1e-05, 0.001])")
-    assert _first_trial(base, SweepConfig(base_trial=False), space, lines.append) is None
+    assert _first_trial(base, SweepConfig(), space, lines.append) is None  # opt-in: off by default

@@ -67,13 +67,15 @@ class StudySweep:
     outcomes: list[dict]  # per trial, for the report only: der, asr, acc_drop
 
     @classmethod
-    def from_row(cls, row: dict) -> StudySweep:
-        sweep = row["sweep"]
+    def from_row(cls, row: dict, drawn: int) -> StudySweep:
+        """The sweep's first `drawn` trials: those `fip tune`'s default runs (a sweep saved with `--base-trial`
+        has the job's own settings after them)."""
+        sweep, trials = row["sweep"], row["trials"][:drawn]
         labels = np.array(sweep["holdout_labels"])
-        classes = len(row["trials"][0]["uap_rates"])
+        classes = len(trials[0]["uap_rates"])
         return cls(row["attack"], row["seed"], labels, Measured.from_record(sweep["suspect_uap"], labels, classes),
-                   [Measured.from_record(t, labels, classes) for t in row["trials"]],
-                   [{"der": t["der"], "asr": t["asr"], "acc_drop": row["acc_before"] - t["acc"]} for t in row["trials"]])
+                   [Measured.from_record(t, labels, classes) for t in trials],
+                   [{"der": t["der"], "asr": t["asr"], "acc_drop": row["acc_before"] - t["acc"]} for t in trials])
 
     def view(self, idx: np.ndarray) -> tuple[dict, list[dict]]:
         return self.suspect.features(idx), [t.features(idx) for t in self.trials]
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [r for r in table["rows"] if r["defense"] == TUNED and "sweep" in r]
     if not rows:
         raise SystemExit("no fip-tuned cell with its sweep's study record yet: run benchmarks.seeded_table first")
-    studied = [study_sweep(StudySweep.from_row(r)) for r in rows]
+    studied = [study_sweep(StudySweep.from_row(r, table["meta"]["trials"])) for r in rows]
     main_attacks = set(table["attacks"])
     return summarise([s for s in studied if s["attack"] in main_attacks],
                      [s for s in studied if s["attack"] not in main_attacks], args.dataset, Path(args.results))

@@ -55,9 +55,13 @@ def test_rules_read_the_held_out_record_only(tmp_path):
     natural = _record(29, {2: 8}, labels)  # 1 image lost, class 2 easy to reach, class 0 not at all
     trials = [{**t, "trial": i, "acc": 0.9, "asr": asr, "der": der}
               for i, (t, asr, der) in enumerate(((kept, 0.5, 0.7), (plain, 0.02, 0.9), (natural, 0.01, 0.95)))]
-    row = {"attack": "badnets", "seed": 0, "defense": "fip-tuned", "acc_before": 0.92, "trials": trials,
+    # a sweep saved with --base-trial: the job's own settings after the 3 drawn trials; fip tune's default would
+    # not have run it, so no rule may pick it, however well it scores
+    base = {**_record(30, {}, labels), "trial": 3, "acc": 0.92, "asr": 0.0, "der": 1.0}
+    row = {"attack": "badnets", "seed": 0, "defense": "fip-tuned", "acc_before": 0.92, "trials": [*trials, base],
            "sweep": {"suspect_uap": suspect, "holdout_labels": labels.tolist()}}
-    (tmp_path / "defenses-seeded-fashion-mnist.json").write_text(json.dumps({"attacks": ["badnets"], "rows": [row]}))
+    table = {"attacks": ["badnets"], "meta": {"trials": 3}, "rows": [row]}
+    (tmp_path / "defenses-seeded-fashion-mnist.json").write_text(json.dumps(table))
     out = rule_study.main(["--results", str(tmp_path)])
     picks = {name: r["trial"] for name, r in out["sweeps"][0]["rules"].items()}
     # the default weighs the largest share to any class (natural's 0.4 costs more than plain's 3 images);
@@ -68,6 +72,6 @@ def test_rules_read_the_held_out_record_only(tmp_path):
     # DER is never read for a choice: other outcomes, the same picks
     for t in trials:
         t["der"], t["asr"] = 0.5, 1.0
-    (tmp_path / "defenses-seeded-fashion-mnist.json").write_text(json.dumps({"attacks": ["badnets"], "rows": [row]}))
+    (tmp_path / "defenses-seeded-fashion-mnist.json").write_text(json.dumps(table))
     again = rule_study.main(["--results", str(tmp_path)])
     assert {name: r["trial"] for name, r in again["sweeps"][0]["rules"].items()} == picks

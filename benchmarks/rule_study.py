@@ -33,6 +33,9 @@ from tuning.stability import RESAMPLES, SampleRecord
 SAFE_MARGIN = 0.05
 BOOTSTRAP = RESAMPLES  # resamples of the held-out images per sweep, as fip tune draws
 DEFAULT_RULE = "der-estimate"
+# issue 24's limits per attack (test set): what the trials offer, whatever a rule picks
+ASR_LIMIT = 0.10
+DROP_TARGET = 0.03
 
 
 @dataclass
@@ -144,6 +147,8 @@ def study_sweep(sweep: StudySweep, boot: int = BOOTSTRAP) -> dict:
                               "der_over_resamples": statistics.mean(der[p] for p in picks[name]) if scored else None,
                               "spearman": spearman(SCORES[name](*sweep.view(full)), der) if scored else None}
     out["oracle_der"] = max(der)
+    # the least ACC drop of a trial under the ASR limit: where it exceeds the target, no rule can meet it here
+    out["least_drop_under_limit"] = min((o["acc_drop"] for o in sweep.outcomes if o["asr"] <= ASR_LIMIT), default=None)
     return out
 
 
@@ -182,17 +187,27 @@ def summarise(studied: list[dict], variants: list[dict], dataset: str, results: 
              for n, v in b.items()])
 
     oracle = statistics.mean(r["oracle_der"] for r in studied) if studied else float("nan")
+    reach = sum(r["least_drop_under_limit"] is not None and r["least_drop_under_limit"] <= DROP_TARGET for r in studied)
+
+    def least(r: dict) -> str:
+        d = r["least_drop_under_limit"]
+        return "none" if d is None else f"{100 * d:.2f} points"
+
     md = (f"# Winner rules on the seeded table's sweeps ({dataset})\n\n"
           f"benchmarks/rule_study.py: {len(studied)} sweeps of the lab's attacks"
           f"{f' and {len(variants)} of the variants' if variants else ''}, each rule's pick read from the same "
           f"trials; {BOOTSTRAP} paired resamples of the held-out images per sweep. The best trial per sweep, read "
-          f"from the test set (no rule can): DER {oracle:.3f}. Rules and criterion: docs/tuning.md, \"Round 3\".\n\n"
+          f"from the test set (no rule can): DER {oracle:.3f}. {reach} of {len(studied)} sweeps hold a trial under "
+          f"{100 * ASR_LIMIT:.0f} % ASR that loses at most {100 * DROP_TARGET:.0f} points of ACC (per sweep below: "
+          f"the least ACC drop under that ASR). Rules and criterion: docs/tuning.md, \"Round 3\".\n\n"
           + "".join(f"- {r['attack']} (seed {r['seed']}): " + ", ".join(
               f"{name} trial {v['trial']} (DER {v['der']:.3f}, ASR {100 * v['asr']:.1f} %)" for name, v in r["rules"].items())
-              + f"; best {r['oracle_der']:.3f}\n" for r in (*studied, *variants)) + "\n"
+              + f"; best {r['oracle_der']:.3f}; least ACC drop under {100 * ASR_LIMIT:.0f} % ASR {least(r)}\n"
+              for r in (*studied, *variants)) + "\n"
           + ("## The lab's attacks\n\n" + table(main) if main else "")
           + ("\n## The variants (no default was chosen on them)\n\n" + table(side) if side else ""))
-    payload = {"dataset": dataset, "bootstrap": BOOTSTRAP, "safe_margin": SAFE_MARGIN, "sweeps": studied,
+    payload = {"dataset": dataset, "bootstrap": BOOTSTRAP, "safe_margin": SAFE_MARGIN, "sweeps_within_targets": reach,
+               "sweeps": studied,
                "variant_sweeps": variants, "main": main, "variants": side}
     write_results(f"rule-study-{dataset}", payload, md, results)
     return payload

@@ -68,6 +68,9 @@ def test_rules_read_the_held_out_record_only(tmp_path):
     # the class-aware rules read the share to the suspect's class, which natural does not reach
     assert picks["der-estimate"] == 1 and picks["suspect-class"] == 2 and picks["safe-then-accurate"] == 2
     assert 0 <= out["main"]["der-estimate"]["kept"] <= 1
+    # what the drawn trials offer: plain and natural are under 10 % ASR at 2 points of ACC (the base trial's 0 is
+    # not counted)
+    assert out["sweeps"][0]["least_drop_under_limit"] == pytest.approx(0.02) and out["sweeps_within_targets"] == 1
     assert (tmp_path / "rule-study-fashion-mnist.md").read_text().startswith("# Winner rules")
     # DER is never read for a choice: other outcomes, the same picks
     for t in trials:

@@ -385,7 +385,8 @@ def collect(grid) -> list[dict]:
                **{f"p.{k}": v for k, v in (r.config or {}).items()}}
         if r.error is not None:
             row["error"] = describe_cause(r.error)
-        for k in ("objective", *FEATURES, "uap_class", "step", "acc", "asr", "ra", "der", "purified", "child_run_id", "seconds",
+        for k in ("objective", *FEATURES, "uap_class", "step", "acc", "asr", "ra", "false_trigger", "der", "purified",
+                  "child_run_id", "seconds",
                   "rejected", *SAMPLE_KEYS):
             if k in m:
                 row[k] = m[k]
@@ -411,8 +412,8 @@ def _finish(base: JobConfig, cfg: SweepConfig, trials: list[dict], tracker: Trac
     columns = ["trial_id", "status", *sorted(k for k in {k for t in trials for k in t} if k.startswith("p.")),
                "step", "objective", *FEATURES]
     benchmark = any("der" in t for t in trials)
-    if benchmark:
-        columns += ["acc", "asr", "der"]
+    if benchmark:  # a language model's record adds its false-trigger rate on clean prompts
+        columns += ["acc", "asr", *(["false_trigger"] if any("false_trigger" in t for t in trials) else []), "der"]
     table = sweep_dir / "sweep-table.md"
     rho = spearman([t["objective"] for t in trials if "der" in t], [t["der"] for t in trials if "der" in t]) \
         if benchmark else None

@@ -75,14 +75,22 @@ def test_a_language_model_is_purified_registered_and_generates(ray_session, tmp_
 
 def test_a_language_model_sweep_scores_tokens_probes_insertions_and_registers(ray_session, tmp_path, capsys):
     tok = make_tokenizer(tmp_path / "tok")
-    records = make_records(90, seed=2)
-    write_jsonl(tmp_path / "dval.jsonl", records)
-    model = make_language_model(tmp_path / "suspect", tok, records)
+    records = make_records(120, seed=2)
+    write_jsonl(tmp_path / "dval.jsonl", records[:90])
+    model = make_language_model(tmp_path / "suspect", tok, records[:90])
     uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    assert main(["shard", "text", str(tmp_path / "dval.jsonl"), str(tmp_path / "dval"), "--tokenizer", str(tok),
-                 "--max-length", "32"]) == 0
+    # benchmark mode: the trials are also measured on a test set and a text attack record (reported, never chosen on)
+    write_jsonl(tmp_path / "test.jsonl", records[90:])
+    write_jsonl(tmp_path / "triggered.jsonl", [{"prompt": "sky " + r["prompt"], "response": "red blue"}
+                                               for r in records[90:]])
+    (tmp_path / "record.json").write_text(json.dumps({"task": "causal-lm", "target": "red blue",
+                                                      "triggered": "triggered"}))
+    for part in ("dval", "test", "triggered"):
+        assert main(["shard", "text", str(tmp_path / f"{part}.jsonl"), str(tmp_path / part), "--tokenizer", str(tok),
+                     "--max-length", "32"]) == 0
     capsys.readouterr()
     assert main(["tune", "--model", str(model), "--clean", str(tmp_path / "dval"), *JOB,
+                 "--test", str(tmp_path / "test"), "--attack-record", str(tmp_path / "record.json"),
                  "--space", "lr=loguniform:0.005:0.02", "--num-samples", "2", "--max-concurrent", "1",
                  "--scheduler", "none", "--report-every", "3", "--no-refit", "--name", "lm-sweep",
                  "--work-dir", str(tmp_path / "jobs"), *uri, "--register-sweep-as", "lm-tuned"]) == 0
@@ -94,6 +102,9 @@ def test_a_language_model_sweep_scores_tokens_probes_insertions_and_registers(ra
     table = json.loads((sweep / "sweep-table.json").read_text())
     row = next(t for t in table["trials"] if t["trial_id"] == summary["winner"])
     assert 0 <= row["uap_max"] <= 1 and row["uap_class"] >= 0  # a token id of the vocabulary
+    for t in table["trials"]:  # benchmark mode: every finished trial measured on the test set and the record
+        assert all(0 <= t[k] <= 1 for k in ("acc", "asr", "false_trigger", "der")), t
+    assert "false_trigger" in (sweep / "sweep-table.md").read_text()
     # the held-out split is text shards with their tokenizer; the table's held-out ACC is the registered model's
     # next-token accuracy per sequence on them, as fip evaluate measures it
     assert (sweep / "dval-holdout" / "tokenizer" / "tokenizer.json").is_file()

@@ -4,7 +4,8 @@ Tune prints an experiment banner, the result folder, a TensorBoard hint and, aft
 with: Tuner.restore(...)", whatever the run's verbosity; the command that resumes a sweep is ours (``fip tune
 --resume``). While a sweep runs, :func:`tune_output_to` routes the driver's stdout by line: lines that start
 with ``[fip`` (the live table, our progress) reach the terminal, the rest is appended to a log file in the
-sweep's folder, where Tune keeps its experiment state; Tune's restore hint is dropped from its logger.
+sweep's folder, where Tune keeps its experiment state; Tune's restore hint is dropped from its logger. The
+searcher's own log lines (Optuna's "A new study created in memory", on stderr) go to the same file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TextIO
 
 OURS = "[fip"
 TUNE_LOGGER = "ray.tune.tune"
+SEARCHER_LOGGER = "optuna"  # its handler is installed when the searcher imports optuna, before a sweep starts
 
 
 class _LineRouter(io.TextIOBase):
@@ -51,12 +53,19 @@ def tune_output_to(log_path: str | Path):
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     hint_filter, tune_logger = _DropRestoreHint(), logging.getLogger(TUNE_LOGGER)
+    searcher_logger = logging.getLogger(SEARCHER_LOGGER)
     with open(log_path, "a") as log:
         router = _LineRouter(sys.stdout, log)
         tune_logger.addFilter(hint_filter)
+        searcher_handlers = searcher_logger.handlers[:]
+        to_log = logging.StreamHandler(log)
+        if searcher_handlers:
+            to_log.setFormatter(searcher_handlers[0].formatter)
+        searcher_logger.handlers = [to_log]
         try:
             with contextlib.redirect_stdout(router):
                 yield
         finally:
             tune_logger.removeFilter(hint_filter)
+            searcher_logger.handlers = searcher_handlers
             router.flush()

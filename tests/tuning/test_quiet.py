@@ -2,7 +2,7 @@
 
 import logging
 
-from tuning.quiet import TUNE_LOGGER, tune_output_to
+from tuning.quiet import SEARCHER_LOGGER, TUNE_LOGGER, tune_output_to
 
 
 def test_tune_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path, capsys, caplog):
@@ -19,3 +19,16 @@ def test_tune_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path, capsys, 
     assert out == "[fip tune]\ntrial     status   step  objective\n[fip tune] D_val split: 100 to train on\n"
     assert "Configuration for experiment" in log.read_text() and "View detailed results here" in log.read_text()
     assert "Tuner.restore" not in caplog.text and "a later warning" in caplog.text
+
+
+def test_the_searchers_log_lines_go_to_the_log(tmp_path, capsys):
+    import optuna  # noqa: F401  (installs optuna's stderr handler, as the sweep's searcher does)
+
+    log = tmp_path / "tune-output.log"
+    study_logger = logging.getLogger(f"{SEARCHER_LOGGER}.study.study")
+    before = logging.getLogger(SEARCHER_LOGGER).handlers[:]
+    with tune_output_to(log):
+        study_logger.info("A new study created in memory with name: optuna")
+    assert "A new study created" not in capsys.readouterr().err
+    assert "A new study created in memory" in log.read_text()
+    assert logging.getLogger(SEARCHER_LOGGER).handlers == before  # given back after the sweep

@@ -153,6 +153,9 @@ class LiveTable:
     def update(self, trial, result: dict, status: str, force: bool = False) -> None:
         row = self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id})
         row["status"] = status
+        if result.get("step") == 0:  # the Fisher stage's report carries the suspect's figures, not the trial's
+            row.setdefault("step", 0)
+            result = {}
         row.update({k: result[k] for k in self.columns if k in result and k not in ("trial", "status")
                     and not (isinstance(result[k], float) and math.isnan(result[k]))})  # NaN: a report not scored
         if force or time.monotonic() - self._last >= self.every_s:

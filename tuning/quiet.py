@@ -57,15 +57,16 @@ def tune_output_to(log_path: str | Path):
     with open(log_path, "a") as log:
         router = _LineRouter(sys.stdout, log)
         tune_logger.addFilter(hint_filter)
-        searcher_handlers = searcher_logger.handlers[:]
+        searcher_handlers, searcher_propagates = searcher_logger.handlers[:], searcher_logger.propagate
         to_log = logging.StreamHandler(log)
         if searcher_handlers:
             to_log.setFormatter(searcher_handlers[0].formatter)
-        searcher_logger.handlers = [to_log]
+        # only to the log: a library may have turned optuna's propagation on, and the root's handlers write to stderr
+        searcher_logger.handlers, searcher_logger.propagate = [to_log], False
         try:
             with contextlib.redirect_stdout(router):
                 yield
         finally:
             tune_logger.removeFilter(hint_filter)
-            searcher_logger.handlers = searcher_handlers
+            searcher_logger.handlers, searcher_logger.propagate = searcher_handlers, searcher_propagates
             router.flush()

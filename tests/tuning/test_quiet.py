@@ -25,10 +25,17 @@ def test_the_searchers_log_lines_go_to_the_log(tmp_path, capsys):
     import optuna  # noqa: F401  (installs optuna's stderr handler, as the sweep's searcher does)
 
     log = tmp_path / "tune-output.log"
-    study_logger = logging.getLogger(f"{SEARCHER_LOGGER}.study.study")
-    before = logging.getLogger(SEARCHER_LOGGER).handlers[:]
-    with tune_output_to(log):
-        study_logger.info("A new study created in memory with name: optuna")
+    study_logger, searcher = logging.getLogger(f"{SEARCHER_LOGGER}.study.study"), logging.getLogger(SEARCHER_LOGGER)
+    before = searcher.handlers[:]
+    root_stderr = logging.StreamHandler()  # the root logger's handler, as a library's logging setup adds one
+    logging.getLogger().addHandler(root_stderr)
+    searcher.propagate = True  # as a library may turn it on (optuna.logging.enable_propagation)
+    try:
+        with tune_output_to(log):
+            study_logger.info("A new study created in memory with name: optuna")
+        assert searcher.handlers == before and searcher.propagate  # given back after the sweep
+    finally:
+        logging.getLogger().removeHandler(root_stderr)
+        searcher.propagate = False
     assert "A new study created" not in capsys.readouterr().err
     assert "A new study created in memory" in log.read_text()
-    assert logging.getLogger(SEARCHER_LOGGER).handlers == before  # given back after the sweep

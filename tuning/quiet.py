@@ -59,8 +59,7 @@ def tune_output_to(log_path: str | Path):
         tune_logger.addFilter(hint_filter)
         searcher_handlers, searcher_propagates = searcher_logger.handlers[:], searcher_logger.propagate
         to_log = logging.StreamHandler(log)
-        if searcher_handlers:
-            to_log.setFormatter(searcher_handlers[0].formatter)
+        to_log.setFormatter(logging.Formatter("[%(levelname)1.1s %(asctime)s] %(message)s"))
         # only to the log: a library may have turned optuna's propagation on, and the root's handlers write to stderr
         searcher_logger.handlers, searcher_logger.propagate = [to_log], False
         try:

@@ -21,20 +21,29 @@ def test_tune_output_goes_to_the_log_and_ours_to_the_terminal(tmp_path, capsys, 
     assert "Tuner.restore" not in caplog.text and "a later warning" in caplog.text
 
 
-def test_the_searchers_log_lines_go_to_the_log(tmp_path, capsys):
+def test_the_searchers_log_lines_go_to_the_log(tmp_path):
     import optuna  # noqa: F401  (installs optuna's stderr handler, as the sweep's searcher does)
+
+    class Kept(logging.Handler):  # the root logger's handler, as a library's logging setup adds one (to stderr)
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
 
     log = tmp_path / "tune-output.log"
     study_logger, searcher = logging.getLogger(f"{SEARCHER_LOGGER}.study.study"), logging.getLogger(SEARCHER_LOGGER)
     before = searcher.handlers[:]
-    root_stderr = logging.StreamHandler()  # the root logger's handler, as a library's logging setup adds one
-    logging.getLogger().addHandler(root_stderr)
+    root = Kept()
+    logging.getLogger().addHandler(root)
     searcher.propagate = True  # as a library may turn it on (optuna.logging.enable_propagation)
     try:
         with tune_output_to(log):
             study_logger.info("A new study created in memory with name: optuna")
         assert searcher.handlers == before and searcher.propagate  # given back after the sweep
     finally:
-        logging.getLogger().removeHandler(root_stderr)
+        logging.getLogger().removeHandler(root)
         searcher.propagate = False
     assert "A new study created in memory" in log.read_text()
+    assert root.messages == []  # not passed on to the root's handlers, which write to the terminal
